@@ -1,0 +1,27 @@
+//! Types shared by pipeprobe's eBPF programs (`agent-ebpf`) and its user-space agent.
+//!
+//! Everything here is `#[repr(C)]` and `Copy` because it crosses the kernel boundary as raw bytes
+//! in BPF maps and ring buffers. With the `user` feature the types implement `aya::Pod`.
+#![no_std]
+
+pub mod hist;
+pub mod lost;
+pub mod sched;
+pub mod targets;
+pub mod task;
+
+/// Most targets an agent can track. Target ids index per-CPU arrays, so this bounds both the map
+/// sizes and the `target` label's cardinality.
+pub const MAX_TARGETS: u32 = 64;
+
+/// Target id meaning "not tracked".
+pub const NO_TARGET: u32 = u32::MAX;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers and has no padding
+    // the kernel could leave uninitialised (explicit `_pad` fields instead).
+    unsafe impl aya::Pod for crate::hist::Log2Hist {}
+    unsafe impl aya::Pod for crate::targets::ProcEvent {}
+    unsafe impl aya::Pod for crate::sched::RunqStart {}
+}

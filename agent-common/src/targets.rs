@@ -1,0 +1,27 @@
+//! Process tracking: which processes (tgids) belong to which target.
+
+/// Default capacity of the tracked-process map (tgid -> target id).
+pub const TRACKED_MAX: u32 = 16_384;
+
+/// Ring buffer bytes for process events. Exec events of every process on the node go through it
+/// (user space matches them against comm/cmdline/cgroup selectors), so it is sized for bursts of
+/// a few thousand execs between two reads.
+pub const PROC_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// A process exec'd; user space decides whether it matches a target.
+pub const EVENT_EXEC: u32 = 1;
+/// A tracked process forked a new process; the kernel already added the child to its target.
+pub const EVENT_FORK: u32 = 2;
+/// A tracked process exited; the kernel already removed it.
+pub const EVENT_EXIT: u32 = 3;
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct ProcEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    /// Forking process for `EVENT_FORK`, 0 otherwise.
+    pub parent_tgid: u32,
+    /// Target id the kernel assigned (`EVENT_FORK`) or removed (`EVENT_EXIT`), else `NO_TARGET`.
+    pub target: u32,
+}

@@ -1,0 +1,14 @@
+//! Offsets into the running kernel's `struct task_struct`.
+//!
+//! aya's Rust eBPF programs get no CO-RE field relocations, so user space reads these offsets
+//! from the kernel's BTF and sets them as globals at load time (`EbpfLoader::set_global`).
+
+/// Global holding `offsetof(struct task_struct, pid)`.
+pub const GLOBAL_PID_OFFSET: &str = "TASK_PID_OFFSET";
+/// Global holding `offsetof(struct task_struct, tgid)`.
+pub const GLOBAL_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
+/// Global holding the offset of the task state (`__state` since 5.14, `state` before).
+pub const GLOBAL_STATE_OFFSET: &str = "TASK_STATE_OFFSET";
+
+/// `TASK_RUNNING`: a task switched out in this state was preempted and is still runnable.
+pub const TASK_RUNNING: u32 = 0;

@@ -1,0 +1,109 @@
+//! Process tracking in the kernel: the tgid -> target map every probe filters on, kept current
+//! across fork and exit without a round trip to user space. Exec events of untracked processes go
+//! to user space, which alone can match comm/cmdline/cgroup selectors.
+use agent_common::{
+    NO_TARGET, lost,
+    targets::{EVENT_EXEC, EVENT_EXIT, EVENT_FORK, PROC_EVENTS_BYTES, ProcEvent, TRACKED_MAX},
+};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, RingBuf},
+    programs::BtfTracePointContext,
+};
+use aya_log_ebpf::warn;
+
+use crate::{lost::count as count_lost, task};
+
+/// tgid -> target id. User space sizes it (`max_tracked_processes`) and fills it from /proc and
+/// exec events; the fork and exit programs below keep it current.
+#[map]
+static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(TRACKED_MAX, 0);
+
+#[map]
+static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_BYTES, 0);
+
+/// The target of process `tgid`, if it is tracked. This one lookup is all an untracked process
+/// costs any probe.
+#[inline(always)]
+pub fn target_of(tgid: u32) -> Option<u32> {
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { TRACKED.get(&tgid).copied() }
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+fn emit(kind: u32, tgid: u32, parent_tgid: u32, target: u32) {
+    match PROC_EVENTS.reserve::<ProcEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ProcEvent {
+                kind,
+                tgid,
+                parent_tgid,
+                target,
+            });
+            entry.submit(0);
+        }
+        None => count_lost(lost::PROC_EVENTS_FULL),
+    }
+}
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
+    let tgid = current_tgid();
+    // A tracked process stays in its target across exec (a shell script exec'ing python).
+    if target_of(tgid).is_none() {
+        emit(EVENT_EXEC, tgid, 0, NO_TARGET);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    match try_sched_process_fork(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_sched_process_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // The tracepoint fires in the parent's context.
+    let parent_tgid = current_tgid();
+    let Some(target) = target_of(parent_tgid) else {
+        return Ok(());
+    };
+    let child: *const u8 = ctx.arg(1);
+    let child_pid = task::pid(child)?;
+    let child_tgid = task::tgid(child)?;
+    if child_pid != child_tgid {
+        // A new thread: it shares the tracked tgid already.
+        return Ok(());
+    }
+    if TRACKED.insert(&child_tgid, &target, 0).is_err() {
+        count_lost(lost::TRACKED_MAP_FULL);
+        warn!(
+            ctx,
+            "tracked-process map full: child {} of {} not tracked", child_tgid, parent_tgid
+        );
+        return Ok(());
+    }
+    emit(EVENT_FORK, child_tgid, parent_tgid, target);
+    Ok(())
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // Only the thread group leader's exit ends the process (threads exit through here too).
+    if pid != tgid {
+        return 0;
+    }
+    if let Some(target) = target_of(tgid) {
+        let _ = TRACKED.remove(&tgid);
+        emit(EVENT_EXIT, tgid, 0, target);
+    }
+    0
+}

@@ -1,0 +1,38 @@
+//! Reads of `struct task_struct` fields at offsets user space found in the kernel's BTF.
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+
+// Set by the loader (`agent_common::task::GLOBAL_*`); read volatile so the compiler does not fold
+// the zero initialisers into the code.
+#[unsafe(no_mangle)]
+static TASK_PID_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_TGID_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_STATE_OFFSET: u32 = 0;
+
+#[inline(always)]
+fn read_u32_at(task: *const u8, offset: &'static u32) -> Result<u32, i64> {
+    // SAFETY: volatile read of a global the loader initialised.
+    let offset = unsafe { core::ptr::read_volatile(offset) };
+    // SAFETY: bpf_probe_read_kernel tolerates any address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel(task.wrapping_add(offset as usize) as *const u32) }
+        .map_err(i64::from)
+}
+
+/// Thread id (`task->pid`).
+#[inline(always)]
+pub fn pid(task: *const u8) -> Result<u32, i64> {
+    read_u32_at(task, &TASK_PID_OFFSET)
+}
+
+/// Process id (`task->tgid`).
+#[inline(always)]
+pub fn tgid(task: *const u8) -> Result<u32, i64> {
+    read_u32_at(task, &TASK_TGID_OFFSET)
+}
+
+/// Scheduler state (`task->__state`).
+#[inline(always)]
+pub fn state(task: *const u8) -> Result<u32, i64> {
+    read_u32_at(task, &TASK_STATE_OFFSET)
+}

@@ -1,0 +1,210 @@
+//! `pipeprobe agent`: wires configuration, process tracking, probes and the metrics endpoint.
+use std::sync::Arc;
+
+use agent_common::hist::Log2Hist;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use thiserror::Error;
+
+use crate::{
+    caps::{self, PrivilegeError},
+    cli::AgentArgs,
+    config::{Config, ConfigError},
+    ebpf::{self, Kernel, MapSizes},
+    http,
+    lost::{LostCollector, UserLost},
+    metrics::{AgentMetrics, Metrics, ProbeLabels},
+    probes::{self, ProbeError, ProbeStatus},
+    sched, tracefs,
+    tracker::{self, Tracker},
+};
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
+    #[error(
+        "cannot listen on {addr}: {source}; pick another address with --listen or `listen` in the config"
+    )]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+impl AgentError {
+    /// 2 for bad input, 3 for missing privileges, 1 for anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Config(_) => 2,
+            AgentError::Privilege(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
+pub fn run(args: &AgentArgs) -> Result<(), AgentError> {
+    let config = Config::load(args.config.as_deref(), &args.targets, args.listen)?;
+    caps::require()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?
+        .block_on(serve(config))
+}
+
+/// The kernel half and its maps; all `None` when eBPF did not load at all.
+#[derive(Default)]
+struct Probes {
+    kernel: Option<Kernel>,
+    tracked: Option<BpfHashMap<MapData, u32, u32>>,
+    events: Option<RingBuf<MapData>>,
+    runq: Option<PerCpuArray<MapData, Log2Hist>>,
+    lost: Option<PerCpuArray<MapData, u64>>,
+}
+
+fn attached(statuses: &[ProbeStatus], name: &str) -> bool {
+    statuses.iter().any(|s| s.name == name && s.result.is_ok())
+}
+
+/// Where a map is missing, its consumer goes without; the error is logged.
+fn optional<T>(map: Result<T, ebpf::LoadError>) -> Option<T> {
+    map.map_err(|e| tracing::error!(error = %e, "eBPF map unavailable"))
+        .ok()
+}
+
+fn start_probes(config: &Config) -> (Probes, Vec<ProbeStatus>) {
+    let mut kernel = match ebpf::load(MapSizes {
+        tracked_processes: config.max_tracked_processes,
+    }) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "eBPF unavailable: no probe can run; serving what remains");
+            let statuses = probes::FAMILIES
+                .iter()
+                .map(|f| ProbeStatus {
+                    name: f.name,
+                    result: Err(ProbeError::NoEbpf(e.to_string())),
+                })
+                .collect();
+            return (Probes::default(), statuses);
+        }
+    };
+    tracing::debug!(offsets = ?kernel.offsets, "task_struct offsets from kernel BTF");
+    kernel.spawn_logger();
+    let statuses = probes::attach_all(&mut kernel.bpf, &kernel.btf, &config.disabled_probes);
+    let tracked = optional(kernel.take_map(tracker::TRACKED_MAP));
+    let events = attached(&statuses, tracker::FAMILY.name)
+        .then(|| optional(kernel.take_map(tracker::EVENTS_MAP)))
+        .flatten();
+    // A histogram of a probe that is not attached would read as "no delay": leave it out.
+    let runq = attached(&statuses, sched::FAMILY.name)
+        .then(|| optional(kernel.take_map(sched::HIST_MAP)))
+        .flatten();
+    let lost = optional(kernel.take_map("LOST"));
+    (
+        Probes {
+            kernel: Some(kernel),
+            tracked,
+            events,
+            runq,
+            lost,
+        },
+        statuses,
+    )
+}
+
+async fn serve(config: Config) -> Result<(), AgentError> {
+    // Bind first: a taken port should fail before anything is loaded into the kernel.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(AgentError::Serve)?;
+
+    match tracefs::ensure_mounted() {
+        Ok(tracefs::Tracefs::MountedNow(p)) => {
+            tracing::info!(path = %p.display(), "tracefs was not mounted; mounted it")
+        }
+        Ok(tracefs::Tracefs::Mounted(_)) => {}
+        Err(e) => tracing::warn!("{e}; probes on classic tracepoints will not attach"),
+    }
+
+    let targets = Arc::new(config.targets.clone());
+    let agent_metrics = AgentMetrics::default();
+    let mut metrics = Metrics::new(&agent_metrics);
+    let user_lost = Arc::new(UserLost::default());
+
+    let (
+        Probes {
+            kernel,
+            tracked,
+            events,
+            runq,
+            lost,
+        },
+        statuses,
+    ) = start_probes(&config);
+    for s in &statuses {
+        agent_metrics
+            .probe_attached
+            .get_or_create(&ProbeLabels {
+                probe: s.name.to_owned(),
+            })
+            .set(i64::from(s.result.is_ok()));
+    }
+    if let Some(hist) = runq {
+        metrics.register_collector(Box::new(sched::RunqueueDelay::new(hist, targets.clone())));
+    }
+    metrics.register_collector(Box::new(LostCollector::new(lost, user_lost.clone())));
+
+    let mut tracker = Tracker::new(
+        targets.clone(),
+        tracked,
+        agent_metrics.target_processes.clone(),
+        user_lost,
+    );
+    tracker.scan();
+    tracing::info!(
+        targets = targets.len(),
+        processes = tracker.tracked().len(),
+        "initial scan done"
+    );
+    tokio::spawn(tracker.run(events, config.rescan_interval));
+
+    let metrics = Arc::new(metrics);
+    metrics.set_ready();
+    tracing::info!(%addr, "serving metrics on http://{addr}/metrics");
+    axum::serve(listener, http::router(metrics))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .map_err(AgentError::Serve)?;
+    // The programs stay attached as long as the object lives.
+    drop(kernel);
+    tracing::info!("stopped; probes detached");
+    Ok(())
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,415 @@
+//! Agent configuration: a TOML file plus command-line overrides, validated up front so that bad
+//! input stops the agent with a message naming the file, the key and what to do (exit code 2).
+//!
+//! ```toml
+//! listen = "127.0.0.1:9477"
+//! rescan_interval_secs = 5
+//! max_tracked_processes = 16384
+//!
+//! [probes]
+//! disable = []            # probe names, e.g. ["sched"]
+//!
+//! [targets.stt]           # one table per target; selectors are OR-ed
+//! cmdline = "stt_service" # each selector kind takes one value or a list
+//! comm = ["^stt$"]
+//! pid = [1234]
+//! cgroup = "/kubepods.slice/kubepods-pod1234.slice"
+//! ```
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::{
+    probes,
+    targets::{Selector, SelectorError, Target, TargetSet, did_you_mean},
+};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid selector at {origin}: {source}")]
+    Selector {
+        origin: String,
+        #[source]
+        source: SelectorError,
+    },
+    #[error("invalid --target `{arg}`: expected NAME=KIND:VALUE, e.g. stt=cmdline:stt_service")]
+    CliTarget { arg: String },
+    #[error("invalid target name `{name}` at {origin}: use 1-64 letters, digits, `_`, `-` or `.`")]
+    TargetName { origin: String, name: String },
+    #[error("target `{name}` has no selector at {origin}: add comm, cmdline, pid or cgroup")]
+    EmptyTarget { origin: String, name: String },
+    #[error(
+        "target `{name}` is defined twice: in {path} and by --target; give one of them another name"
+    )]
+    DuplicateTarget { name: String, path: PathBuf },
+    #[error(
+        "no target configured: add a [targets.NAME] table to {where_} or pass --target NAME=KIND:VALUE"
+    )]
+    NoTargets { where_: String },
+    #[error("{count} targets configured; at most {max} are supported")]
+    TooManyTargets { count: usize, max: u32 },
+    #[error("unknown probe `{name}` in {path}: probes.disable{hint}; known probes: {known}")]
+    UnknownProbe {
+        path: String,
+        name: String,
+        hint: String,
+        known: String,
+    },
+    #[error("invalid {key} in {path}: {reason}")]
+    Value {
+        path: String,
+        key: &'static str,
+        reason: &'static str,
+    },
+}
+
+/// One value or a list of them, so `comm = "x"` and `comm = ["x", "y"]` both work.
+#[derive(Debug, Deserialize, Default)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+    #[default]
+    #[serde(skip)]
+    None,
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+            OneOrMany::None => Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileTarget {
+    #[serde(default)]
+    comm: OneOrMany<String>,
+    #[serde(default)]
+    cmdline: OneOrMany<String>,
+    #[serde(default)]
+    pid: OneOrMany<u32>,
+    #[serde(default)]
+    cgroup: OneOrMany<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileProbes {
+    #[serde(default)]
+    disable: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    rescan_interval_secs: Option<f64>,
+    max_tracked_processes: Option<u32>,
+    #[serde(default)]
+    probes: FileProbes,
+    #[serde(default)]
+    targets: BTreeMap<String, FileTarget>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub targets: TargetSet,
+    /// How often /proc is rescanned to catch what events cannot (renames, cgroup moves, lost
+    /// events).
+    pub rescan_interval: Duration,
+    pub max_tracked_processes: u32,
+    pub disabled_probes: Vec<String>,
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+impl Config {
+    /// Builds the configuration from an optional file, `--target` arguments and `--listen`.
+    pub fn load(
+        path: Option<&Path>,
+        cli_targets: &[String],
+        cli_listen: Option<SocketAddr>,
+    ) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let where_ = path.map_or_else(|| "the config file".to_owned(), |p| p.display().to_string());
+
+        let mut targets: Vec<Target> = Vec::new();
+        for (name, t) in file.targets {
+            let origin = format!("{where_}: targets.{name}");
+            if !valid_name(&name) {
+                return Err(ConfigError::TargetName { origin, name });
+            }
+            let mut selectors = Vec::new();
+            let mut add = |kind: &str, values: Vec<String>| -> Result<(), ConfigError> {
+                for (i, v) in values.into_iter().enumerate() {
+                    let sel = Selector::new(kind, &v).map_err(|source| ConfigError::Selector {
+                        origin: format!("{origin}.{kind}[{i}]"),
+                        source,
+                    })?;
+                    selectors.push(sel);
+                }
+                Ok(())
+            };
+            add("comm", t.comm.into_vec())?;
+            add("cmdline", t.cmdline.into_vec())?;
+            add("pid", t.pid.into_vec().iter().map(u32::to_string).collect())?;
+            add("cgroup", t.cgroup.into_vec())?;
+            if selectors.is_empty() {
+                return Err(ConfigError::EmptyTarget { origin, name });
+            }
+            targets.push(Target { name, selectors });
+        }
+        let from_file = targets.len();
+
+        for arg in cli_targets {
+            let (name, sel) = arg
+                .split_once('=')
+                .ok_or_else(|| ConfigError::CliTarget { arg: arg.clone() })?;
+            let origin = format!("--target {arg}");
+            if !valid_name(name) {
+                return Err(ConfigError::TargetName {
+                    origin,
+                    name: name.to_owned(),
+                });
+            }
+            let selector = sel
+                .parse::<Selector>()
+                .map_err(|source| ConfigError::Selector { origin, source })?;
+            if let Some(pos) = targets.iter().position(|t| t.name == name) {
+                if pos < from_file {
+                    return Err(ConfigError::DuplicateTarget {
+                        name: name.to_owned(),
+                        path: path.map(Path::to_owned).unwrap_or_default(),
+                    });
+                }
+                targets[pos].selectors.push(selector);
+            } else {
+                targets.push(Target {
+                    name: name.to_owned(),
+                    selectors: vec![selector],
+                });
+            }
+        }
+
+        if targets.is_empty() {
+            return Err(ConfigError::NoTargets { where_ });
+        }
+        if targets.len() > agent_common::MAX_TARGETS as usize {
+            return Err(ConfigError::TooManyTargets {
+                count: targets.len(),
+                max: agent_common::MAX_TARGETS,
+            });
+        }
+        for name in &file.probes.disable {
+            if !probes::NAMES.contains(&name.as_str()) {
+                return Err(ConfigError::UnknownProbe {
+                    path: where_,
+                    hint: did_you_mean(name, probes::NAMES),
+                    name: name.clone(),
+                    known: probes::NAMES.join(", "),
+                });
+            }
+        }
+        let rescan = file.rescan_interval_secs.unwrap_or(5.0);
+        if !(0.1..=3600.0).contains(&rescan) {
+            return Err(ConfigError::Value {
+                path: where_,
+                key: "rescan_interval_secs",
+                reason: "must be between 0.1 and 3600",
+            });
+        }
+        let max_tracked = file
+            .max_tracked_processes
+            .unwrap_or(agent_common::targets::TRACKED_MAX);
+        if !(16..=1 << 20).contains(&max_tracked) {
+            return Err(ConfigError::Value {
+                path: where_,
+                key: "max_tracked_processes",
+                reason: "must be between 16 and 1048576",
+            });
+        }
+
+        Ok(Config {
+            listen: cli_listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            targets: TargetSet::new(targets),
+            rescan_interval: Duration::from_secs_f64(rescan),
+            max_tracked_processes: max_tracked,
+            disabled_probes: file.probes.disable,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn file(content: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(content.as_bytes()).unwrap();
+        f
+    }
+
+    fn err(content: &str, cli: &[&str]) -> String {
+        let f = file(content);
+        let cli: Vec<String> = cli.iter().map(|s| s.to_string()).collect();
+        let e = Config::load(Some(f.path()), &cli, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&f.path().display().to_string()) || e.contains("--target"),
+            "no origin in: {e}"
+        );
+        e
+    }
+
+    #[test]
+    fn full_config() {
+        let f = file(
+            r#"
+listen = "0.0.0.0:9999"
+rescan_interval_secs = 1.5
+[probes]
+disable = ["sched"]
+[targets.stt]
+cmdline = "stt_service"
+comm = ["^stt$", "^whisper"]
+[targets.mt]
+pid = 1
+cgroup = "/system.slice"
+"#,
+        );
+        let c = Config::load(
+            Some(f.path()),
+            &["tts=comm:tts".into(), "tts=pid:7".into()],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9999".parse().unwrap());
+        assert_eq!(c.rescan_interval, Duration::from_millis(1500));
+        assert_eq!(c.disabled_probes, ["sched"]);
+        let names: Vec<_> = c
+            .targets
+            .iter()
+            .map(|(_, t)| (t.name.as_str(), t.selectors.len()))
+            .collect();
+        assert_eq!(names, [("mt", 2), ("stt", 3), ("tts", 2)]);
+    }
+
+    #[test]
+    fn cli_only_and_listen_override() {
+        let c = Config::load(
+            None,
+            &["a=pid:1".into()],
+            Some("127.0.0.1:1".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.targets.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[targets.stt]\ncmdlin = \"x\"\n", &[]);
+        assert!(e.contains("cmdlin"), "{e}");
+        let e = err("lisen = \"x\"\n[targets.a]\npid = 1\n", &[]);
+        assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn invalid_regex_is_named() {
+        let e = err("[targets.stt]\ncmdline = [\"ok\", \"(unclosed\"]\n", &[]);
+        assert!(
+            e.contains("targets.stt.cmdline[1]") && e.contains("(unclosed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_target() {
+        let e = err("[targets.stt]\npid = 1\n[targets.stt]\npid = 2\n", &[]);
+        assert!(
+            e.contains("stt") && e.to_lowercase().contains("duplicate"),
+            "{e}"
+        );
+        let e = err("[targets.stt]\npid = 1\n", &["stt=pid:2"]);
+        assert!(e.contains("`stt` is defined twice"), "{e}");
+    }
+
+    #[test]
+    fn no_targets() {
+        let e = err("listen = \"127.0.0.1:1\"\n", &[]);
+        assert!(e.contains("no target configured"), "{e}");
+        let e = Config::load(None, &[], None).unwrap_err().to_string();
+        assert!(e.contains("--target"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_file() {
+        let e =
+            Config::load(Some(Path::new("/nonexistent/pipeprobe.toml")), &[], None).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/pipeprobe.toml"), "{e}");
+    }
+
+    #[test]
+    fn other_bad_values() {
+        assert!(err("[targets.a]\n", &[]).contains("has no selector"));
+        assert!(err("[targets.\"a b\"]\npid = 1\n", &[]).contains("invalid target name"));
+        let e = err(
+            "[probes]\ndisable = [\"shced\"]\n[targets.a]\npid = 1\n",
+            &[],
+        );
+        assert!(e.contains("did you mean `sched`"), "{e}");
+        assert!(
+            err("rescan_interval_secs = 0\n[targets.a]\npid = 1\n", &[])
+                .contains("rescan_interval_secs")
+        );
+        let f = file("");
+        let e = Config::load(Some(f.path()), &["nameonly".into()], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NAME=KIND:VALUE"), "{e}");
+    }
+}

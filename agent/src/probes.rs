@@ -1,0 +1,178 @@
+//! The attach table: every probe family, its programs and hooks, attached one family at a time.
+//!
+//! A family that fails to load or attach is unloaded whole and reported with its reason
+//! (`pipeprobe_probe_attached{probe} 0`, the log, `pipeprobe check`); the others keep running.
+use aya::{Btf, Ebpf, programs::BtfTracePoint};
+use thiserror::Error;
+
+use crate::{sched, tracker};
+
+/// Names accepted in `probes.disable`.
+pub const NAMES: &[&str] = &[tracker::FAMILY.name, sched::FAMILY.name];
+
+/// Every family, in attach order.
+pub const FAMILIES: &[&Family] = &[&tracker::FAMILY, &sched::FAMILY];
+
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy)]
+pub enum Hook {
+    /// A BTF-enabled tracepoint (`tp_btf/<event>`): typed arguments, no tracefs needed.
+    BtfTracepoint(&'static str),
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hook::BtfTracepoint(event) => write!(f, "tp_btf/{event}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ProgramSpec {
+    /// Function name of the program in the eBPF object.
+    pub program: &'static str,
+    pub hook: Hook,
+}
+
+#[derive(Debug)]
+pub struct Family {
+    /// The `probe` label value and the name in `probes.disable`.
+    pub name: &'static str,
+    /// What the family needs from the kernel, shown when it fails.
+    pub requires: &'static str,
+    pub programs: &'static [ProgramSpec],
+}
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error("program {program} is missing from the eBPF object (build mismatch)")]
+    Missing { program: &'static str },
+    #[error("program {program} has the wrong type for {hook}: {source}")]
+    WrongType {
+        program: &'static str,
+        hook: Hook,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("failed to load {program} for {hook} (needs {requires}): {source}")]
+    Load {
+        program: &'static str,
+        hook: Hook,
+        requires: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("failed to attach {program} to {hook} (needs {requires}): {source}")]
+    Attach {
+        program: &'static str,
+        hook: Hook,
+        requires: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("disabled in the configuration (probes.disable)")]
+    Disabled,
+    #[error("the eBPF programs could not be loaded: {0}")]
+    NoEbpf(String),
+}
+
+impl ProbeError {
+    /// One line for tables and labels; the verifier log stays in the debug log.
+    pub fn short(&self) -> String {
+        let full = self.to_string();
+        let first = full.lines().next().unwrap_or_default();
+        if first.len() > 300 {
+            format!("{}...", &first[..300])
+        } else {
+            first.to_owned()
+        }
+    }
+}
+
+/// Outcome of one family.
+#[derive(Debug)]
+pub struct ProbeStatus {
+    pub name: &'static str,
+    pub result: Result<(), ProbeError>,
+}
+
+impl Family {
+    /// Loads and attaches every program of the family, or none of them.
+    pub fn attach(&self, bpf: &mut Ebpf, btf: &Btf) -> Result<(), ProbeError> {
+        for (i, spec) in self.programs.iter().enumerate() {
+            if let Err(e) = attach_one(bpf, btf, spec, self.requires) {
+                for done in &self.programs[..i] {
+                    if let Some(Ok(p)) = bpf
+                        .program_mut(done.program)
+                        .map(<&mut BtfTracePoint>::try_from)
+                    {
+                        let _ = p.unload();
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn attach_one(
+    bpf: &mut Ebpf,
+    btf: &Btf,
+    spec: &ProgramSpec,
+    requires: &'static str,
+) -> Result<(), ProbeError> {
+    let ProgramSpec { program, hook } = *spec;
+    let prog = bpf
+        .program_mut(program)
+        .ok_or(ProbeError::Missing { program })?;
+    match hook {
+        Hook::BtfTracepoint(event) => {
+            let tp: &mut BtfTracePoint =
+                prog.try_into().map_err(|source| ProbeError::WrongType {
+                    program,
+                    hook,
+                    source: Box::new(source),
+                })?;
+            tp.load(event, btf).map_err(|source| ProbeError::Load {
+                program,
+                hook,
+                requires,
+                source: Box::new(source),
+            })?;
+            tp.attach().map_err(|source| ProbeError::Attach {
+                program,
+                hook,
+                requires,
+                source: Box::new(source),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Attaches every family not disabled; failures are logged with their reason and returned.
+pub fn attach_all(bpf: &mut Ebpf, btf: &Btf, disabled: &[String]) -> Vec<ProbeStatus> {
+    FAMILIES
+        .iter()
+        .map(|family| {
+            let result = if disabled.iter().any(|d| d == family.name) {
+                Err(ProbeError::Disabled)
+            } else {
+                family.attach(bpf, btf)
+            };
+            match &result {
+                Ok(()) => tracing::info!(probe = family.name, "probe attached"),
+                Err(ProbeError::Disabled) => {
+                    tracing::info!(probe = family.name, "probe disabled by configuration")
+                }
+                Err(e) => {
+                    tracing::warn!(probe = family.name, reason = %e.short(), "probe not attached; the others keep running");
+                    tracing::debug!(probe = family.name, error = ?e, "full error");
+                }
+            }
+            ProbeStatus { name: family.name, result }
+        })
+        .collect()
+}

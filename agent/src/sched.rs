@@ -1,0 +1,84 @@
+//! Run-queue delay per target: the user-space half of `agent-ebpf/src/sched.rs`.
+//!
+//! The kernel keeps per-CPU log2 histograms per target; this reads and sums them on scrape into
+//! `pipeprobe_sched_runqueue_delay_seconds{target}`.
+use std::sync::Arc;
+
+use agent_common::hist::Log2Hist;
+use aya::maps::{MapData, PerCpuArray};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+use crate::{
+    metrics::{TargetLabels, encode_log2_histograms},
+    probes::{Family, Hook, ProgramSpec},
+    targets::TargetSet,
+};
+
+pub const FAMILY: Family = Family {
+    name: "sched",
+    requires: "BTF tracepoints (tp_btf) sched_wakeup, sched_wakeup_new, sched_switch",
+    programs: &[
+        ProgramSpec {
+            program: "sched_wakeup",
+            hook: Hook::BtfTracepoint("sched_wakeup"),
+        },
+        ProgramSpec {
+            program: "sched_wakeup_new",
+            hook: Hook::BtfTracepoint("sched_wakeup_new"),
+        },
+        ProgramSpec {
+            program: "sched_switch",
+            hook: Hook::BtfTracepoint("sched_switch"),
+        },
+    ],
+};
+
+/// Name of the per-target histogram map in the eBPF object.
+pub const HIST_MAP: &str = "RUNQ_HIST";
+
+pub struct RunqueueDelay {
+    hist: PerCpuArray<MapData, Log2Hist>,
+    targets: Arc<TargetSet>,
+}
+
+impl std::fmt::Debug for RunqueueDelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunqueueDelay")
+            .field("targets", &self.targets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunqueueDelay {
+    pub fn new(hist: PerCpuArray<MapData, Log2Hist>, targets: Arc<TargetSet>) -> Self {
+        Self { hist, targets }
+    }
+
+    /// The histogram of target `id`, summed over CPUs.
+    pub fn read(&self, id: u32) -> Log2Hist {
+        let mut total = Log2Hist::ZERO;
+        match self.hist.get(&id, 0) {
+            Ok(per_cpu) => per_cpu.iter().for_each(|h| total.merge(h)),
+            Err(e) => tracing::debug!(target_id = id, error = %e, "reading {HIST_MAP} failed"),
+        }
+        total
+    }
+}
+
+impl Collector for RunqueueDelay {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        encode_log2_histograms(
+            &mut encoder,
+            "pipeprobe_sched_runqueue_delay",
+            "Time threads of the target spent runnable, waiting for a CPU (wakeup or preemption to switch-in)",
+            self.targets.iter().map(|(id, t)| {
+                (
+                    TargetLabels {
+                        target: t.name.clone(),
+                    },
+                    self.read(id),
+                )
+            }),
+        )
+    }
+}

@@ -1,0 +1,385 @@
+//! Targets: named sets of processes, chosen by selectors, and the process facts they match on.
+//!
+//! A process matches a target when any of the target's selectors matches it (OR). Targets are
+//! tried in configuration order and the first match wins, so a process is in at most one target.
+//! Children of a matched process belong to its target whatever they run; that inheritance is
+//! applied by the tracker, not here.
+use std::{fmt, path::Path, str::FromStr};
+
+use regex::Regex;
+use thiserror::Error;
+
+/// Index of a target in the configuration; the id the kernel side stores per tracked process.
+pub type TargetId = u32;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SelectorError {
+    #[error(
+        "selector `{input}` has no kind: write KIND:VALUE with KIND one of comm, cmdline, pid, cgroup"
+    )]
+    NoKind { input: String },
+    #[error(
+        "unknown selector kind `{kind}` in `{input}`{hint}: expected comm, cmdline, pid or cgroup"
+    )]
+    UnknownKind {
+        kind: String,
+        input: String,
+        hint: String,
+    },
+    #[error("invalid regex in selector `{input}`: {reason}")]
+    BadRegex { input: String, reason: String },
+    #[error("invalid pid in selector `{input}`: expected a positive integer")]
+    BadPid { input: String },
+    #[error(
+        "invalid cgroup selector `{input}`: the prefix must be an absolute cgroup path like /kubepods.slice"
+    )]
+    BadCgroup { input: String },
+}
+
+#[derive(Clone)]
+pub enum Selector {
+    /// Regex searched in `/proc/PID/comm` (the 15-character task name).
+    Comm(Regex),
+    /// Regex searched in the command line, arguments joined with single spaces.
+    Cmdline(Regex),
+    Pid(u32),
+    /// Cgroup v2 path prefix, matched on whole path components.
+    Cgroup(String),
+}
+
+impl fmt::Debug for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Comm(r) => write!(f, "comm:{}", r.as_str()),
+            Selector::Cmdline(r) => write!(f, "cmdline:{}", r.as_str()),
+            Selector::Pid(p) => write!(f, "pid:{p}"),
+            Selector::Cgroup(c) => write!(f, "cgroup:{c}"),
+        }
+    }
+}
+
+const KINDS: [&str; 4] = ["comm", "cmdline", "pid", "cgroup"];
+
+/// " (did you mean `x`?)" when `word` is close to one of `known`, else "".
+pub fn did_you_mean(word: &str, known: &[&str]) -> String {
+    known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(word, k), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+        .unwrap_or_default()
+}
+
+impl Selector {
+    pub fn new(kind: &str, value: &str) -> Result<Self, SelectorError> {
+        let input = format!("{kind}:{value}");
+        let regex = |v: &str| {
+            Regex::new(v).map_err(|e| SelectorError::BadRegex {
+                input: input.clone(),
+                reason: e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            })
+        };
+        match kind {
+            "comm" => Ok(Selector::Comm(regex(value)?)),
+            "cmdline" => Ok(Selector::Cmdline(regex(value)?)),
+            "pid" => match value.trim().parse::<u32>() {
+                Ok(pid) if pid > 0 => Ok(Selector::Pid(pid)),
+                _ => Err(SelectorError::BadPid { input }),
+            },
+            "cgroup" => {
+                if !value.starts_with('/') {
+                    return Err(SelectorError::BadCgroup { input });
+                }
+                let trimmed = value.trim_end_matches('/');
+                Ok(Selector::Cgroup(if trimmed.is_empty() {
+                    "/".into()
+                } else {
+                    trimmed.into()
+                }))
+            }
+            other => Err(SelectorError::UnknownKind {
+                kind: other.to_owned(),
+                hint: did_you_mean(other, &KINDS),
+                input,
+            }),
+        }
+    }
+
+    pub fn matches(&self, p: &ProcessInfo) -> bool {
+        match self {
+            Selector::Comm(r) => r.is_match(&p.comm),
+            Selector::Cmdline(r) => r.is_match(&p.cmdline),
+            Selector::Pid(pid) => *pid == p.pid,
+            Selector::Cgroup(prefix) => {
+                prefix == "/"
+                    || p.cgroup
+                        .strip_prefix(prefix.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+        }
+    }
+}
+
+impl FromStr for Selector {
+    type Err = SelectorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, value) = s.split_once(':').ok_or_else(|| SelectorError::NoKind {
+            input: s.to_owned(),
+        })?;
+        Selector::new(kind, value)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub selectors: Vec<Selector>,
+}
+
+/// The configured targets, in order; a target's index is its [`TargetId`].
+#[derive(Debug, Clone, Default)]
+pub struct TargetSet {
+    targets: Vec<Target>,
+}
+
+impl TargetSet {
+    pub fn new(targets: Vec<Target>) -> Self {
+        Self { targets }
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (TargetId, &Target)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i as TargetId, t))
+    }
+
+    pub fn name(&self, id: TargetId) -> Option<&str> {
+        self.targets.get(id as usize).map(|t| t.name.as_str())
+    }
+
+    /// The first target with a selector matching `p`.
+    pub fn match_process(&self, p: &ProcessInfo) -> Option<TargetId> {
+        self.iter()
+            .find(|(_, t)| t.selectors.iter().any(|s| s.matches(p)))
+            .map(|(id, _)| id)
+    }
+}
+
+/// What selectors match on, read from `/proc/PID`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    pub cgroup: String,
+}
+
+impl ProcessInfo {
+    /// Reads the process's facts; `None` if it exited meanwhile (or is a kernel thread).
+    pub fn read(proc_root: &Path, pid: u32) -> Option<Self> {
+        let dir = proc_root.join(pid.to_string());
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // comm may contain spaces and parentheses: the fields after it follow the last ')'.
+        let after = &stat[stat.rfind(')')? + 2..];
+        let ppid = after.split(' ').nth(1)?.parse().ok()?;
+        let comm = std::fs::read_to_string(dir.join("comm"))
+            .ok()?
+            .trim_end_matches('\n')
+            .to_owned();
+        let raw = std::fs::read(dir.join("cmdline")).ok()?;
+        let cmdline = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(String::from_utf8_lossy)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let cgroup = std::fs::read_to_string(dir.join("cgroup"))
+            .map(|c| parse_cgroup(&c))
+            .unwrap_or_default();
+        Some(Self {
+            pid,
+            ppid,
+            comm,
+            cmdline,
+            cgroup,
+        })
+    }
+}
+
+/// The cgroup v2 path from `/proc/PID/cgroup` (the `0::` line), else the first hierarchy's path.
+fn parse_cgroup(content: &str) -> String {
+    let path_of = |line: &str| line.splitn(3, ':').nth(2).map(str::to_owned);
+    content
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .and_then(path_of)
+        .or_else(|| content.lines().next().and_then(path_of))
+        .unwrap_or_default()
+}
+
+/// Pids of all processes under `proc_root`.
+pub fn list_pids(proc_root: &Path) -> std::io::Result<Vec<u32>> {
+    Ok(std::fs::read_dir(proc_root)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proc(pid: u32, comm: &str, cmdline: &str, cgroup: &str) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            ppid: 1,
+            comm: comm.into(),
+            cmdline: cmdline.into(),
+            cgroup: cgroup.into(),
+        }
+    }
+
+    #[test]
+    fn selectors_parse_and_match() {
+        let p = proc(
+            42,
+            "python3",
+            "python3 -m stt_service --port 9000",
+            "/kubepods.slice/pod-a/cri-x",
+        );
+        assert!("comm:^python".parse::<Selector>().unwrap().matches(&p));
+        assert!(
+            "cmdline:stt_service"
+                .parse::<Selector>()
+                .unwrap()
+                .matches(&p)
+        );
+        assert!(
+            !"cmdline:tts_service"
+                .parse::<Selector>()
+                .unwrap()
+                .matches(&p)
+        );
+        assert!("pid:42".parse::<Selector>().unwrap().matches(&p));
+        assert!(
+            "cgroup:/kubepods.slice/pod-a"
+                .parse::<Selector>()
+                .unwrap()
+                .matches(&p)
+        );
+        assert!(
+            "cgroup:/kubepods.slice/pod-a/"
+                .parse::<Selector>()
+                .unwrap()
+                .matches(&p)
+        );
+        // Whole components only.
+        assert!(
+            !"cgroup:/kubepods.slice/pod"
+                .parse::<Selector>()
+                .unwrap()
+                .matches(&p)
+        );
+        assert!("cgroup:/".parse::<Selector>().unwrap().matches(&p));
+    }
+
+    #[test]
+    fn selector_errors_say_what_is_wrong() {
+        assert!(matches!(
+            "python".parse::<Selector>(),
+            Err(SelectorError::NoKind { .. })
+        ));
+        let err = "comand:x".parse::<Selector>().unwrap_err().to_string();
+        assert!(
+            err.contains("`comand`") && err.contains("did you mean `comm`"),
+            "{err}"
+        );
+        let err = "comm:(".parse::<Selector>().unwrap_err().to_string();
+        assert!(
+            err.contains("invalid regex") && err.contains("comm:("),
+            "{err}"
+        );
+        assert!(matches!(
+            "pid:0".parse::<Selector>(),
+            Err(SelectorError::BadPid { .. })
+        ));
+        assert!(matches!(
+            "pid:abc".parse::<Selector>(),
+            Err(SelectorError::BadPid { .. })
+        ));
+        assert!(matches!(
+            "cgroup:kubepods".parse::<Selector>(),
+            Err(SelectorError::BadCgroup { .. })
+        ));
+    }
+
+    #[test]
+    fn first_matching_target_wins() {
+        let set = TargetSet::new(vec![
+            Target {
+                name: "stt".into(),
+                selectors: vec!["cmdline:stt".parse().unwrap()],
+            },
+            Target {
+                name: "py".into(),
+                selectors: vec!["comm:x".parse().unwrap(), "comm:python".parse().unwrap()],
+            },
+        ]);
+        assert_eq!(
+            set.match_process(&proc(1, "python3", "python3 stt.py", "/")),
+            Some(0)
+        );
+        assert_eq!(
+            set.match_process(&proc(1, "python3", "python3 mt.py", "/")),
+            Some(1)
+        );
+        assert_eq!(set.match_process(&proc(1, "bash", "bash", "/")), None);
+        assert_eq!(set.name(1), Some("py"));
+    }
+
+    #[test]
+    fn cgroup_file_parsing() {
+        assert_eq!(
+            parse_cgroup("0::/system.slice/x.service\n"),
+            "/system.slice/x.service"
+        );
+        assert_eq!(parse_cgroup("12:cpu,cpuacct:/kubepods/pod1\n0::/\n"), "/");
+        assert_eq!(
+            parse_cgroup("12:cpu,cpuacct:/kubepods/pod1\n"),
+            "/kubepods/pod1"
+        );
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let me = std::process::id();
+        let info = ProcessInfo::read(Path::new("/proc"), me).expect("own /proc entry");
+        assert_eq!(info.pid, me);
+        assert_eq!(info.ppid, std::os::unix::process::parent_id());
+        assert!(!info.comm.is_empty() && !info.cmdline.is_empty());
+        assert!(list_pids(Path::new("/proc")).unwrap().contains(&me));
+    }
+}

@@ -1,0 +1,95 @@
+//! tracefs: classic tracepoints attach through it (and reference tools need it), but a fresh
+//! machine or a container may not have it mounted. The agent mounts it when it can and says how
+//! otherwise; its own BTF tracepoints do not need it.
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+const LEGACY: &str = "/sys/kernel/debug/tracing";
+
+#[derive(Debug, Error)]
+pub enum TracefsError {
+    #[error(
+        "tracefs is not mounted and mounting it at {path} failed: {source}. Mount it on the host \
+         (`mount -t tracefs nodev {path}`) or mount the host's {path} into the agent's container"
+    )]
+    Mount {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How tracefs was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tracefs {
+    Mounted(PathBuf),
+    /// It was not mounted; the agent mounted it.
+    MountedNow(PathBuf),
+}
+
+/// Where tracefs is mounted, from a /proc/mounts-formatted text.
+fn find_in(mounts: &str) -> Option<PathBuf> {
+    let points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "tracefs").then_some(point)
+        })
+        .collect();
+    [TRACEFS, LEGACY]
+        .into_iter()
+        .find(|p| points.contains(p))
+        .map(PathBuf::from)
+}
+
+pub fn find() -> Option<PathBuf> {
+    find_in(&std::fs::read_to_string("/proc/mounts").unwrap_or_default())
+}
+
+pub fn ensure_mounted() -> Result<Tracefs, TracefsError> {
+    if let Some(p) = find() {
+        return Ok(Tracefs::Mounted(p));
+    }
+    mount(Path::new(TRACEFS)).map_err(|source| TracefsError::Mount {
+        path: TRACEFS,
+        source,
+    })?;
+    Ok(Tracefs::MountedNow(PathBuf::from(TRACEFS)))
+}
+
+fn mount(path: &Path) -> std::io::Result<()> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
+    let target = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_mount_points() {
+        let m = "proc /proc proc rw 0 0\nnodev /sys/kernel/tracing tracefs rw 0 0\n";
+        assert_eq!(find_in(m), Some(PathBuf::from(TRACEFS)));
+        let m = "debugfs /sys/kernel/debug debugfs rw 0 0\ntracefs /sys/kernel/debug/tracing tracefs rw 0 0\n";
+        assert_eq!(find_in(m), Some(PathBuf::from(LEGACY)));
+        assert_eq!(find_in("proc /proc proc rw 0 0\n"), None);
+    }
+}
