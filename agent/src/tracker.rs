@@ -63,6 +63,7 @@ pub struct Tracker {
     counts: Vec<i64>,
     gauge: MetricFamily<TargetLabels, Gauge>,
     lost: Arc<UserLost>,
+    own_pid: u32,
 }
 
 impl Tracker {
@@ -81,6 +82,7 @@ impl Tracker {
             counts,
             gauge,
             lost,
+            own_pid: std::process::id(),
         };
         for id in 0..tracker.counts.len() {
             tracker.publish(id as TargetId);
@@ -103,7 +105,8 @@ impl Tracker {
     }
 
     fn add(&mut self, tgid: u32, target: TargetId, in_kernel_already: bool) {
-        if self.tracked.contains_key(&tgid) {
+        // Never the agent itself: a cmdline selector can match the agent's own --target argument.
+        if self.tracked.contains_key(&tgid) || tgid == self.own_pid {
             return;
         }
         if !in_kernel_already
@@ -271,7 +274,10 @@ mod tests {
             name: "t".into(),
             selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
         }]);
-        Tracker::new(Arc::new(set), None, MetricFamily::default(), Arc::default())
+        let mut t = Tracker::new(Arc::new(set), None, MetricFamily::default(), Arc::default());
+        // These tests select their own process, which the agent would exclude as itself.
+        t.own_pid = 0;
+        t
     }
 
     #[test]
@@ -299,6 +305,14 @@ mod tests {
         );
         // Other tests' children may be tracked too (they descend from this process).
         assert_eq!(t.counts[0] as usize, t.tracked().len());
+    }
+
+    #[test]
+    fn never_tracks_itself() {
+        let mut t = tracker(&["pid:1"]);
+        t.own_pid = 1;
+        t.scan();
+        assert!(!t.tracked().contains_key(&1));
     }
 
     #[test]

@@ -1,1 +1,173 @@
+//! Helpers for the integration tests: the real `pipeprobe` binary and workloads as child
+//! processes behind RAII guards, and scrapes of the agent's real `/metrics`.
+use std::{
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
 
+pub use pipeprobe::top::{Histogram, Sample, parse};
+
+/// The directory holding the workspace's built binaries (target/debug when tests run from
+/// target/debug/deps).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_owned()
+}
+
+/// The agent binary: `PIPEPROBE_BIN`, else the one built next to the tests.
+pub fn pipeprobe_bin() -> PathBuf {
+    let path = std::env::var_os("PIPEPROBE_BIN")
+        .map_or_else(|| bin_dir().join("pipeprobe"), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} not built: run the tests with `cargo xtask test` (it builds the agent first)",
+        path.display()
+    );
+    path
+}
+
+/// The workload binary of this crate, built by cargo for the integration tests.
+pub fn workload_bin() -> PathBuf {
+    bin_dir().join("workload")
+}
+
+/// A child process killed and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        Self(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        )
+    }
+
+    pub fn workload(args: &[&str]) -> Self {
+        Self::spawn(Command::new(workload_bin()).args(args))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running `pipeprobe agent` on an ephemeral port, with its JSON log captured.
+pub struct Agent {
+    proc: Proc,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts the agent with `args` and waits until it serves /metrics.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with(Command::new(pipeprobe_bin()), args)
+    }
+
+    /// Starts the agent through `cmd` (a wrapper like setpriv, whose last argument is the agent).
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> Self {
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut proc = Proc::spawn(&mut cmd);
+        let stderr = proc.0.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = serving_addr(&line) {
+                    let _ = tx.send(addr);
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => Self { proc, addr, log },
+            Err(_) => {
+                let status = proc.0.try_wait();
+                panic!(
+                    "agent did not start serving within 30 s (status {status:?}); log:\n{}",
+                    log.lock().expect("log lock").join("\n")
+                )
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    pub fn scrape(&self) -> Vec<Sample> {
+        let body = pipeprobe::top::fetch(&format!("http://{}/metrics", self.addr))
+            .unwrap_or_else(|e| panic!("scrape failed: {e}; log:\n{}", self.log()));
+        parse(&body)
+    }
+
+    /// Value of the sample `name` with label `key=value`.
+    pub fn value(&self, name: &str, key: &str, value: &str) -> Option<f64> {
+        find(&self.scrape(), name, key, value)
+    }
+}
+
+pub fn find(samples: &[Sample], name: &str, key: &str, value: &str) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels.get(key).is_some_and(|v| v == value))
+        .map(|s| s.value)
+}
+
+fn serving_addr(line: &str) -> Option<SocketAddr> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields")?;
+    if !fields
+        .get("message")?
+        .as_str()?
+        .starts_with("serving metrics")
+    {
+        return None;
+    }
+    fields.get("addr")?.as_str()?.parse().ok()
+}
+
+/// Polls `f` every 20 ms until it is true or `timeout` passes; returns how long it took.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes `content` to a temporary TOML file.
+pub fn config_file(content: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(f.path(), content).expect("write config");
+    f
+}

@@ -1,0 +1,288 @@
+//! Workloads whose answer is known, for the integration tests, and the synthetic speech pipeline
+//! (stt -> mt -> tts over loopback TCP) that `cargo xtask demo` runs the agent against.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// THREADS CPU-bound threads pinned to one CPU: each waits for the others on the run queue.
+    Busy {
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        #[arg(long, default_value_t = 0)]
+        cpu: usize,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
+    /// Sleeps and wakes every PERIOD_MS on an otherwise idle CPU: run-queue delay stays tiny.
+    Quiet {
+        #[arg(long, default_value_t = 1)]
+        cpu: usize,
+        #[arg(long, default_value_t = 5)]
+        period_ms: u64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
+    /// Waits DELAY_MS, starts CHILDREN `sleep CHILD_SECS` processes, waits for them, then holds
+    /// HOLD_SECS. The marker is only there to be matched by a cmdline selector.
+    Forker {
+        #[arg(long)]
+        marker: String,
+        #[arg(long, default_value_t = 500)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 2)]
+        children: usize,
+        #[arg(long, default_value_t = 2.0)]
+        child_secs: f64,
+        #[arg(long, default_value_t = 1.0)]
+        hold_secs: f64,
+    },
+    /// The synthetic pipeline: starts the three stages and drives requests through them.
+    Pipeline {
+        /// Requests per second sent to stt.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Stop after this many seconds (default: run until killed).
+        #[arg(long)]
+        secs: Option<f64>,
+    },
+    /// One pipeline stage (started by `pipeline`).
+    Stage {
+        name: String,
+        #[arg(long)]
+        next: Option<String>,
+    },
+    /// A helper process forked by the stt stage, like a PyTorch dataloader worker.
+    Dataloader,
+}
+
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("pinning to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
+/// Burns CPU for `d` (wall clock, so preemption makes it take longer, as real work would).
+fn spin(d: Duration) -> u64 {
+    let end = Instant::now() + d;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    while Instant::now() < end {
+        for _ in 0..1000 {
+            x = x.rotate_left(7) ^ x.wrapping_mul(31);
+        }
+    }
+    x
+}
+
+fn die_with_parent() {
+    // SAFETY: plain prctl; a stage must not outlive the pipeline driver.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+}
+
+fn stage_work(name: &str) -> anyhow::Result<()> {
+    let mut sink = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    match name {
+        // Speech to text: feature extraction (CPU) then waiting on the "model" (sleep).
+        "stt" => {
+            spin(Duration::from_millis(4));
+            let mut buf = [0u8; 4096];
+            let mut zero = std::fs::File::open("/dev/zero")?;
+            for _ in 0..32 {
+                zero.read_exact(&mut buf)?;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        "mt" => {
+            spin(Duration::from_millis(3));
+            thread::sleep(Duration::from_millis(1));
+        }
+        // Text to speech: synthesis (CPU) and many small audio writes (syscalls).
+        _ => {
+            spin(Duration::from_millis(6));
+            for _ in 0..64 {
+                sink.write_all(&[0u8; 512])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stage(name: &str, next: Option<&str>) -> anyhow::Result<()> {
+    die_with_parent();
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    println!("LISTEN {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    if name == "stt" {
+        // Children of a tracked process belong to its target, whatever their command line.
+        let exe = std::env::current_exe()?;
+        Command::new(exe).arg("dataloader").spawn()?;
+    }
+    for conn in listener.incoming() {
+        let conn = conn?;
+        let name = name.to_owned();
+        let next = next.map(str::to_owned);
+        thread::spawn(move || {
+            if let Err(e) = serve(&name, next.as_deref(), conn) {
+                eprintln!("{name}: connection ended: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn serve(name: &str, next: Option<&str>, conn: TcpStream) -> anyhow::Result<()> {
+    conn.set_nodelay(true)?;
+    let mut downstream = match next {
+        Some(addr) => {
+            let s = TcpStream::connect(addr)
+                .with_context(|| format!("{name}: connecting to {addr}"))?;
+            s.set_nodelay(true)?;
+            Some((BufReader::new(s.try_clone()?), s))
+        }
+        None => None,
+    };
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut writer = conn;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        stage_work(name)?;
+        if let Some((down_r, down_w)) = downstream.as_mut() {
+            down_w.write_all(line.as_bytes())?;
+            let mut reply = String::new();
+            down_r.read_line(&mut reply)?;
+        }
+        writer.write_all(line.as_bytes())?;
+    }
+}
+
+fn pipeline(rate: f64, secs: Option<f64>) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut next: Option<String> = None;
+    let mut children = Vec::new();
+    for name in ["tts", "mt", "stt"] {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["stage", name]).stdout(Stdio::piped());
+        if let Some(n) = &next {
+            cmd.args(["--next", n]);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting stage {name}"))?;
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first)?;
+        let Some(addr) = first.strip_prefix("LISTEN ") else {
+            bail!("stage {name} said {first:?}")
+        };
+        next = Some(addr.trim().to_owned());
+        children.push(child);
+    }
+    let stt = next.expect("three stages");
+    let conn = TcpStream::connect(&stt)?;
+    conn.set_nodelay(true)?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut writer = conn;
+    let start = Instant::now();
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.1));
+    let mut line = String::new();
+    for id in 0u64.. {
+        if secs.is_some_and(|s| start.elapsed().as_secs_f64() >= s) {
+            break;
+        }
+        let t0 = Instant::now();
+        writeln!(writer, "{id}")?;
+        line.clear();
+        reader.read_line(&mut line)?;
+        if let Some(rest) = period.checked_sub(t0.elapsed()) {
+            thread::sleep(rest);
+        }
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Busy { threads, cpu, secs } => {
+            let end = Instant::now() + Duration::from_secs_f64(secs);
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    thread::spawn(move || {
+                        pin_to(cpu)?;
+                        while Instant::now() < end {
+                            std::hint::black_box(spin(Duration::from_millis(10)));
+                        }
+                        anyhow::Ok(())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("busy thread panicked")?;
+            }
+        }
+        Cmd::Quiet {
+            cpu,
+            period_ms,
+            secs,
+        } => {
+            pin_to(cpu)?;
+            let end = Instant::now() + Duration::from_secs_f64(secs);
+            while Instant::now() < end {
+                thread::sleep(Duration::from_millis(period_ms));
+                std::hint::black_box(spin(Duration::from_micros(50)));
+            }
+        }
+        Cmd::Forker {
+            marker: _,
+            delay_ms,
+            children,
+            child_secs,
+            hold_secs,
+        } => {
+            thread::sleep(Duration::from_millis(delay_ms));
+            let mut kids: Vec<_> = (0..children)
+                .map(|_| Command::new("sleep").arg(child_secs.to_string()).spawn())
+                .collect::<Result<_, _>>()?;
+            for k in &mut kids {
+                k.wait()?;
+            }
+            thread::sleep(Duration::from_secs_f64(hold_secs));
+        }
+        Cmd::Pipeline { rate, secs } => pipeline(rate, secs)?,
+        Cmd::Stage { name, next } => stage(&name, next.as_deref())?,
+        Cmd::Dataloader => {
+            die_with_parent();
+            loop {
+                spin(Duration::from_millis(2));
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! What a user sees from the binary itself: bad input, missing privileges, missing tracefs,
+//! `check`, the endpoints.
+use std::{
+    path::Path,
+    process::{Command, Output},
+};
+
+use pipeprobe_tests::{Agent, config_file, pipeprobe_bin};
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(pipeprobe_bin())
+        .arg("agent")
+        .args(args)
+        .output()
+        .expect("pipeprobe runs")
+}
+
+fn assert_config_error(args: &[&str], needles: &[&str]) {
+    let out = agent(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "exit code for {args:?}; stderr:\n{stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "`{n}` missing from the error for {args:?}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_config_exits_2_naming_file_and_key() {
+    let unknown = config_file("[targets.stt]\ncmdlin = \"stt\"\n");
+    let p = unknown.path().to_str().unwrap();
+    assert_config_error(&["--config", p], &[p, "cmdlin"]);
+
+    let regex = config_file("[targets.stt]\ncmdline = \"(unclosed\"\n");
+    let p = regex.path().to_str().unwrap();
+    assert_config_error(
+        &["--config", p],
+        &[p, "targets.stt.cmdline[0]", "invalid regex"],
+    );
+
+    let dup = config_file("[targets.stt]\npid = 1\n[targets.stt]\npid = 2\n");
+    let p = dup.path().to_str().unwrap();
+    assert_config_error(&["--config", p], &[p, "stt"]);
+    let one = config_file("[targets.stt]\npid = 1\n");
+    let p = one.path().to_str().unwrap();
+    assert_config_error(
+        &["--config", p, "--target", "stt=pid:2"],
+        &[p, "`stt` is defined twice"],
+    );
+
+    let empty = config_file("listen = \"127.0.0.1:9\"\n");
+    let p = empty.path().to_str().unwrap();
+    assert_config_error(&["--config", p], &[p, "no target configured"]);
+    assert_config_error(&[], &["no target configured", "--target"]);
+
+    assert_config_error(
+        &["--config", "/nonexistent/pp.toml"],
+        &["/nonexistent/pp.toml", "cannot read"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_config_error(&["--config", d], &[d, "cannot read"]);
+
+    assert_config_error(
+        &["--target", "stt=command:x"],
+        &["--target stt=command:x", "unknown selector kind"],
+    );
+}
+
+/// The agent started with root's uid but without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN.
+fn without_bpf_caps() -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set=-bpf,-perfmon,-sys_admin", "--"])
+        .arg(pipeprobe_bin());
+    cmd
+}
+
+#[test]
+fn missing_capabilities_are_named() {
+    let out = without_bpf_caps()
+        .args(["agent", "--target", "x=pid:1"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr:\n{stderr}");
+    for n in ["CAP_BPF", "CAP_PERFMON", "Run as root"] {
+        assert!(stderr.contains(n), "`{n}` missing:\n{stderr}");
+    }
+
+    let out = without_bpf_caps()
+        .arg("check")
+        .output()
+        .expect("setpriv runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "check without capabilities:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("privileges") && stdout.contains("FAIL") && stdout.contains("CAP_BPF"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_a_capable_host() {
+    let out = Command::new(pipeprobe_bin()).arg("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for probe in ["probe process_tracking", "probe sched"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(probe))
+            .unwrap_or_else(|| panic!("no `{probe}` row:\n{stdout}"));
+        assert!(line.contains(" ok "), "{line}");
+    }
+    assert!(
+        stdout.contains("kernel BTF") && stdout.contains("tracefs"),
+        "{stdout}"
+    );
+}
+
+fn tracefs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
+}
+
+/// Unmounts tracefs for a test and leaves it mounted afterwards, as a fresh agent would.
+struct TracefsUnmounted;
+
+impl TracefsUnmounted {
+    fn new() -> Self {
+        for point in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+            while Command::new("umount")
+                .arg(point)
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {}
+        }
+        assert!(!tracefs_mounted(), "could not unmount tracefs for the test");
+        Self
+    }
+}
+
+impl Drop for TracefsUnmounted {
+    fn drop(&mut self) {
+        if !tracefs_mounted() {
+            let _ = Command::new("mount")
+                .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn tracefs_is_mounted_when_missing_or_explained() {
+    let _guard = TracefsUnmounted::new();
+    let agent = Agent::start(&["--target", "x=pid:1"]);
+    assert!(
+        tracefs_mounted(),
+        "agent did not mount tracefs; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("tracefs was not mounted; mounted it"),
+        "{}",
+        agent.log()
+    );
+    drop(agent);
+
+    // Without CAP_SYS_ADMIN it cannot mount: it says how, and the BTF probes still attach.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"umount /sys/kernel/tracing; exec setpriv --bounding-set=-sys_admin -- "$0" "$@""#)
+        .arg(pipeprobe_bin());
+    let agent = Agent::start_with(cmd, &["--target", "x=pid:1"]);
+    let log = agent.log();
+    assert!(
+        log.contains("mount -t tracefs nodev /sys/kernel/tracing"),
+        "{log}"
+    );
+    assert_eq!(
+        agent.value("pipeprobe_probe_attached", "probe", "sched"),
+        Some(1.0),
+        "{log}"
+    );
+}
+
+#[test]
+fn endpoints_and_content_negotiation() {
+    let agent = Agent::start(&["--target", "x=pid:1"]);
+    let base = format!("http://{}", agent.addr);
+    assert_eq!(
+        pipeprobe::top::fetch(&format!("{base}/healthz")).unwrap(),
+        "ok\n"
+    );
+    assert_eq!(
+        pipeprobe::top::fetch(&format!("{base}/readyz")).unwrap(),
+        "ready\n"
+    );
+    let classic = pipeprobe::top::fetch(&format!("{base}/metrics")).unwrap();
+    assert!(
+        classic.contains("# TYPE pipeprobe_sched_runqueue_delay_seconds histogram"),
+        "{classic}"
+    );
+    assert!(!classic.contains("# EOF"));
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "Accept: application/openmetrics-text;version=1.0.0",
+            "-D",
+            "-",
+        ])
+        .arg(format!("{base}/metrics"))
+        .output()
+        .expect("curl is needed for this test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.to_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    for family in [
+        "pipeprobe_build_info",
+        "pipeprobe_target_processes",
+        "pipeprobe_probe_attached",
+        "pipeprobe_events_lost_total",
+    ] {
+        assert!(classic.contains(family), "{family} missing:\n{classic}");
+    }
+    assert!(Path::new(&pipeprobe_bin()).exists());
+}

@@ -1,0 +1,6 @@
+//! Integration tests of the real agent binary on the real kernel, as root. One test binary so
+//! that the privileged tests run in one process; `cargo xtask test` runs them one at a time
+//! because the run-queue test measures scheduling.
+mod cli;
+mod sched;
+mod targets;

@@ -1,0 +1,118 @@
+//! Run-queue delay against ground truth and against libbpf-tools' runqlat over the same seconds.
+use std::{process::Command, time::Duration};
+
+use pipeprobe_tests::{Agent, Histogram, Proc};
+
+const METRIC: &str = "pipeprobe_sched_runqueue_delay_seconds";
+
+/// runqlat's histogram rows: (low us, high us, count).
+fn parse_runqlat(out: &str) -> Vec<(u64, u64, u64)> {
+    out.lines()
+        .filter_map(|l| {
+            let (range, rest) = l.split_once(':')?;
+            let (lo, hi) = range.split_once("->")?;
+            let count = rest.split('|').next()?.trim().parse().ok()?;
+            Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?, count))
+        })
+        .collect()
+}
+
+#[test]
+fn runqueue_delay_agrees_with_runqlat_and_quiet_process_stays_sub_ms() {
+    if !std::path::Path::new("/usr/sbin/runqlat").exists() && which("runqlat").is_none() {
+        panic!("runqlat (libbpf-tools) not installed: run `cargo xtask setup`");
+    }
+    // Four CPU-bound threads on CPU 0 queue behind each other; the quiet process sleeps and
+    // wakes alone on CPU 1.
+    let busy = Proc::workload(&["busy", "--threads", "4", "--cpu", "0", "--secs", "14"]);
+    let quiet = Proc::workload(&["quiet", "--cpu", "1", "--period-ms", "5", "--secs", "14"]);
+    let agent = Agent::start(&[
+        "--target",
+        &format!("busy=pid:{}", busy.pid()),
+        "--target",
+        &format!("quiet=pid:{}", quiet.pid()),
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let before = agent.scrape();
+    let out = Command::new("runqlat")
+        .args(["-p", &busy.pid().to_string(), "6", "1"])
+        .output()
+        .expect("runqlat runs");
+    let after = agent.scrape();
+    let runqlat = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "runqlat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ours = Histogram::find(&after, METRIC, "target", "busy")
+        .expect("busy histogram in /metrics")
+        .since(&Histogram::find(&before, METRIC, "target", "busy").expect("busy histogram"));
+    let rows = parse_runqlat(&runqlat);
+    let total: u64 = rows.iter().map(|r| r.2).sum();
+    assert!(total > 100, "runqlat saw only {total} events:\n{runqlat}");
+    assert!(ours.count > 100.0, "agent saw only {} events", ours.count);
+    let mut seen = 0;
+    let (ref_lo, ref_hi, _) = *rows
+        .iter()
+        .find(|r| {
+            seen += r.2;
+            seen * 2 >= total
+        })
+        .expect("runqlat p50 row");
+    // runqlat's row [2^j, 2^(j+1)-1] us corresponds to our bucket le = 2^(j+1) us.
+    let ref_le_us = (ref_hi + 1) as f64;
+    let our_i = ours.bucket_of(0.5).expect("agent p50");
+    let our_le_us = ours.buckets[our_i].0 * 1e6;
+    let steps = (our_le_us.log2() - ref_le_us.log2()).abs();
+    eprintln!(
+        "busy p50: agent bucket le={our_le_us}us ({} events), runqlat row {ref_lo}..{ref_hi}us ({total} events)",
+        ours.count
+    );
+    assert!(
+        steps <= 1.0 + 1e-9,
+        "busy p50 differs by {steps} log2 buckets: agent le={our_le_us}us vs runqlat {ref_lo}..{ref_hi}us\n{runqlat}"
+    );
+    // Four threads sharing a CPU: most waits are at least a scheduler slice.
+    assert!(
+        our_le_us >= 256.0,
+        "busy p50 le={our_le_us}us is implausibly low for 4 threads on 1 CPU"
+    );
+
+    let quiet_h = Histogram::find(&after, METRIC, "target", "quiet")
+        .expect("quiet histogram")
+        .since(&Histogram::find(&before, METRIC, "target", "quiet").expect("quiet histogram"));
+    assert!(
+        quiet_h.count >= 100.0,
+        "quiet process: only {} wakeups seen",
+        quiet_h.count
+    );
+    let p99 = quiet_h.buckets[quiet_h.bucket_of(0.99).expect("quiet p99")].0;
+    eprintln!(
+        "quiet p99 bucket le={}us over {} wakeups",
+        p99 * 1e6,
+        quiet_h.count
+    );
+    assert!(
+        p99 <= 1.024e-3,
+        "quiet process p99 bucket le={p99}s is not sub-millisecond"
+    );
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+#[test]
+fn runqlat_output_parses() {
+    let rows = parse_runqlat(
+        "     usecs               : count    distribution\n         0 -> 1          : 6        |**  |\n      2048 -> 4095       : 12       |****|\n",
+    );
+    assert_eq!(rows, [(0, 1, 6), (2048, 4095, 12)]);
+}
