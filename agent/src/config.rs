@@ -339,6 +339,14 @@ cgroup = "/system.slice"
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pipeprobe.example.toml");
+        let c = Config::load(Some(&path), &[], None).unwrap();
+        assert_eq!(c.targets.len(), 3);
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+    }
+
+    #[test]
     fn cli_only_and_listen_override() {
         let c = Config::load(
             None,

@@ -1,1 +1,30 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod setup;
+mod test;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (idempotent; fast when all is there).
+    Setup,
+    /// Set up, build, then run every test: lints, unit and privileged integration tests.
+    Test(test::Options),
+    /// Set up, build, and run the agent against the bundled synthetic pipeline.
+    Demo(demo::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test(opts) => test::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
+    }
+}

@@ -1,0 +1,129 @@
+//! Prerequisites, installed idempotently: each step checks first and is skipped in milliseconds
+//! when its tool is there. A step that cannot install says what to run instead.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use xtask::{exec, is_root, output, succeeds};
+
+/// LLVM major version of the nightly rustc that builds the eBPF crate; bpf-linker must match it.
+const LLVM: &str = "22";
+
+/// Debian packages the build and the tests use: the eBPF linker's LLVM, the reference tools
+/// the tests compare against (runqlat from libbpf-tools, bpftool), and small utilities.
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker is built against it"),
+    ("libbpf-tools", "runqlat, the reference for run-queue delay"),
+    ("bpftool", "the reference for kernel BTF offsets"),
+    ("curl", "content negotiation test"),
+    ("util-linux", "setpriv and unshare for privilege tests"),
+];
+
+pub fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    apt(PACKAGES)?;
+    bpf_linker()?;
+    eprintln!("setup: all prerequisites present");
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
+        Some(_) => exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))
+        .context("the eBPF crate builds core from source with nightly: rust-src is required"),
+        None => exec(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))
+        .context(
+            "the eBPF crate needs a nightly toolchain (with rust-src); install it with rustup",
+        ),
+    }
+}
+
+fn apt(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(p, _)| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (p, why) in packages.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("setup: installing {p} ({why})");
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {0}. Installing them needs root: run `sudo apt-get install -y {0}` \
+             or run `sudo -E cargo xtask setup`",
+            missing.join(" ")
+        );
+    }
+    exec(Command::new("apt-get").args(["update", "-qq"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("apt-get could not install {}", missing.join(" ")))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
+        return Ok(());
+    }
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map_or_else(
+            || {
+                std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cargo")
+            },
+            Into::into,
+        )
+        .join("bin");
+    if succeeds(Command::new(cargo_bin.join("bpf-linker")).arg("--version")) {
+        bail!(
+            "bpf-linker is installed in {} but that is not on PATH: add it to PATH",
+            cargo_bin.display()
+        );
+    }
+    // The default features look for the newest LLVM; ours must match nightly rustc's.
+    exec(
+        xtask::cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{LLVM}"))
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM}")),
+    )
+    .context(format!(
+        "building bpf-linker against LLVM {LLVM} failed (needs llvm-{LLVM}-dev)"
+    ))
+}
