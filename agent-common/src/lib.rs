@@ -7,8 +7,10 @@
 pub mod hist;
 pub mod lost;
 pub mod sched;
+pub mod syscalls;
 pub mod targets;
 pub mod task;
+pub mod tcp;
 
 /// Most targets an agent can track. Target ids index per-CPU arrays, so this bounds both the map
 /// sizes and the `target` label's cardinality.
@@ -24,4 +26,7 @@ mod pod {
     unsafe impl aya::Pod for crate::hist::Log2Hist {}
     unsafe impl aya::Pod for crate::targets::ProcEvent {}
     unsafe impl aya::Pod for crate::sched::RunqStart {}
+    unsafe impl aya::Pod for crate::syscalls::SyscallKey {}
+    unsafe impl aya::Pod for crate::syscalls::SyscallStats {}
+    unsafe impl aya::Pod for crate::tcp::TcpStats {}
 }

@@ -8,9 +8,24 @@ pub const TRACKED_MAP_FULL: u32 = 0;
 pub const PROC_EVENTS_FULL: u32 = 1;
 /// A runnable thread could not be timestamped: the pending run-queue map is full.
 pub const RUNQ_PENDING_FULL: u32 = 2;
+/// A thread entering a syscall could not be timestamped: the pending-syscall map is full.
+pub const SYSCALL_PENDING_FULL: u32 = 3;
+/// A new (target, syscall) pair could not be added: the syscall statistics map is full.
+pub const SYSCALL_STATS_FULL: u32 = 4;
+/// A socket of a tracked process could not be recorded: the socket-owner map is full.
+pub const TCP_SOCKETS_FULL: u32 = 5;
+/// A connect or listener could not be recorded: its map is full.
+pub const TCP_CONNECTS_FULL: u32 = 6;
 /// Size of the `LOST` array.
-pub const COUNT: u32 = 3;
+pub const COUNT: u32 = 7;
 
 /// Label value for each reason, by index.
-pub const NAMES: [&str; COUNT as usize] =
-    ["tracked_map_full", "proc_events_full", "runq_pending_full"];
+pub const NAMES: [&str; COUNT as usize] = [
+    "tracked_map_full",
+    "proc_events_full",
+    "runq_pending_full",
+    "syscall_pending_full",
+    "syscall_stats_full",
+    "tcp_sockets_full",
+    "tcp_connects_full",
+];

@@ -97,11 +97,13 @@ fn try_sched_process_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
 pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // Only the thread group leader's exit ends the process (threads exit through here too).
-    if pid != tgid {
+    let Some(target) = target_of(tgid) else {
         return 0;
-    }
-    if let Some(target) = target_of(tgid) {
+    };
+    // exit() never returns through sys_exit.
+    crate::syscalls::forget(pid);
+    // Only the thread group leader's exit ends the process (threads exit through here too).
+    if pid == tgid {
         let _ = TRACKED.remove(&tgid);
         emit(EVENT_EXIT, tgid, 0, target);
     }

@@ -1,20 +1,23 @@
 //! `pipeprobe agent`: wires configuration, process tracking, probes and the metrics endpoint.
 use std::sync::Arc;
 
-use agent_common::hist::Log2Hist;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use prometheus_client::collector::Collector;
 use thiserror::Error;
 
 use crate::{
     caps::{self, PrivilegeError},
     cli::AgentArgs,
     config::{Config, ConfigError},
-    ebpf::{self, Kernel, MapSizes},
+    ebpf::{self, Kernel, LoadOptions},
     http,
     lost::{LostCollector, UserLost},
     metrics::{AgentMetrics, Metrics, ProbeLabels},
     probes::{self, ProbeError, ProbeStatus},
-    sched, tracefs,
+    sched,
+    syscalls::{self, Selection},
+    targets::TargetSet,
+    tcp, tracefs,
     tracker::{self, Tracker},
 };
 
@@ -60,18 +63,16 @@ pub fn run(args: &AgentArgs) -> Result<(), AgentError> {
         .block_on(serve(config))
 }
 
-/// The kernel half and its maps; all `None` when eBPF did not load at all.
+/// The kernel half: the loaded object, the maps user space drives, and one collector per
+/// attached family. Empty when eBPF did not load at all.
 #[derive(Default)]
-struct Probes {
+struct Started {
     kernel: Option<Kernel>,
     tracked: Option<BpfHashMap<MapData, u32, u32>>,
     events: Option<RingBuf<MapData>>,
-    runq: Option<PerCpuArray<MapData, Log2Hist>>,
     lost: Option<PerCpuArray<MapData, u64>>,
-}
-
-fn attached(statuses: &[ProbeStatus], name: &str) -> bool {
-    statuses.iter().any(|s| s.name == name && s.result.is_ok())
+    collectors: Vec<Box<dyn Collector>>,
+    statuses: Vec<ProbeStatus>,
 }
 
 /// Where a map is missing, its consumer goes without; the error is logged.
@@ -80,10 +81,12 @@ fn optional<T>(map: Result<T, ebpf::LoadError>) -> Option<T> {
         .ok()
 }
 
-fn start_probes(config: &Config) -> (Probes, Vec<ProbeStatus>) {
-    let mut kernel = match ebpf::load(MapSizes {
+fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
+    let opts = LoadOptions {
         tracked_processes: config.max_tracked_processes,
-    }) {
+        all_syscalls: config.syscalls == Selection::All,
+    };
+    let mut kernel = match ebpf::load(opts) {
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "eBPF unavailable: no probe can run; serving what remains");
@@ -94,31 +97,70 @@ fn start_probes(config: &Config) -> (Probes, Vec<ProbeStatus>) {
                     result: Err(ProbeError::NoEbpf(e.to_string())),
                 })
                 .collect();
-            return (Probes::default(), statuses);
+            return Started {
+                statuses,
+                ..Started::default()
+            };
         }
     };
     tracing::debug!(offsets = ?kernel.offsets, "task_struct offsets from kernel BTF");
     kernel.spawn_logger();
-    let statuses = probes::attach_all(&mut kernel.bpf, &kernel.btf, &config.disabled_probes);
-    let tracked = optional(kernel.take_map(tracker::TRACKED_MAP));
-    let events = attached(&statuses, tracker::FAMILY.name)
+    if let Selection::Only(nrs) = &config.syscalls
+        && let Some(mut filter) =
+            optional(kernel.take_map::<Array<MapData, u8>>(syscalls::FILTER_MAP))
+    {
+        for nr in nrs {
+            if let Err(e) = filter.set(*nr, 1, 0) {
+                tracing::error!(nr, error = %e, "cannot select syscall");
+            }
+        }
+    }
+    let statuses = probes::attach_all(
+        &mut kernel.bpf,
+        &kernel.btf,
+        &config.disabled_probes,
+        &kernel.unavailable,
+    );
+    let on = |name: &str| statuses.iter().any(|s| s.name == name && s.result.is_ok());
+
+    // A metric of a probe that is not attached would read as "nothing happened": leave it out.
+    let mut collectors: Vec<Box<dyn Collector>> = Vec::new();
+    if on(sched::FAMILY.name)
+        && let Some(hist) = optional(kernel.take_map(sched::HIST_MAP))
+    {
+        collectors.push(Box::new(sched::RunqueueDelay::new(hist, targets.clone())));
+    }
+    if on(syscalls::FAMILY.name)
+        && let Some(stats) = optional(kernel.take_map(syscalls::STATS_MAP))
+    {
+        collectors.push(Box::new(syscalls::SyscallLatency::new(
+            stats,
+            targets.clone(),
+            config.max_syscall_series_per_target,
+        )));
+    }
+    let (connect, rtt) = (on(tcp::FAMILY.name), on(tcp::RTT_FAMILY.name));
+    if (connect || rtt)
+        && let Some(stats) = optional(kernel.take_map(tcp::STATS_MAP))
+    {
+        collectors.push(Box::new(tcp::TcpLatency::new(
+            stats,
+            targets.clone(),
+            connect,
+            rtt,
+        )));
+    }
+    let events = on(tracker::FAMILY.name)
         .then(|| optional(kernel.take_map(tracker::EVENTS_MAP)))
         .flatten();
-    // A histogram of a probe that is not attached would read as "no delay": leave it out.
-    let runq = attached(&statuses, sched::FAMILY.name)
-        .then(|| optional(kernel.take_map(sched::HIST_MAP)))
-        .flatten();
-    let lost = optional(kernel.take_map("LOST"));
-    (
-        Probes {
-            kernel: Some(kernel),
-            tracked,
-            events,
-            runq,
-            lost,
-        },
+    Started {
+        tracked: optional(kernel.take_map(tracker::TRACKED_MAP)),
+        events,
+        lost: optional(kernel.take_map("LOST")),
+        kernel: Some(kernel),
+        collectors,
         statuses,
-    )
+    }
 }
 
 async fn serve(config: Config) -> Result<(), AgentError> {
@@ -144,16 +186,14 @@ async fn serve(config: Config) -> Result<(), AgentError> {
     let mut metrics = Metrics::new(&agent_metrics);
     let user_lost = Arc::new(UserLost::default());
 
-    let (
-        Probes {
-            kernel,
-            tracked,
-            events,
-            runq,
-            lost,
-        },
+    let Started {
+        kernel,
+        tracked,
+        events,
+        lost,
+        collectors,
         statuses,
-    ) = start_probes(&config);
+    } = start_probes(&config, &targets);
     for s in &statuses {
         agent_metrics
             .probe_attached
@@ -162,8 +202,8 @@ async fn serve(config: Config) -> Result<(), AgentError> {
             })
             .set(i64::from(s.result.is_ok()));
     }
-    if let Some(hist) = runq {
-        metrics.register_collector(Box::new(sched::RunqueueDelay::new(hist, targets.clone())));
+    for c in collectors {
+        metrics.register_collector(c);
     }
     metrics.register_collector(Box::new(LostCollector::new(lost, user_lost.clone())));
 

@@ -121,19 +121,17 @@ pub fn rows() -> Vec<Row> {
             ),
         });
     }
-    match ebpf::load(ebpf::MapSizes {
-        tracked_processes: agent_common::targets::TRACKED_MAX,
-    }) {
+    match ebpf::load(ebpf::LoadOptions::default()) {
         Ok(mut kernel) => {
             rows.push(row("eBPF object", Status::Ok, "maps created"));
-            for family in probes::FAMILIES {
-                rows.push(match family.attach(&mut kernel.bpf, &kernel.btf) {
+            for s in probes::attach_all(&mut kernel.bpf, &kernel.btf, &[], &kernel.unavailable) {
+                rows.push(match s.result {
                     Ok(()) => row(
-                        format!("probe {}", family.name),
+                        format!("probe {}", s.name),
                         Status::Ok,
                         "loads and attaches",
                     ),
-                    Err(e) => row(format!("probe {}", family.name), Status::Warn, e.short()),
+                    Err(e) => row(format!("probe {}", s.name), Status::Warn, e.short()),
                 });
             }
             // Dropping `kernel` detaches everything.

@@ -27,6 +27,7 @@ use thiserror::Error;
 
 use crate::{
     probes,
+    syscalls::{self, Selection},
     targets::{Selector, SelectorError, Target, TargetSet, did_you_mean},
 };
 
@@ -70,6 +71,14 @@ pub enum ConfigError {
         name: String,
         hint: String,
         known: String,
+    },
+    #[error(
+        "unknown syscall `{name}` in {path}: syscalls{hint}; use \"all\" or names such as read, openat, clock_nanosleep"
+    )]
+    UnknownSyscall {
+        path: String,
+        name: String,
+        hint: String,
     },
     #[error("invalid {key} in {path}: {reason}")]
     Value {
@@ -124,6 +133,9 @@ struct FileProbes {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    /// "all" or a list of syscall names.
+    syscalls: Option<OneOrMany<String>>,
+    max_syscall_series_per_target: Option<usize>,
     rescan_interval_secs: Option<f64>,
     max_tracked_processes: Option<u32>,
     #[serde(default)]
@@ -141,6 +153,9 @@ pub struct Config {
     pub rescan_interval: Duration,
     pub max_tracked_processes: u32,
     pub disabled_probes: Vec<String>,
+    pub syscalls: Selection,
+    /// Syscalls with their own series per target; the rest is summed into `syscall="other"`.
+    pub max_syscall_series_per_target: usize,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -268,6 +283,40 @@ impl Config {
             });
         }
 
+        let syscalls = match file.syscalls {
+            None => Selection::All,
+            Some(OneOrMany::One(s)) if s == "all" => Selection::All,
+            Some(v) => {
+                let known: Vec<&str> = syscalls::names().collect();
+                let mut nrs = std::collections::BTreeSet::new();
+                for name in v.into_vec() {
+                    match syscalls::number(&name) {
+                        Some(nr) => {
+                            nrs.insert(nr);
+                        }
+                        None => {
+                            return Err(ConfigError::UnknownSyscall {
+                                path: where_,
+                                hint: did_you_mean(&name, &known),
+                                name,
+                            });
+                        }
+                    }
+                }
+                Selection::Only(nrs)
+            }
+        };
+        let max_series = file
+            .max_syscall_series_per_target
+            .unwrap_or(syscalls::DEFAULT_MAX_SERIES);
+        if !(1..=512).contains(&max_series) {
+            return Err(ConfigError::Value {
+                path: where_,
+                key: "max_syscall_series_per_target",
+                reason: "must be between 1 and 512",
+            });
+        }
+
         Ok(Config {
             listen: cli_listen
                 .or(file.listen)
@@ -276,6 +325,8 @@ impl Config {
             rescan_interval: Duration::from_secs_f64(rescan),
             max_tracked_processes: max_tracked,
             disabled_probes: file.probes.disable,
+            syscalls,
+            max_syscall_series_per_target: max_series,
         })
     }
 }
@@ -392,6 +443,38 @@ cgroup = "/system.slice"
         assert!(e.contains("no target configured"), "{e}");
         let e = Config::load(None, &[], None).unwrap_err().to_string();
         assert!(e.contains("--target"), "{e}");
+    }
+
+    #[test]
+    fn syscall_selection() {
+        let f = file(
+            "syscalls = [\"read\", \"clock_nanosleep\"]\nmax_syscall_series_per_target = 4\n[targets.a]\npid = 1\n",
+        );
+        let c = Config::load(Some(f.path()), &[], None).unwrap();
+        let Selection::Only(nrs) = c.syscalls else {
+            panic!("expected a list")
+        };
+        assert_eq!(nrs.len(), 2);
+        assert_eq!(c.max_syscall_series_per_target, 4);
+        let f = file("syscalls = \"all\"\n[targets.a]\npid = 1\n");
+        assert_eq!(
+            Config::load(Some(f.path()), &[], None).unwrap().syscalls,
+            Selection::All
+        );
+        let e = err("syscalls = [\"opnat\"]\n[targets.a]\npid = 1\n", &[]);
+        assert!(
+            e.contains("unknown syscall `opnat`") && e.contains("did you mean `openat`"),
+            "{e}"
+        );
+        let e = err("syscalls = \"some\"\n[targets.a]\npid = 1\n", &[]);
+        assert!(e.contains("unknown syscall `some`"), "{e}");
+        assert!(
+            err(
+                "max_syscall_series_per_target = 0\n[targets.a]\npid = 1\n",
+                &[]
+            )
+            .contains("max_syscall_series")
+        );
     }
 
     #[test]

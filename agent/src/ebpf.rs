@@ -3,7 +3,10 @@ use agent_common::task;
 use aya::{Btf, Ebpf, EbpfLoader, maps::Map};
 use thiserror::Error;
 
-use crate::btf::{BtfError, KernelBtf, TaskOffsets, VMLINUX};
+use crate::{
+    btf::{BtfError, KernelBtf, TaskOffsets, VMLINUX},
+    tcp,
+};
 
 /// The programs of `agent-ebpf`, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pipeprobe-ebpf"));
@@ -31,25 +34,64 @@ pub struct Kernel {
     pub bpf: Ebpf,
     pub btf: Btf,
     pub offsets: TaskOffsets,
+    /// Families that cannot run on this kernel, with the reason (found while preparing globals).
+    pub unavailable: Vec<(&'static str, String)>,
 }
 
-/// Sizes of maps that the configuration chooses.
+/// What the configuration decides at load time.
 #[derive(Debug, Clone, Copy)]
-pub struct MapSizes {
+pub struct LoadOptions {
     pub tracked_processes: u32,
+    /// Trace every syscall (else only those the agent marks in the filter array).
+    pub all_syscalls: bool,
 }
 
-pub fn load(sizes: MapSizes) -> Result<Kernel, LoadError> {
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            tracked_processes: agent_common::targets::TRACKED_MAX,
+            all_syscalls: true,
+        }
+    }
+}
+
+pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
     let offsets = TaskOffsets::from_btf(&KernelBtf::load(VMLINUX)?)?;
     let btf = Btf::from_sys_fs()?;
-    let bpf = EbpfLoader::new()
+    let mut unavailable = Vec::new();
+    let mut tcp_globals = Vec::new();
+    for (family, globals) in [
+        (tcp::FAMILY.name, tcp::state_globals()),
+        (tcp::RTT_FAMILY.name, tcp::probe_globals()),
+    ] {
+        match globals {
+            Ok(g) => tcp_globals.extend(g),
+            Err(e) => unavailable.push((family, e.to_string())),
+        }
+    }
+    let all_syscalls = u32::from(opts.all_syscalls);
+    let mut loader = EbpfLoader::new();
+    loader
         .btf(Some(&btf))
         .override_global(task::GLOBAL_PID_OFFSET, &offsets.pid, true)
         .override_global(task::GLOBAL_TGID_OFFSET, &offsets.tgid, true)
         .override_global(task::GLOBAL_STATE_OFFSET, &offsets.state, true)
-        .map_max_entries("TRACKED", sizes.tracked_processes)
-        .load(OBJECT)?;
-    Ok(Kernel { bpf, btf, offsets })
+        .override_global(
+            agent_common::syscalls::GLOBAL_TRACE_ALL,
+            &all_syscalls,
+            true,
+        )
+        .map_max_entries("TRACKED", opts.tracked_processes);
+    for (name, value) in &tcp_globals {
+        loader.override_global(name, value, true);
+    }
+    let bpf = loader.load(OBJECT)?;
+    Ok(Kernel {
+        bpf,
+        btf,
+        offsets,
+        unavailable,
+    })
 }
 
 impl Kernel {

@@ -2,28 +2,49 @@
 //!
 //! A family that fails to load or attach is unloaded whole and reported with its reason
 //! (`pipeprobe_probe_attached{probe} 0`, the log, `pipeprobe check`); the others keep running.
-use aya::{Btf, Ebpf, programs::BtfTracePoint};
+use aya::{
+    Btf, Ebpf,
+    programs::{BtfTracePoint, TracePoint},
+};
 use thiserror::Error;
 
-use crate::{sched, tracker};
+use crate::{sched, syscalls, tcp, tracker};
+
+/// Every family, in attach order (a family's `needs` comes before it).
+pub const FAMILIES: &[&Family] = &[
+    &tracker::FAMILY,
+    &sched::FAMILY,
+    &syscalls::FAMILY,
+    &tcp::FAMILY,
+    &tcp::RTT_FAMILY,
+];
 
 /// Names accepted in `probes.disable`.
-pub const NAMES: &[&str] = &[tracker::FAMILY.name, sched::FAMILY.name];
-
-/// Every family, in attach order.
-pub const FAMILIES: &[&Family] = &[&tracker::FAMILY, &sched::FAMILY];
+pub const NAMES: &[&str] = &[
+    tracker::FAMILY.name,
+    sched::FAMILY.name,
+    syscalls::FAMILY.name,
+    tcp::FAMILY.name,
+    tcp::RTT_FAMILY.name,
+];
 
 /// Where a program attaches.
 #[derive(Debug, Clone, Copy)]
 pub enum Hook {
     /// A BTF-enabled tracepoint (`tp_btf/<event>`): typed arguments, no tracefs needed.
     BtfTracepoint(&'static str),
+    /// A classic tracepoint (attached through tracefs; fields at offsets from its format file).
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
 }
 
 impl std::fmt::Display for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Hook::BtfTracepoint(event) => write!(f, "tp_btf/{event}"),
+            Hook::Tracepoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
         }
     }
 }
@@ -41,6 +62,8 @@ pub struct Family {
     pub name: &'static str,
     /// What the family needs from the kernel, shown when it fails.
     pub requires: &'static str,
+    /// Another family this one cannot work without.
+    pub needs: Option<&'static str>,
     pub programs: &'static [ProgramSpec],
 }
 
@@ -73,6 +96,10 @@ pub enum ProbeError {
     },
     #[error("disabled in the configuration (probes.disable)")]
     Disabled,
+    #[error("not available on this kernel: {0}")]
+    Unavailable(String),
+    #[error("needs the {0} probe, which is not attached")]
+    Needs(&'static str),
     #[error("the eBPF programs could not be loaded: {0}")]
     NoEbpf(String),
 }
@@ -102,19 +129,25 @@ impl Family {
     pub fn attach(&self, bpf: &mut Ebpf, btf: &Btf) -> Result<(), ProbeError> {
         for (i, spec) in self.programs.iter().enumerate() {
             if let Err(e) = attach_one(bpf, btf, spec, self.requires) {
-                for done in &self.programs[..i] {
-                    if let Some(Ok(p)) = bpf
-                        .program_mut(done.program)
-                        .map(<&mut BtfTracePoint>::try_from)
-                    {
-                        let _ = p.unload();
-                    }
+                // Its attached programs too: a half-attached family would report wrong numbers.
+                for done in &self.programs[..=i] {
+                    unload(bpf, done);
                 }
                 return Err(e);
             }
         }
         Ok(())
     }
+}
+
+fn unload(bpf: &mut Ebpf, spec: &ProgramSpec) {
+    let Some(prog) = bpf.program_mut(spec.program) else {
+        return;
+    };
+    let _ = match spec.hook {
+        Hook::BtfTracepoint(_) => <&mut BtfTracePoint>::try_from(prog).map(|p| p.unload()),
+        Hook::Tracepoint { .. } => <&mut TracePoint>::try_from(prog).map(|p| p.unload()),
+    };
 }
 
 fn attach_one(
@@ -148,31 +181,64 @@ fn attach_one(
                 source: Box::new(source),
             })?;
         }
+        Hook::Tracepoint { category, name } => {
+            let tp: &mut TracePoint = prog.try_into().map_err(|source| ProbeError::WrongType {
+                program,
+                hook,
+                source: Box::new(source),
+            })?;
+            tp.load().map_err(|source| ProbeError::Load {
+                program,
+                hook,
+                requires,
+                source: Box::new(source),
+            })?;
+            tp.attach(category, name)
+                .map_err(|source| ProbeError::Attach {
+                    program,
+                    hook,
+                    requires,
+                    source: Box::new(source),
+                })?;
+        }
     }
     Ok(())
 }
 
-/// Attaches every family not disabled; failures are logged with their reason and returned.
-pub fn attach_all(bpf: &mut Ebpf, btf: &Btf, disabled: &[String]) -> Vec<ProbeStatus> {
-    FAMILIES
-        .iter()
-        .map(|family| {
-            let result = if disabled.iter().any(|d| d == family.name) {
-                Err(ProbeError::Disabled)
-            } else {
-                family.attach(bpf, btf)
-            };
-            match &result {
-                Ok(()) => tracing::info!(probe = family.name, "probe attached"),
-                Err(ProbeError::Disabled) => {
-                    tracing::info!(probe = family.name, "probe disabled by configuration")
-                }
-                Err(e) => {
-                    tracing::warn!(probe = family.name, reason = %e.short(), "probe not attached; the others keep running");
-                    tracing::debug!(probe = family.name, error = ?e, "full error");
-                }
+/// Attaches every family not disabled, unavailable, or missing what it needs; failures are
+/// logged with their reason and returned.
+pub fn attach_all(
+    bpf: &mut Ebpf,
+    btf: &Btf,
+    disabled: &[String],
+    unavailable: &[(&'static str, String)],
+) -> Vec<ProbeStatus> {
+    let mut statuses: Vec<ProbeStatus> = Vec::new();
+    for family in FAMILIES {
+        let attached = |name: &str| statuses.iter().any(|s| s.name == name && s.result.is_ok());
+        let result = if disabled.iter().any(|d| d == family.name) {
+            Err(ProbeError::Disabled)
+        } else if let Some((_, why)) = unavailable.iter().find(|(n, _)| *n == family.name) {
+            Err(ProbeError::Unavailable(why.clone()))
+        } else if let Some(need) = family.needs.filter(|n| !attached(n)) {
+            Err(ProbeError::Needs(need))
+        } else {
+            family.attach(bpf, btf)
+        };
+        match &result {
+            Ok(()) => tracing::info!(probe = family.name, "probe attached"),
+            Err(ProbeError::Disabled) => {
+                tracing::info!(probe = family.name, "probe disabled by configuration")
             }
-            ProbeStatus { name: family.name, result }
-        })
-        .collect()
+            Err(e) => {
+                tracing::warn!(probe = family.name, reason = %e.short(), "probe not attached; the others keep running");
+                tracing::debug!(probe = family.name, error = ?e, "full error");
+            }
+        }
+        statuses.push(ProbeStatus {
+            name: family.name,
+            result,
+        });
+    }
+    statuses
 }

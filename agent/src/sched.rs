@@ -16,6 +16,7 @@ use crate::{
 
 pub const FAMILY: Family = Family {
     name: "sched",
+    needs: None,
     requires: "BTF tracepoints (tp_btf) sched_wakeup, sched_wakeup_new, sched_switch",
     programs: &[
         ProgramSpec {

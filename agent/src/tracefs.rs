@@ -11,6 +11,17 @@ const LEGACY: &str = "/sys/kernel/debug/tracing";
 #[derive(Debug, Error)]
 pub enum TracefsError {
     #[error(
+        "cannot read the format of tracepoint {event} at {path}: {source} (is tracefs mounted?)"
+    )]
+    Format {
+        event: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tracepoint {event} has no field `{field}` on this kernel")]
+    NoField { event: String, field: &'static str },
+    #[error(
         "tracefs is not mounted and mounting it at {path} failed: {source}. Mount it on the host \
          (`mount -t tracefs nodev {path}`) or mount the host's {path} into the agent's container"
     )]
@@ -80,9 +91,72 @@ fn mount(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Byte offsets of the fields of tracepoint `category/name`, from its tracefs format file.
+pub fn field_offsets(
+    category: &str,
+    name: &str,
+) -> Result<std::collections::HashMap<String, u32>, TracefsError> {
+    let root = find().unwrap_or_else(|| PathBuf::from(TRACEFS));
+    let path = root.join("events").join(category).join(name).join("format");
+    let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Format {
+        event: format!("{category}/{name}"),
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(parse_format(&text))
+}
+
+/// Parses `field:TYPE NAME[N];\toffset:O;\tsize:S;...` lines into name -> offset.
+fn parse_format(text: &str) -> std::collections::HashMap<String, u32> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let decl = l.strip_prefix("field:")?.split(';').next()?;
+            let name = decl
+                .split_whitespace()
+                .last()?
+                .split('[')
+                .next()?
+                .trim_start_matches('*');
+            let offset = l.split("offset:").nth(1)?.split(';').next()?.parse().ok()?;
+            Some((name.to_owned(), offset))
+        })
+        .collect()
+}
+
+/// Offset of `field` in tracepoint `category/name`.
+pub fn field_offset(
+    fields: &std::collections::HashMap<String, u32>,
+    event: &str,
+    field: &'static str,
+) -> Result<u32, TracefsError> {
+    fields
+        .get(field)
+        .copied()
+        .ok_or_else(|| TracefsError::NoField {
+            event: event.to_owned(),
+            field,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_format_files() {
+        let f = "name: tcp_probe\nID: 1\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+                 \tfield:__u8 saddr[28];\toffset:8;\tsize:28;\tsigned:0;\n\
+                 \tfield:const void * skaddr;\toffset:128;\tsize:8;\tsigned:0;\n\nprint fmt: \"x\"\n";
+        let m = parse_format(f);
+        assert_eq!(m["common_type"], 0);
+        assert_eq!(m["saddr"], 8);
+        assert_eq!(m["skaddr"], 128);
+        let e = field_offset(&m, "tcp/tcp_probe", "srtt")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tcp/tcp_probe") && e.contains("srtt"), "{e}");
+    }
 
     #[test]
     fn finds_mount_points() {

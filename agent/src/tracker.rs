@@ -31,6 +31,7 @@ use crate::{
 
 pub const FAMILY: Family = Family {
     name: "process_tracking",
+    needs: None,
     requires: "BTF tracepoints (tp_btf) sched_process_exec, sched_process_fork, sched_process_exit",
     programs: &[
         ProgramSpec {

@@ -1,0 +1,63 @@
+//! TCP probe types.
+//!
+//! TCP tracepoints fire in softirq context, where the current task is not the socket's owner,
+//! so every event is attributed through `SOCK_OWNER` (socket address -> target), filled where the
+//! owner is current: connect() for client sockets, listen() for listeners, whose accepted
+//! children are matched by local port.
+
+/// Sockets of tracked processes.
+pub const SOCKETS_MAX: u32 = 65_536;
+/// Listening ports of tracked processes.
+pub const LISTENERS_MAX: u32 = 4096;
+/// Connects in flight (SYN_SENT).
+pub const CONNECTING_MAX: u32 = 16_384;
+
+/// Per-target TCP aggregates (per-CPU array indexed by target id).
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct TcpStats {
+    /// SYN_SENT -> ESTABLISHED.
+    pub connect: crate::hist::Log2Hist,
+    /// Smoothed RTT at each tcp_probe event.
+    pub rtt: crate::hist::Log2Hist,
+    /// SYN_SENT -> CLOSE.
+    pub connect_failures: u64,
+    pub retransmits: u64,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct Listener {
+    pub sk: u64,
+    pub target: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct Connecting {
+    pub ts_ns: u64,
+    pub target: u32,
+    pub _pad: u32,
+}
+
+/// Globals holding tracepoint field offsets, read from tracefs format files at load time
+/// (layouts differ across kernel versions).
+pub mod globals {
+    pub const STATE_SKADDR: &str = "TCP_STATE_SKADDR";
+    pub const STATE_OLDSTATE: &str = "TCP_STATE_OLDSTATE";
+    pub const STATE_NEWSTATE: &str = "TCP_STATE_NEWSTATE";
+    pub const STATE_SPORT: &str = "TCP_STATE_SPORT";
+    pub const STATE_PROTOCOL: &str = "TCP_STATE_PROTOCOL";
+    pub const PROBE_SKADDR: &str = "TCP_PROBE_SKADDR";
+    pub const PROBE_SRTT: &str = "TCP_PROBE_SRTT";
+    pub const RETRANS_SKADDR: &str = "TCP_RETRANS_SKADDR";
+}
+
+// TCP states (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_SYN_SENT: i32 = 2;
+pub const TCP_SYN_RECV: i32 = 3;
+pub const TCP_CLOSE: i32 = 7;
+pub const TCP_LISTEN: i32 = 10;
+pub const IPPROTO_TCP: u16 = 6;

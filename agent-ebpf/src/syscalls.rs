@@ -1,0 +1,117 @@
+//! Syscall latency per (target, syscall) as log2 histograms plus error counts, aggregated in the
+//! kernel. sys_enter/sys_exit fire for every syscall on the host: an untracked thread costs one
+//! map lookup in each.
+use agent_common::{
+    hist::{Log2Hist, slot_for_ns},
+    lost,
+    syscalls::{MAX_NR, PENDING_MAX, STATS_MAX, SyscallKey, SyscallStart, SyscallStats},
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map},
+    maps::{Array, HashMap},
+    programs::BtfTracePointContext,
+};
+
+use crate::{atomic_add, lost::count as count_lost, targets::target_of};
+
+/// Set by the loader: 1 traces every syscall, 0 only those marked in `SYSCALL_FILTER`.
+#[unsafe(no_mangle)]
+static SYSCALLS_TRACE_ALL: u32 = 1;
+
+#[map]
+static SYSCALL_FILTER: Array<u8> = Array::with_max_entries(MAX_NR, 0);
+
+/// Threads inside a traced syscall: tid -> start.
+#[map]
+static SYSCALL_PENDING: HashMap<u32, SyscallStart> = HashMap::with_max_entries(PENDING_MAX, 0);
+
+/// Shared across CPUs and updated with atomic adds: per-CPU copies of up to 8192 histograms
+/// would cost megabytes per CPU.
+#[map]
+static SYSCALL_STATS: HashMap<SyscallKey, SyscallStats> = HashMap::with_max_entries(STATS_MAX, 0);
+
+/// Drops what a thread that exits inside a syscall (exit, exit_group) leaves behind.
+#[inline(always)]
+pub fn forget(tid: u32) {
+    let _ = SYSCALL_PENDING.remove(&tid);
+}
+
+#[btf_tracepoint(function = "sys_enter")]
+pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let ids = bpf_get_current_pid_tgid();
+    let Some(target) = target_of((ids >> 32) as u32) else {
+        return 0;
+    };
+    // TP_PROTO(struct pt_regs *regs, long id)
+    let nr: i64 = ctx.arg(1);
+    if nr < 0 || nr >= i64::from(MAX_NR) {
+        return 0;
+    }
+    let nr = nr as u32;
+    // SAFETY: volatile read of a loader-set global.
+    if unsafe { core::ptr::read_volatile(&SYSCALLS_TRACE_ALL) } == 0
+        && SYSCALL_FILTER.get(nr).copied().unwrap_or(0) == 0
+    {
+        return 0;
+    }
+    let start = SyscallStart {
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        nr,
+        target,
+    };
+    if SYSCALL_PENDING.insert(&(ids as u32), &start, 0).is_err() {
+        count_lost(lost::SYSCALL_PENDING_FULL);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: copied out before the entry is removed.
+    let Some(start) = (unsafe { SYSCALL_PENDING.get(&tid).copied() }) else {
+        return 0;
+    };
+    let _ = SYSCALL_PENDING.remove(&tid);
+    // SAFETY: no preconditions.
+    let delta = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.ts_ns);
+    // TP_PROTO(struct pt_regs *regs, long ret)
+    let ret: i64 = ctx.arg(1);
+    let key = SyscallKey {
+        target: start.target,
+        nr: start.nr,
+    };
+    let stats = match SYSCALL_STATS.get_ptr_mut(&key) {
+        Some(p) => p,
+        None => {
+            let zero = SyscallStats {
+                hist: Log2Hist::ZERO,
+                errors: 0,
+            };
+            // Another CPU may insert the same key first: NOEXIST keeps its counts.
+            let _ = SYSCALL_STATS.insert(&key, &zero, u64::from(BPF_NOEXIST));
+            match SYSCALL_STATS.get_ptr_mut(&key) {
+                Some(p) => p,
+                None => {
+                    count_lost(lost::SYSCALL_STATS_FULL);
+                    return 0;
+                }
+            }
+        }
+    };
+    // SAFETY: the map value lives as long as the entry; updates are atomic across CPUs.
+    unsafe {
+        let stats = &mut *stats;
+        if let Some(slot) = stats.hist.slots.get_mut(slot_for_ns(delta)) {
+            atomic_add(slot, 1);
+        }
+        atomic_add(&mut stats.hist.sum_ns, delta);
+        if ret < 0 {
+            atomic_add(&mut stats.errors, 1);
+        }
+    }
+    0
+}
