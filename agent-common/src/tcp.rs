@@ -52,6 +52,13 @@ pub mod globals {
     pub const PROBE_SKADDR: &str = "TCP_PROBE_SKADDR";
     pub const PROBE_SRTT: &str = "TCP_PROBE_SRTT";
     pub const RETRANS_SKADDR: &str = "TCP_RETRANS_SKADDR";
+    pub const RETRANS_SKBADDR: &str = "TCP_RETRANS_SKBADDR";
+    /// Offset of `err` in tcp_retransmit_skb, or `ABSENT` on kernels without it.
+    pub const RETRANS_ERR: &str = "TCP_RETRANS_ERR";
+    /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs)` from BTF, or
+    /// `ABSENT`: the segments in a retransmitted skb, as the kernel's `total_retrans` counts.
+    pub const SKB_GSO_SEGS: &str = "TCP_SKB_GSO_SEGS";
+    pub const ABSENT: u32 = u32::MAX;
 }
 
 // TCP states (include/net/tcp_states.h).

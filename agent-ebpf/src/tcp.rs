@@ -6,11 +6,11 @@ use agent_common::{
     lost,
     tcp::{
         CONNECTING_MAX, Connecting, IPPROTO_TCP, LISTENERS_MAX, Listener, SOCKETS_MAX, TCP_CLOSE,
-        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpStats,
+        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpStats, globals::ABSENT,
     },
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
@@ -35,6 +35,12 @@ static TCP_PROBE_SKADDR: u32 = 128;
 static TCP_PROBE_SRTT: u32 = 100;
 #[unsafe(no_mangle)]
 static TCP_RETRANS_SKADDR: u32 = 16;
+#[unsafe(no_mangle)]
+static TCP_RETRANS_SKBADDR: u32 = 8;
+#[unsafe(no_mangle)]
+static TCP_RETRANS_ERR: u32 = ABSENT;
+#[unsafe(no_mangle)]
+static TCP_SKB_GSO_SEGS: u32 = ABSENT;
 
 /// Socket address -> target of the process that owns it.
 #[map]
@@ -189,14 +195,32 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let Ok(sk) = field::<u64>(&ctx, &TCP_RETRANS_SKADDR) else {
-        return 0;
-    };
-    // SAFETY: copied out.
-    if let Some(target) = unsafe { SOCK_OWNER.get(&sk).copied() }
-        && let Some(s) = stats(target)
-    {
-        s.retransmits += 1;
+    match try_retransmit(&ctx) {
+        Ok(()) | Err(_) => 0,
     }
-    0
+}
+
+fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = field(ctx, &TCP_RETRANS_SKADDR)?;
+    // SAFETY: copied out.
+    let Some(target) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+        return Ok(());
+    };
+    // One skb can carry several segments (GSO): count segments, as ss and nstat do.
+    let gso_off = unsafe { core::ptr::read_volatile(&TCP_SKB_GSO_SEGS) };
+    let segs = if gso_off == ABSENT {
+        1
+    } else {
+        let skb: u64 = field(ctx, &TCP_RETRANS_SKBADDR)?;
+        // SAFETY: bpf_probe_read_kernel tolerates any address.
+        let segs = unsafe {
+            bpf_probe_read_kernel((skb as *const u8).wrapping_add(gso_off as usize) as *const u16)
+        }
+        .map_err(|e| e as i32)?;
+        u64::from(segs.max(1))
+    };
+    if let Some(s) = stats(target) {
+        s.retransmits += segs;
+    }
+    Ok(())
 }

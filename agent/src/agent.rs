@@ -105,6 +105,14 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     };
     tracing::debug!(offsets = ?kernel.offsets, "task_struct offsets from kernel BTF");
     kernel.spawn_logger();
+    let statuses = probes::attach_all(
+        &mut kernel.bpf,
+        &kernel.btf,
+        &config.disabled_probes,
+        &kernel.unavailable,
+    );
+    // Only once the programs are loaded: they hold the map then, and dropping our handle to an
+    // unloaded program's map would close it under the loader.
     if let Selection::Only(nrs) = &config.syscalls
         && let Some(mut filter) =
             optional(kernel.take_map::<Array<MapData, u8>>(syscalls::FILTER_MAP))
@@ -115,12 +123,6 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
             }
         }
     }
-    let statuses = probes::attach_all(
-        &mut kernel.bpf,
-        &kernel.btf,
-        &config.disabled_probes,
-        &kernel.unavailable,
-    );
     let on = |name: &str| statuses.iter().any(|s| s.name == name && s.result.is_ok());
 
     // A metric of a probe that is not attached would read as "nothing happened": leave it out.

@@ -56,12 +56,13 @@ impl Default for LoadOptions {
 }
 
 pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
-    let offsets = TaskOffsets::from_btf(&KernelBtf::load(VMLINUX)?)?;
+    let kernel_btf = KernelBtf::load(VMLINUX)?;
+    let offsets = TaskOffsets::from_btf(&kernel_btf)?;
     let btf = Btf::from_sys_fs()?;
     let mut unavailable = Vec::new();
     let mut tcp_globals = Vec::new();
     for (family, globals) in [
-        (tcp::FAMILY.name, tcp::state_globals()),
+        (tcp::FAMILY.name, tcp::state_globals(&kernel_btf)),
         (tcp::RTT_FAMILY.name, tcp::probe_globals()),
     ] {
         match globals {

@@ -15,6 +15,7 @@ use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use crate::{
+    btf::KernelBtf,
     metrics::{TargetLabels, encode_counters, encode_log2_histograms},
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
@@ -62,8 +63,9 @@ pub const STATS_MAP: &str = "TCP_STATS";
 /// Load-time globals for one family, or why the family cannot run on this kernel.
 pub type Globals = Result<Vec<(&'static str, u32)>, TracefsError>;
 
-/// Field offsets for the `tcp` family.
-pub fn state_globals() -> Globals {
+/// Field offsets for the `tcp` family (tracefs formats, and kernel BTF for the skb's segment
+/// count).
+pub fn state_globals(btf: &KernelBtf) -> Globals {
     let ev = "sock/inet_sock_set_state";
     let f = tracefs::field_offsets("sock", "inet_sock_set_state")?;
     let mut out = vec![
@@ -94,6 +96,21 @@ pub fn state_globals() -> Globals {
         globals::RETRANS_SKADDR,
         tracefs::field_offset(&f, ev, "skaddr")?,
     ));
+    out.push((
+        globals::RETRANS_SKBADDR,
+        tracefs::field_offset(&f, ev, "skbaddr")?,
+    ));
+    out.push((
+        globals::RETRANS_ERR,
+        f.get("err").copied().unwrap_or(globals::ABSENT),
+    ));
+    let gso_segs = btf
+        .member_offset("sk_buff", &["cb"])
+        .and_then(|cb| Ok(cb + btf.member_offset("tcp_skb_cb", &["tcp_gso_segs"])?));
+    match gso_segs {
+        Ok(off) => out.push((globals::SKB_GSO_SEGS, off)),
+        Err(e) => tracing::warn!(error = %e, "retransmits will count skbs, not segments"),
+    }
     Ok(out)
 }
 

@@ -63,6 +63,91 @@ impl Drop for Proc {
     }
 }
 
+impl Proc {
+    /// Starts a workload with stdout piped, in network namespace `netns` if given.
+    pub fn workload_piped(netns: Option<&Netns>, args: &[&str]) -> Self {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(workload_bin());
+                c
+            }
+            None => Command::new(workload_bin()),
+        };
+        Self::spawn(cmd.args(args).stdout(Stdio::piped()))
+    }
+
+    /// Reads stdout lines until one starts with `prefix`; returns the rest of that line.
+    pub fn read_line_starting(&mut self, prefix: &str) -> String {
+        let out = self.0.stdout.as_mut().expect("stdout piped");
+        let mut reader = BufReader::new(out);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("read workload stdout");
+            assert!(n > 0, "workload ended before printing `{prefix}`");
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+
+    /// Waits for the process and returns its remaining stdout; panics if it failed.
+    pub fn finish(mut self) -> String {
+        let mut out = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
+        }
+        let status = self.0.wait().expect("wait");
+        assert!(status.success(), "workload failed: {status}\n{out}");
+        out
+    }
+}
+
+/// A network namespace with its loopback up, deleted when dropped: traffic shaping in it
+/// (tc) does not touch the host's loopback.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("pp-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(Command::new("ip").args(["netns", "add", &name]));
+        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Self { name }
+    }
+
+    /// Runs `args` inside the namespace and returns its stdout.
+    pub fn exec(&self, args: &[&str]) -> String {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A running `pipeprobe agent` on an ephemeral port, with its JSON log captured.
 pub struct Agent {
     proc: Proc,

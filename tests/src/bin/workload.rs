@@ -68,6 +68,131 @@ enum Cmd {
     },
     /// A helper process forked by the stt stage, like a PyTorch dataloader worker.
     Dataloader,
+    /// After DELAY_MS, COUNT clock_nanosleep calls of MS milliseconds each.
+    Nanosleep {
+        #[arg(long, default_value_t = 5)]
+        ms: u64,
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// After DELAY_MS, COUNT opens of a path that does not exist (each fails with ENOENT).
+    Failopen {
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// A listener with a backlog of 0 that accepts one connection every ACCEPT_EVERY_MS: a
+    /// client arriving while one connection waits has its SYN dropped and retransmitted.
+    SlowServer {
+        #[arg(long, default_value_t = 500)]
+        accept_every_ms: u64,
+    },
+    /// COUNT sequential connects to ADDR, printing each one's duration (`CONNECT_MS x`).
+    Connector {
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value_t = 5)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Accepts connections and discards what they send.
+    BulkServer,
+    /// Sends as fast as the connection takes for SECS seconds.
+    BulkClient {
+        #[arg(long)]
+        addr: String,
+        /// SO_SNDBUF: bounds the data in flight, so a rate limit gives a steady RTT, no drops.
+        #[arg(long)]
+        sndbuf: Option<i32>,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// After DELAY_MS, COUNT connections to its own listener, each sending a request and
+    /// reading the echo.
+    Talker {
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// For SECS: connections to its own listener with data, and connects to a closed port.
+    Flood {
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+    },
+}
+
+/// A TCP listener on loopback with the given accept backlog (std always asks for 128).
+fn listen_with_backlog(backlog: i32) -> anyhow::Result<TcpListener> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket calls on a fresh fd, handed to TcpListener which then owns it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let listener = TcpListener::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as u16;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        if libc::bind(
+            fd,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+            || libc::listen(fd, backlog) != 0
+        {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(listener)
+    }
+}
+
+fn announce(listener: &TcpListener) -> anyhow::Result<()> {
+    println!("LISTEN {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// Echoes one line per connection on a thread per connection.
+fn echo_server(listener: TcpListener) {
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut reader = BufReader::new(&conn);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if (&conn).write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+}
+
+fn request(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(b"hello pipeline\n")?;
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply)?;
+    Ok(())
+}
+
+/// A loopback port nothing listens on (bound, then closed).
+fn closed_port() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 fn pin_to(cpu: usize) -> anyhow::Result<()> {
@@ -276,6 +401,127 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Pipeline { rate, secs } => pipeline(rate, secs)?,
         Cmd::Stage { name, next } => stage(&name, next.as_deref())?,
+        Cmd::Nanosleep {
+            ms,
+            count,
+            delay_ms,
+        } => {
+            thread::sleep(Duration::from_millis(delay_ms));
+            let ts = libc::timespec {
+                tv_sec: (ms / 1000) as i64,
+                tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+            };
+            for _ in 0..count {
+                // SAFETY: valid timespec, no remainder wanted.
+                unsafe {
+                    libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut())
+                };
+            }
+        }
+        Cmd::Failopen {
+            count,
+            delay_ms,
+            hold_ms,
+        } => {
+            thread::sleep(Duration::from_millis(delay_ms));
+            for i in 0..count {
+                let path = format!("/nonexistent-pipeprobe-test/{i}");
+                if std::fs::File::open(&path).is_ok() {
+                    bail!("{path} exists");
+                }
+            }
+            thread::sleep(Duration::from_millis(hold_ms));
+        }
+        Cmd::SlowServer { accept_every_ms } => {
+            let listener = listen_with_backlog(0)?;
+            announce(&listener)?;
+            let mut held = Vec::new();
+            loop {
+                thread::sleep(Duration::from_millis(accept_every_ms));
+                held.push(listener.accept()?.0);
+            }
+        }
+        Cmd::Connector {
+            addr,
+            count,
+            delay_ms,
+        } => {
+            thread::sleep(Duration::from_millis(delay_ms));
+            let mut held = Vec::new();
+            for _ in 0..count {
+                let t0 = Instant::now();
+                held.push(TcpStream::connect(&addr)?);
+                println!("CONNECT_MS {:.3}", t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Cmd::BulkServer => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            announce(&listener)?;
+            for conn in listener.incoming() {
+                let mut conn = conn?;
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+                });
+            }
+        }
+        Cmd::BulkClient {
+            addr,
+            sndbuf,
+            secs,
+            delay_ms,
+        } => {
+            thread::sleep(Duration::from_millis(delay_ms));
+            let mut s = TcpStream::connect(&addr)?;
+            if let Some(bytes) = sndbuf {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setsockopt on our own socket with a valid int.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_SNDBUF,
+                        (&raw const bytes).cast(),
+                        std::mem::size_of::<i32>() as u32,
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+            }
+            println!("LOCAL {}", s.local_addr()?);
+            std::io::stdout().flush()?;
+            let end = Instant::now() + Duration::from_secs_f64(secs);
+            let buf = vec![0x5au8; 1 << 14];
+            while Instant::now() < end {
+                s.write_all(&buf)?;
+            }
+        }
+        Cmd::Talker {
+            count,
+            delay_ms,
+            hold_ms,
+        } => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            echo_server(listener);
+            thread::sleep(Duration::from_millis(delay_ms));
+            for _ in 0..count {
+                request(addr)?;
+            }
+            thread::sleep(Duration::from_millis(hold_ms));
+        }
+        Cmd::Flood { secs } => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            echo_server(listener);
+            let closed = closed_port()?;
+            let end = Instant::now() + Duration::from_secs_f64(secs);
+            while Instant::now() < end {
+                request(addr)?;
+                let _ = TcpStream::connect(closed);
+            }
+        }
         Cmd::Dataloader => {
             die_with_parent();
             loop {

@@ -3,4 +3,6 @@
 //! because the run-queue test measures scheduling.
 mod cli;
 mod sched;
+mod syscalls;
 mod targets;
+mod tcp;

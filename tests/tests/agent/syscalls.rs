@@ -1,0 +1,145 @@
+//! Syscall latency and errors against workloads whose answer is known.
+use std::time::Duration;
+
+use pipeprobe_tests::{Agent, Histogram, Proc, find, wait_until};
+
+const DURATION: &str = "pipeprobe_syscall_duration_seconds";
+const ERRORS: &str = "pipeprobe_syscall_errors_total";
+
+fn syscall_series<'a>(
+    samples: &'a [pipeprobe_tests::Sample],
+    name: &str,
+    target: &str,
+    syscall: &str,
+) -> Option<&'a pipeprobe_tests::Sample> {
+    samples.iter().find(|s| {
+        s.name == name
+            && s.labels.get("target").is_some_and(|t| t == target)
+            && s.labels.get("syscall").is_some_and(|c| c == syscall)
+    })
+}
+
+#[test]
+fn clock_nanosleep_of_5ms_lands_in_the_5ms_bucket() {
+    // Starts sleeping after the agent has matched it; 100 sleeps of 5 ms.
+    let sleeper = Proc::workload(&[
+        "nanosleep",
+        "--ms",
+        "5",
+        "--count",
+        "100",
+        "--delay-ms",
+        "1500",
+    ]);
+    let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", sleeper.pid())]);
+    let pid = sleeper.pid();
+    let mut sleeper = sleeper;
+    sleeper.0.wait().expect("sleeper exits");
+    let samples = agent.scrape();
+    // Only the series of this syscall for this target.
+    let only: Vec<_> = samples
+        .iter()
+        .filter(|s| {
+            s.labels
+                .get("syscall")
+                .is_some_and(|c| c == "clock_nanosleep")
+        })
+        .cloned()
+        .collect();
+    let h = Histogram::find(&only, DURATION, "target", "sleeper")
+        .expect("clock_nanosleep series for the sleeper");
+    assert!(
+        h.count >= 100.0,
+        "expected >= 100 clock_nanosleep calls from pid {pid}, got {}",
+        h.count
+    );
+    let p50 = h.buckets[h.bucket_of(0.5).unwrap()].0;
+    // 5 ms falls in (4.096 ms, 8.192 ms].
+    assert_eq!(
+        p50, 0.008192,
+        "p50 bucket le={p50}s, expected the bucket holding 5 ms (le=0.008192)"
+    );
+    let mean = h.sum / h.count;
+    assert!(
+        (0.005..0.008).contains(&mean),
+        "mean clock_nanosleep {mean}s for 5 ms sleeps"
+    );
+}
+
+#[test]
+fn failing_opens_are_counted_exactly() {
+    let opener = Proc::workload(&[
+        "failopen",
+        "--count",
+        "137",
+        "--delay-ms",
+        "1500",
+        "--hold-ms",
+        "500",
+    ]);
+    let agent = Agent::start(&["--target", &format!("opener=pid:{}", opener.pid())]);
+    // Everything before the loop (the dynamic loader's own failed opens) is in the baseline.
+    let before = agent.scrape();
+    let errors = |s: &[pipeprobe_tests::Sample]| {
+        syscall_series(s, ERRORS, "opener", "openat").map_or(0.0, |s| s.value)
+    };
+    let base = errors(&before);
+    let mut opener = opener;
+    opener.0.wait().expect("opener exits");
+    let after = agent.scrape();
+    assert_eq!(
+        errors(&after) - base,
+        137.0,
+        "openat errors: {} before, {} after",
+        base,
+        errors(&after)
+    );
+    assert!(find(&after, "pipeprobe_probe_attached", "probe", "syscalls") == Some(1.0));
+}
+
+#[test]
+fn syscall_list_and_series_cap_are_applied() {
+    let talker = Proc::workload(&[
+        "failopen",
+        "--count",
+        "300",
+        "--delay-ms",
+        "1200",
+        "--hold-ms",
+        "300",
+    ]);
+    let config = pipeprobe_tests::config_file(&format!(
+        "syscalls = [\"openat\", \"clock_nanosleep\", \"read\", \"mmap\"]\nmax_syscall_series_per_target = 1\n[targets.t]\npid = {}\n",
+        talker.pid()
+    ));
+    let agent = Agent::start(&["--config", config.path().to_str().unwrap()]);
+    let mut talker = talker;
+    talker.0.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || syscall_series(
+            &agent.scrape(),
+            ERRORS,
+            "t",
+            "openat"
+        )
+        .is_some())
+        .is_some()
+    );
+    let samples = agent.scrape();
+    let names: std::collections::BTreeSet<&str> = samples
+        .iter()
+        .filter(|s| s.name == ERRORS && s.labels.get("target").is_some_and(|t| t == "t"))
+        .filter_map(|s| s.labels.get("syscall").map(String::as_str))
+        .collect();
+    // One named series (the busiest, openat) and the rest of the listed ones folded.
+    assert!(
+        names.len() <= 2 && names.contains("openat"),
+        "series: {names:?}"
+    );
+    for s in &names {
+        assert!(
+            ["openat", "other"].contains(s),
+            "unlisted or over-cap syscall {s} exported: {names:?}"
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! TCP connect latency, RTT, retransmits and attribution, against libbpf-tools tcpstates,
+//! `ss -ti` and the application's own measurements.
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use pipeprobe_tests::{Agent, Histogram, Netns, Proc, Sample, find, wait_until};
+
+const CONNECT: &str = "pipeprobe_tcp_connect_duration_seconds";
+const RTT: &str = "pipeprobe_tcp_rtt_seconds";
+
+fn hist(s: &[Sample], name: &str, target: &str) -> Histogram {
+    Histogram::find(s, name, "target", target)
+        .unwrap_or_else(|| panic!("{name}{{target={target}}} missing"))
+}
+
+/// Bucket (le, in seconds) that a duration falls in, as the agent's histograms define them.
+fn le_of(secs: f64) -> f64 {
+    let us = (secs * 1e6).ceil().max(1.0);
+    2f64.powi(us.log2().ceil() as i32) / 1e6
+}
+
+#[test]
+fn slow_accept_connects_match_application_and_tcpstates() {
+    let mut server = Proc::workload_piped(None, &["slow-server", "--accept-every-ms", "500"]);
+    let addr = server.read_line_starting("LISTEN ");
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let mut client = Proc::workload_piped(
+        None,
+        &[
+            "connector",
+            "--addr",
+            &addr,
+            "--count",
+            "5",
+            "--delay-ms",
+            "1500",
+        ],
+    );
+    let agent = Agent::start(&["--target", &format!("client=pid:{}", client.pid())]);
+    let mut tcpstates = Proc::spawn(
+        Command::new("tcpstates")
+            .args(["-D", &port])
+            .stdout(Stdio::piped()),
+    );
+    let before = agent.scrape();
+
+    let app: Vec<f64> = std::iter::from_fn(|| Some(client.read_line_starting("CONNECT_MS ")))
+        .take(5)
+        .map(|ms| ms.parse::<f64>().unwrap() / 1e3)
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = agent.scrape();
+    // SAFETY: signalling our own child so it prints its buffered output and exits.
+    unsafe { libc::kill(tcpstates.pid() as i32, libc::SIGINT) };
+    let out = tcpstates.0.stdout.take().map(|mut o| {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut o, &mut s).unwrap();
+        s
+    });
+    let reference: Vec<f64> = out
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.contains("SYN_SENT    -> ESTABLISHED") || l.contains("SYN_SENT -> ESTABLISHED")
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|ms| ms / 1e3)
+        .collect();
+
+    let ours = hist(&after, CONNECT, "client").since(&hist(&before, CONNECT, "client"));
+    eprintln!(
+        "application: {app:?}\ntcpstates: {reference:?}\nagent buckets: {:?}",
+        ours.buckets
+    );
+    assert_eq!(ours.count, 5.0, "agent connect count");
+    assert_eq!(reference.len(), 5, "tcpstates connect count");
+    let slow: Vec<f64> = app.iter().copied().filter(|s| *s > 0.5).collect();
+    assert!(
+        slow.len() >= 2,
+        "expected connects slowed to ~1 s by the retransmitted SYN: {app:?}"
+    );
+    // Every slow connect is in the bucket holding ~1 s, as the application and tcpstates saw it.
+    let second = le_of(1.0);
+    let in_bucket = |b: &Histogram| {
+        let i = b
+            .buckets
+            .iter()
+            .position(|(le, _)| (*le - second).abs() < 1e-9)
+            .unwrap();
+        b.buckets[i].1 - b.buckets[i - 1].1
+    };
+    let app_in = app.iter().filter(|s| le_of(**s) == second).count() as f64;
+    let ref_in = reference.iter().filter(|s| le_of(**s) == second).count() as f64;
+    assert_eq!(
+        in_bucket(&ours),
+        app_in,
+        "agent vs application in the ~1 s bucket"
+    );
+    assert_eq!(
+        in_bucket(&ours),
+        ref_in,
+        "agent vs tcpstates in the ~1 s bucket"
+    );
+    server.0.kill().ok();
+}
+
+#[test]
+fn refused_connects_are_failures() {
+    // A port nobody listens on: the connect is refused (SYN_SENT -> CLOSE).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut c = Proc::workload_piped(
+        None,
+        &[
+            "connector",
+            "--addr",
+            &closed.to_string(),
+            "--count",
+            "1",
+            "--delay-ms",
+            "1500",
+        ],
+    );
+    let agent = Agent::start(&["--target", &format!("c=pid:{}", c.pid())]);
+    let _ = c.0.wait();
+    assert!(
+        wait_until(Duration::from_secs(2), || agent.value(
+            "pipeprobe_tcp_connect_failures_total",
+            "target",
+            "c"
+        ) == Some(1.0))
+        .is_some(),
+        "refused connect not counted: {:?}",
+        agent.value("pipeprobe_tcp_connect_failures_total", "target", "c")
+    );
+}
+
+/// `ss -tin` rtt (ms) and total retransmits of the socket to `port`, inside `ns`.
+fn ss_sample(ns: &Netns, port: &str) -> Option<(f64, u64)> {
+    let out = ns.exec(&["ss", "-tin", "dst", &format!(":{port}")]);
+    let rtt = out.split(" rtt:").nth(1)?.split('/').next()?.parse().ok()?;
+    let retrans = out
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_prefix("retrans:")?
+                .split_once('/')
+                .map(|(_, t)| t.parse().ok())
+        })
+        .flatten()
+        .unwrap_or(0);
+    Some((rtt, retrans))
+}
+
+/// A bulk transfer from a tracked client to an untracked server inside a namespace whose
+/// loopback is rate-limited by tbf. Returns (agent RTT histogram over the transfer, agent
+/// retransmit total, ss samples of (rtt ms, total retransmits)).
+fn bulk_transfer(tbf_latency: &str, client_args: &[&str]) -> (Histogram, f64, Vec<(f64, u64)>) {
+    let ns = Netns::new("bulk");
+    // A 1500-byte MTU so segments fit tbf's burst; 4 Mbit/s makes a bulk transfer queue.
+    ns.exec(&["ip", "link", "set", "lo", "mtu", "1500"]);
+    ns.exec(&[
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        "lo",
+        "root",
+        "tbf",
+        "rate",
+        "4mbit",
+        "burst",
+        "16kb",
+        "latency",
+        tbf_latency,
+    ]);
+    let mut server = Proc::workload_piped(Some(&ns), &["bulk-server"]);
+    let addr = server.read_line_starting("LISTEN ");
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let mut args = vec![
+        "bulk-client",
+        "--addr",
+        &addr,
+        "--secs",
+        "5",
+        "--delay-ms",
+        "1500",
+    ];
+    args.extend_from_slice(client_args);
+    let mut client = Proc::workload_piped(Some(&ns), &args);
+    let agent = Agent::start(&["--target", &format!("bulk=pid:{}", client.pid())]);
+    client.read_line_starting("LOCAL ");
+    let before = agent.scrape();
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < Duration::from_millis(4500) {
+        if let Some(s) = ss_sample(&ns, &port) {
+            samples.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = agent.scrape();
+    let _ = client.0.wait();
+    let _ = server.0.kill();
+    let rtt = hist(&after, RTT, "bulk").since(&hist(&before, RTT, "bulk"));
+    let retrans = find(
+        &agent.scrape(),
+        "pipeprobe_tcp_retransmits_total",
+        "target",
+        "bulk",
+    )
+    .unwrap_or(0.0);
+    (rtt, retrans, samples)
+}
+
+#[test]
+fn rtt_under_tbf_agrees_with_ss() {
+    // 64 KiB in flight (the kernel doubles SO_SNDBUF) at 4 Mbit/s: ~130 ms of queue, no drops.
+    let (ours, _, samples) = bulk_transfer("1s", &["--sndbuf", "32768"]);
+    let mut rtts: Vec<f64> = samples.iter().map(|s| s.0 / 1e3).collect();
+    rtts.sort_by(f64::total_cmp);
+    assert!(rtts.len() >= 10, "too few ss samples: {samples:?}");
+    let ss_median = rtts[rtts.len() / 2];
+    let our_median = ours.quantile(0.5).expect("agent RTT samples");
+    eprintln!(
+        "RTT median: agent {our_median}s over {} samples, ss {ss_median}s over {} samples",
+        ours.count,
+        rtts.len()
+    );
+    assert!(
+        ss_median > 0.02,
+        "tbf did not slow the loopback: ss median {ss_median}s"
+    );
+    let ratio = our_median / ss_median;
+    assert!(
+        (0.5..=2.0).contains(&ratio),
+        "agent RTT {our_median}s vs ss {ss_median}s (ratio {ratio})"
+    );
+}
+
+#[test]
+fn retransmitted_segments_match_ss() {
+    // Unbounded send buffer against a short tbf queue: tail drops, so retransmissions.
+    let (_, ours, samples) = bulk_transfer("100ms", &[]);
+    let ss_total = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    eprintln!("retransmitted segments: agent {ours}, ss (last sample) {ss_total}");
+    assert!(
+        ss_total > 0,
+        "the transfer saw no retransmission: {samples:?}"
+    );
+    // ss's last sample can precede the transfer's last retransmissions by up to 100 ms.
+    assert!(ours >= ss_total as f64, "agent {ours} < ss {ss_total}");
+    assert!(
+        ours <= ss_total as f64 * 1.1 + 10.0,
+        "agent {ours} well above ss {ss_total}"
+    );
+}
+
+#[test]
+fn untracked_traffic_is_not_attributed_to_the_target() {
+    // The target makes exactly 25 connections (to its own listener); an untracked process
+    // floods loopback with connections, data and refused connects at the same time.
+    let talker = Proc::workload(&[
+        "talker",
+        "--count",
+        "25",
+        "--delay-ms",
+        "1500",
+        "--hold-ms",
+        "500",
+    ]);
+    let agent = Agent::start(&["--target", &format!("talker=pid:{}", talker.pid())]);
+    let mut flood = Proc::workload(&["flood", "--secs", "3"]);
+    let mut talker = talker;
+    let before = agent.scrape();
+    talker.0.wait().unwrap();
+    let _ = flood.0.wait();
+    let after = agent.scrape();
+    let connects = hist(&after, CONNECT, "talker").since(&hist(&before, CONNECT, "talker"));
+    // The talker's connects all start after `before` (it waits 1.5 s).
+    assert_eq!(
+        connects.count + hist(&before, CONNECT, "talker").count,
+        25.0,
+        "talker connects"
+    );
+    assert_eq!(
+        find(
+            &after,
+            "pipeprobe_tcp_connect_failures_total",
+            "target",
+            "talker"
+        ),
+        Some(0.0),
+        "flood's refused connects leaked into the target"
+    );
+    let rtt = hist(&after, RTT, "talker");
+    assert!(rtt.count > 0.0, "the target's own RTT samples");
+    // 25 request/response exchanges on each side give a bounded number of received segments;
+    // the flood's thousands would blow past it if attributed by the running task.
+    assert!(
+        rtt.count <= 25.0 * 2.0 * 4.0,
+        "RTT samples {} exceed the target's own traffic",
+        rtt.count
+    );
+    let targets: std::collections::BTreeSet<&str> = after
+        .iter()
+        .filter(|s| s.name.starts_with("pipeprobe_tcp_"))
+        .filter_map(|s| s.labels.get("target").map(String::as_str))
+        .collect();
+    assert_eq!(targets.into_iter().collect::<Vec<_>>(), ["talker"]);
+}
