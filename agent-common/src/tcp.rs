@@ -3,7 +3,8 @@
 //! TCP tracepoints fire in softirq context, where the current task is not the socket's owner,
 //! so every event is attributed through `SOCK_OWNER` (socket address -> target), filled where the
 //! owner is current: connect() for client sockets, listen() for listeners, whose accepted
-//! children are matched by local port.
+//! children are matched by local port, and every recvmsg() (tcp_rcv_space_adjust), which
+//! claims sockets opened before their process was tracked.
 
 /// Sockets of tracked processes.
 pub const SOCKETS_MAX: u32 = 65_536;
@@ -53,8 +54,7 @@ pub mod globals {
     pub const PROBE_SRTT: &str = "TCP_PROBE_SRTT";
     pub const RETRANS_SKADDR: &str = "TCP_RETRANS_SKADDR";
     pub const RETRANS_SKBADDR: &str = "TCP_RETRANS_SKBADDR";
-    /// Offset of `err` in tcp_retransmit_skb, or `ABSENT` on kernels without it.
-    pub const RETRANS_ERR: &str = "TCP_RETRANS_ERR";
+    pub const RCV_SKADDR: &str = "TCP_RCV_SKADDR";
     /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs)` from BTF, or
     /// `ABSENT`: the segments in a retransmitted skb, as the kernel's `total_retrans` counts.
     pub const SKB_GSO_SEGS: &str = "TCP_SKB_GSO_SEGS";

@@ -38,7 +38,7 @@ static TCP_RETRANS_SKADDR: u32 = 16;
 #[unsafe(no_mangle)]
 static TCP_RETRANS_SKBADDR: u32 = 8;
 #[unsafe(no_mangle)]
-static TCP_RETRANS_ERR: u32 = ABSENT;
+static TCP_RCV_SKADDR: u32 = 8;
 #[unsafe(no_mangle)]
 static TCP_SKB_GSO_SEGS: u32 = ABSENT;
 
@@ -170,6 +170,24 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
+/// recvmsg() on a TCP socket, in the reading process's context: claims sockets that were
+/// opened before the process was tracked (a service started before the agent, or connecting
+/// in the milliseconds between its exec and its match).
+#[tracepoint(category = "tcp", name = "tcp_rcv_space_adjust")]
+pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
+    let Some(target) = target_of((bpf_get_current_pid_tgid() >> 32) as u32) else {
+        return 0;
+    };
+    let Ok(sk) = field::<u64>(&ctx, &TCP_RCV_SKADDR) else {
+        return 0;
+    };
+    // SAFETY: presence check only.
+    if unsafe { SOCK_OWNER.get(&sk) }.is_none() {
+        own(sk, target);
+    }
+    0
+}
+
 #[tracepoint(category = "tcp", name = "tcp_probe")]
 pub fn tcp_probe(ctx: TracePointContext) -> u32 {
     match try_tcp_probe(&ctx) {
@@ -206,7 +224,8 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(target) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
         return Ok(());
     };
-    // One skb can carry several segments (GSO): count segments, as ss and nstat do.
+    // Every attempt counts, as in the kernel's total_retrans (ss, nstat TcpRetransSegs); one
+    // skb can carry several segments (GSO): count segments.
     let gso_off = unsafe { core::ptr::read_volatile(&TCP_SKB_GSO_SEGS) };
     let segs = if gso_off == ABSENT {
         1

@@ -24,9 +24,16 @@ use crate::{
 
 pub const FAMILY: Family = Family {
     name: "tcp",
-    requires: "tracepoints sock/inet_sock_set_state and tcp/tcp_retransmit_skb (tracefs)",
+    requires: "tracepoints sock/inet_sock_set_state, tcp/tcp_retransmit_skb, tcp/tcp_rcv_space_adjust (tracefs)",
     needs: None,
     programs: &[
+        ProgramSpec {
+            program: "tcp_rcv_space_adjust",
+            hook: Hook::Tracepoint {
+                category: "tcp",
+                name: "tcp_rcv_space_adjust",
+            },
+        },
         ProgramSpec {
             program: "inet_sock_set_state",
             hook: Hook::Tracepoint {
@@ -100,9 +107,11 @@ pub fn state_globals(btf: &KernelBtf) -> Globals {
         globals::RETRANS_SKBADDR,
         tracefs::field_offset(&f, ev, "skbaddr")?,
     ));
+    let ev = "tcp/tcp_rcv_space_adjust";
+    let f = tracefs::field_offsets("tcp", "tcp_rcv_space_adjust")?;
     out.push((
-        globals::RETRANS_ERR,
-        f.get("err").copied().unwrap_or(globals::ABSENT),
+        globals::RCV_SKADDR,
+        tracefs::field_offset(&f, ev, "skaddr")?,
     ));
     let gso_segs = btf
         .member_offset("sk_buff", &["cb"])

@@ -145,38 +145,40 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    /// The series of histogram `name` whose labels include `label = value`.
+    /// Histogram `name` summed over every series whose labels include `label = value` (one
+    /// series, or e.g. all syscalls of a target).
     pub fn find(samples: &[Sample], name: &str, label: &str, value: &str) -> Option<Self> {
         let has = |s: &Sample| s.labels.get(label).is_some_and(|v| v == value);
-        let mut buckets: Vec<(f64, f64)> = samples
-            .iter()
-            .filter(|s| s.name == format!("{name}_bucket") && has(s))
-            .filter_map(|s| {
-                let le = s.labels.get("le")?;
-                Some((
-                    if le == "+Inf" {
-                        f64::INFINITY
-                    } else {
-                        le.parse().ok()?
-                    },
-                    s.value,
-                ))
-            })
-            .collect();
-        if buckets.is_empty() {
+        let bucket_name = format!("{name}_bucket");
+        let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        for s in samples.iter().filter(|s| s.name == bucket_name && has(s)) {
+            let le = match s.labels.get("le").map(String::as_str) {
+                Some("+Inf") => f64::INFINITY,
+                Some(v) => match v.parse::<f64>() {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+                None => continue,
+            };
+            by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += s.value;
+        }
+        if by_le.is_empty() {
             return None;
         }
+        let mut buckets: Vec<(f64, f64)> = by_le.into_values().collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let get = |suffix: &str| {
+        let sum_of = |suffix: &str| {
+            let n = format!("{name}_{suffix}");
             samples
                 .iter()
-                .find(|s| s.name == format!("{name}_{suffix}") && has(s))
-                .map_or(0.0, |s| s.value)
+                .filter(|s| s.name == n && has(s))
+                .map(|s| s.value)
+                .sum()
         };
         Some(Self {
             buckets,
-            sum: get("sum"),
-            count: get("count"),
+            sum: sum_of("sum"),
+            count: sum_of("count"),
         })
     }
 
@@ -238,8 +240,74 @@ pub fn fmt_secs(s: f64) -> String {
 }
 
 const RUNQ: &str = "pipeprobe_sched_runqueue_delay_seconds";
+const SYSCALLS: &str = "pipeprobe_syscall_duration_seconds";
+const SYSCALL_ERRORS: &str = "pipeprobe_syscall_errors_total";
+const CONNECT: &str = "pipeprobe_tcp_connect_duration_seconds";
+const RTT: &str = "pipeprobe_tcp_rtt_seconds";
+const RETRANSMITS: &str = "pipeprobe_tcp_retransmits_total";
 
-/// The summary table for one window (`earlier` = the previous scrape, if any).
+/// Sum of counter `name` over the series of `target`.
+fn counter(samples: &[Sample], name: &str, target: &str) -> Option<f64> {
+    let mut found = false;
+    let sum = samples
+        .iter()
+        .filter(|s| s.name == name && s.labels.get("target").is_some_and(|t| t == target))
+        .inspect(|_| found = true)
+        .map(|s| s.value)
+        .sum();
+    found.then_some(sum)
+}
+
+/// One window of one target: what happened since `earlier` (or since start).
+struct Window<'a> {
+    now: &'a [Sample],
+    earlier: Option<&'a [Sample]>,
+    secs: f64,
+    target: &'a str,
+}
+
+impl Window<'_> {
+    fn hist(&self, name: &str) -> Option<Histogram> {
+        let h = Histogram::find(self.now, name, "target", self.target)?;
+        Some(
+            match self
+                .earlier
+                .and_then(|e| Histogram::find(e, name, "target", self.target))
+            {
+                Some(e) => h.since(&e),
+                None => h,
+            },
+        )
+    }
+
+    fn rate(&self, name: &str) -> String {
+        match self.hist(name) {
+            Some(h) => format!("{:.0}", h.count / self.secs.max(1e-3)),
+            None => "n/a".into(),
+        }
+    }
+
+    fn quantile(&self, name: &str, q: f64) -> String {
+        match self.hist(name) {
+            Some(h) => h.quantile(q).map_or("-".into(), fmt_secs),
+            None => "n/a".into(),
+        }
+    }
+
+    fn counter_rate(&self, name: &str) -> String {
+        let Some(now) = counter(self.now, name, self.target) else {
+            return "n/a".into();
+        };
+        let before = self
+            .earlier
+            .and_then(|e| counter(e, name, self.target))
+            .unwrap_or(0.0);
+        format!("{:.0}", (now - before).max(0.0) / self.secs.max(1e-3))
+    }
+}
+
+/// The summary table for one window (`earlier` = the previous scrape, if any); `n/a` where the
+/// probe is not attached.
 pub fn summary(now: &[Sample], earlier: Option<&[Sample]>, window_secs: f64) -> String {
     let mut targets: Vec<(&str, f64)> = now
         .iter()
@@ -248,28 +316,36 @@ pub fn summary(now: &[Sample], earlier: Option<&[Sample]>, window_secs: f64) -> 
         .collect();
     targets.sort_by(|a, b| a.0.cmp(b.0));
     let mut out = format!(
-        "{:<16} {:>6} {:>10} {:>10} {:>10}\n",
-        "TARGET", "PROCS", "RUNQ/s", "RUNQ p50", "RUNQ p99"
+        "{:<14} {:>5} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>6}\n",
+        "TARGET",
+        "PROCS",
+        "RUNQ p50",
+        "RUNQ p99",
+        "SYSCALL/s",
+        "SYS p99",
+        "ERR/s",
+        "CONN p99",
+        "RTT p50",
+        "RETX/s"
     );
     for (target, procs) in targets {
-        let hist = Histogram::find(now, RUNQ, "target", target);
-        let window = match (
-            &hist,
-            earlier.and_then(|e| Histogram::find(e, RUNQ, "target", target)),
-        ) {
-            (Some(h), Some(e)) => Some(h.since(&e)),
-            (h, _) => h.clone(),
+        let w = Window {
+            now,
+            earlier,
+            secs: window_secs,
+            target,
         };
-        let (rate, p50, p99) = match &window {
-            Some(w) if w.count > 0.0 => (
-                format!("{:.0}", w.count / window_secs.max(1e-3)),
-                w.quantile(0.5).map_or("-".into(), fmt_secs),
-                w.quantile(0.99).map_or("-".into(), fmt_secs),
-            ),
-            Some(_) => ("0".into(), "-".into(), "-".into()),
-            None => ("n/a".into(), "n/a".into(), "n/a".into()),
-        };
-        out += &format!("{target:<16} {procs:>6} {rate:>10} {p50:>10} {p99:>10}\n");
+        out += &format!(
+            "{target:<14} {procs:>5} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>6}\n",
+            w.quantile(RUNQ, 0.5),
+            w.quantile(RUNQ, 0.99),
+            w.rate(SYSCALLS),
+            w.quantile(SYSCALLS, 0.99),
+            w.counter_rate(SYSCALL_ERRORS),
+            w.quantile(CONNECT, 0.99),
+            w.quantile(RTT, 0.5),
+            w.counter_rate(RETRANSMITS),
+        );
     }
     out
 }
@@ -340,10 +416,22 @@ odd_labels{a="x\"y",b="c,d"} 1
     }
 
     #[test]
+    fn histograms_sum_across_series() {
+        let text = "h_bucket{target=\"a\",syscall=\"read\",le=\"1\"} 1\nh_bucket{target=\"a\",syscall=\"read\",le=\"+Inf\"} 2\n\
+                    h_bucket{target=\"a\",syscall=\"write\",le=\"1\"} 3\nh_bucket{target=\"a\",syscall=\"write\",le=\"+Inf\"} 3\n\
+                    h_count{target=\"a\",syscall=\"read\"} 2\nh_count{target=\"a\",syscall=\"write\"} 3\n";
+        let h = Histogram::find(&parse(text), "h", "target", "a").unwrap();
+        assert_eq!(h.buckets, vec![(1.0, 4.0), (f64::INFINITY, 5.0)]);
+        assert_eq!(h.count, 5.0);
+    }
+
+    #[test]
     fn summary_has_a_row_per_target() {
         let s = parse(TEXT);
         let out = summary(&s, None, 1.0);
         assert!(out.contains("stt") && out.contains("2.0us"), "{out}");
+        // Probes whose metrics are absent show n/a, not zero.
+        assert!(out.contains("n/a"), "{out}");
     }
 
     #[test]

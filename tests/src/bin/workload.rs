@@ -125,6 +125,14 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
     },
+    /// Opens one connection to its own listener at once, then after DELAY_MS sends COUNT
+    /// requests over it (a service connected before the agent started).
+    Persistent {
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
     /// For SECS: connections to its own listener with data, and connects to a closed port.
     Flood {
         #[arg(long, default_value_t = 5.0)]
@@ -450,8 +458,13 @@ fn main() -> anyhow::Result<()> {
             let mut held = Vec::new();
             for _ in 0..count {
                 let t0 = Instant::now();
-                held.push(TcpStream::connect(&addr)?);
-                println!("CONNECT_MS {:.3}", t0.elapsed().as_secs_f64() * 1e3);
+                match TcpStream::connect(&addr) {
+                    Ok(s) => {
+                        held.push(s);
+                        println!("CONNECT_MS {:.3}", t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Err(e) => println!("CONNECT_ERROR {e}"),
+                }
             }
         }
         Cmd::BulkServer => {
@@ -510,6 +523,22 @@ fn main() -> anyhow::Result<()> {
                 request(addr)?;
             }
             thread::sleep(Duration::from_millis(hold_ms));
+        }
+        Cmd::Persistent { count, delay_ms } => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            echo_server(listener);
+            let conn = TcpStream::connect(addr)?;
+            let mut reader = BufReader::new(conn.try_clone()?);
+            let mut writer = conn;
+            thread::sleep(Duration::from_millis(delay_ms));
+            let mut line = String::new();
+            for i in 0..count {
+                writeln!(writer, "request {i}")?;
+                line.clear();
+                reader.read_line(&mut line)?;
+                thread::sleep(Duration::from_millis(5));
+            }
         }
         Cmd::Flood { secs } => {
             let listener = TcpListener::bind("127.0.0.1:0")?;

@@ -312,3 +312,23 @@ fn untracked_traffic_is_not_attributed_to_the_target() {
         .collect();
     assert_eq!(targets.into_iter().collect::<Vec<_>>(), ["talker"]);
 }
+
+#[test]
+fn connections_opened_before_tracking_are_claimed_on_read() {
+    // Connected before the agent starts: no state transition will ever name its owner.
+    let mut p = Proc::workload(&["persistent", "--count", "40", "--delay-ms", "1500"]);
+    let agent = Agent::start(&["--target", &format!("early=pid:{}", p.pid())]);
+    p.0.wait().unwrap();
+    let after = agent.scrape();
+    assert_eq!(
+        hist(&after, CONNECT, "early").count,
+        0.0,
+        "its connect predates the agent"
+    );
+    let rtt = hist(&after, RTT, "early");
+    assert!(
+        rtt.count >= 40.0,
+        "RTT samples of the pre-existing connection: {}",
+        rtt.count
+    );
+}
