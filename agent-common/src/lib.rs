@@ -29,4 +29,6 @@ mod pod {
     unsafe impl aya::Pod for crate::syscalls::SyscallKey {}
     unsafe impl aya::Pod for crate::syscalls::SyscallStats {}
     unsafe impl aya::Pod for crate::tcp::TcpStats {}
+    unsafe impl aya::Pod for crate::tcp::PeerKey {}
+    unsafe impl aya::Pod for crate::tcp::PeerStats {}
 }

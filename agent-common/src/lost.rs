@@ -16,8 +16,10 @@ pub const SYSCALL_STATS_FULL: u32 = 4;
 pub const TCP_SOCKETS_FULL: u32 = 5;
 /// A connect or listener could not be recorded: its map is full.
 pub const TCP_CONNECTS_FULL: u32 = 6;
+/// A new (target, peer) pair could not be added: the per-peer map is full (`max_peers`).
+pub const TCP_PEERS_FULL: u32 = 7;
 /// Size of the `LOST` array.
-pub const COUNT: u32 = 7;
+pub const COUNT: u32 = 8;
 
 /// Label value for each reason, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -28,4 +30,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "syscall_stats_full",
     "tcp_sockets_full",
     "tcp_connects_full",
+    "tcp_peers_full",
 ];

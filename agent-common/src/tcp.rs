@@ -26,6 +26,43 @@ pub struct TcpStats {
     pub retransmits: u64,
 }
 
+/// Owner of a socket, the value of `SOCK_OWNER`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct SockOwner {
+    pub target: u32,
+    /// `OWNER_CLIENT` when the target connected it (its remote port is a service's port).
+    pub flags: u32,
+}
+
+pub const OWNER_CLIENT: u32 = 1;
+
+/// Default cap of (target, peer) series when the per-peer breakdown is on.
+pub const PEERS_DEFAULT: u32 = 256;
+
+/// A remote endpoint of a target's sockets. `port` is 0 for sockets the target did not
+/// connect itself (an accepted connection's remote port is ephemeral).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub target: u32,
+    pub port: u16,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct PeerStats {
+    pub connect: crate::hist::Log2Hist,
+    pub rtt: crate::hist::Log2Hist,
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct Listener {
@@ -55,6 +92,15 @@ pub mod globals {
     pub const RETRANS_SKADDR: &str = "TCP_RETRANS_SKADDR";
     pub const RETRANS_SKBADDR: &str = "TCP_RETRANS_SKBADDR";
     pub const RCV_SKADDR: &str = "TCP_RCV_SKADDR";
+    pub const STATE_DPORT: &str = "TCP_STATE_DPORT";
+    pub const STATE_FAMILY: &str = "TCP_STATE_FAMILY";
+    pub const STATE_DADDR: &str = "TCP_STATE_DADDR";
+    pub const STATE_DADDR_V6: &str = "TCP_STATE_DADDR_V6";
+    pub const PROBE_FAMILY: &str = "TCP_PROBE_FAMILY";
+    /// Offset of the `daddr` sockaddr (sockaddr_in or sockaddr_in6) in tcp_probe.
+    pub const PROBE_DADDR: &str = "TCP_PROBE_DADDR";
+    /// 1 when the per-peer breakdown is on.
+    pub const PER_PEER: &str = "TCP_PER_PEER";
     /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs)` from BTF, or
     /// `ABSENT`: the segments in a retransmitted skb, as the kernel's `total_retrans` counts.
     pub const SKB_GSO_SEGS: &str = "TCP_SKB_GSO_SEGS";

@@ -1,14 +1,15 @@
 //! pipeprobe's eBPF programs: one module per probe family, named like its user-space half in
 //! `agent/src/`.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
-// Atomic adds on shared map values: core's atomics have no RMW for bpfel, the intrinsic lowers
-// to BPF's `lock xadd` (what `__sync_fetch_and_add` gives C programs).
+// For atomic adds on shared map values (aggregate.rs).
 #![cfg_attr(
     target_arch = "bpf",
     feature(core_intrinsics),
     allow(internal_features)
 )]
 
+#[cfg(target_arch = "bpf")]
+mod aggregate;
 #[cfg(target_arch = "bpf")]
 mod lost;
 #[cfg(target_arch = "bpf")]
@@ -21,21 +22,6 @@ mod targets;
 mod task;
 #[cfg(target_arch = "bpf")]
 mod tcp;
-
-/// Adds `v` to `*dst` atomically across CPUs.
-///
-/// # Safety
-/// `dst` must point into a live map value.
-#[cfg(target_arch = "bpf")]
-#[inline(always)]
-unsafe fn atomic_add(dst: *mut u64, v: u64) {
-    // SAFETY: the caller guarantees dst is valid.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            dst, v,
-        );
-    }
-}
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -2,7 +2,7 @@
 //! kernel. sys_enter/sys_exit fire for every syscall on the host: an untracked thread costs one
 //! map lookup in each.
 use agent_common::{
-    hist::{Log2Hist, slot_for_ns},
+    hist::Log2Hist,
     lost,
     syscalls::{MAX_NR, PENDING_MAX, STATS_MAX, SyscallKey, SyscallStart, SyscallStats},
 };
@@ -14,7 +14,11 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::{atomic_add, lost::count as count_lost, targets::target_of};
+use crate::{
+    aggregate::{atomic_add, record},
+    lost::count as count_lost,
+    targets::target_of,
+};
 
 /// Set by the loader: 1 traces every syscall, 0 only those marked in `SYSCALL_FILTER`.
 #[unsafe(no_mangle)]
@@ -105,10 +109,7 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: the map value lives as long as the entry; updates are atomic across CPUs.
     unsafe {
         let stats = &mut *stats;
-        if let Some(slot) = stats.hist.slots.get_mut(slot_for_ns(delta)) {
-            atomic_add(slot, 1);
-        }
-        atomic_add(&mut stats.hist.sum_ns, delta);
+        record(&mut stats.hist, delta);
         if ret < 0 {
             atomic_add(&mut stats.errors, 1);
         }

@@ -1,24 +1,27 @@
 //! TCP connect latency, failed connects, RTT and retransmits per target, attributed to the
-//! process that owns the socket, never to the task that happens to run the softirq.
+//! process that owns the socket, never to the task that happens to run the softirq; optionally
+//! broken down per remote peer.
 use agent_common::{
     MAX_TARGETS,
     hist::{Log2Hist, slot_for_ns},
     lost,
     tcp::{
-        CONNECTING_MAX, Connecting, IPPROTO_TCP, LISTENERS_MAX, Listener, SOCKETS_MAX, TCP_CLOSE,
+        AF_INET, AF_INET6, CONNECTING_MAX, Connecting, IPPROTO_TCP, LISTENERS_MAX, Listener,
+        OWNER_CLIENT, PEERS_DEFAULT, PeerKey, PeerStats, SOCKETS_MAX, SockOwner, TCP_CLOSE,
         TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpStats, globals::ABSENT,
     },
 };
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
 };
 
-use crate::{lost::count as count_lost, targets::target_of};
+use crate::{aggregate, lost::count as count_lost, targets::target_of};
 
-// Tracepoint field offsets, set by the loader from tracefs format files.
+// Tracepoint field offsets, set by the loader from tracefs format files (defaults: Linux 6.18).
 #[unsafe(no_mangle)]
 static TCP_STATE_SKADDR: u32 = 8;
 #[unsafe(no_mangle)]
@@ -28,11 +31,23 @@ static TCP_STATE_NEWSTATE: u32 = 20;
 #[unsafe(no_mangle)]
 static TCP_STATE_SPORT: u32 = 24;
 #[unsafe(no_mangle)]
+static TCP_STATE_DPORT: u32 = 26;
+#[unsafe(no_mangle)]
+static TCP_STATE_FAMILY: u32 = 28;
+#[unsafe(no_mangle)]
 static TCP_STATE_PROTOCOL: u32 = 30;
+#[unsafe(no_mangle)]
+static TCP_STATE_DADDR: u32 = 36;
+#[unsafe(no_mangle)]
+static TCP_STATE_DADDR_V6: u32 = 56;
 #[unsafe(no_mangle)]
 static TCP_PROBE_SKADDR: u32 = 128;
 #[unsafe(no_mangle)]
 static TCP_PROBE_SRTT: u32 = 100;
+#[unsafe(no_mangle)]
+static TCP_PROBE_FAMILY: u32 = 68;
+#[unsafe(no_mangle)]
+static TCP_PROBE_DADDR: u32 = 36;
 #[unsafe(no_mangle)]
 static TCP_RETRANS_SKADDR: u32 = 16;
 #[unsafe(no_mangle)]
@@ -41,10 +56,12 @@ static TCP_RETRANS_SKBADDR: u32 = 8;
 static TCP_RCV_SKADDR: u32 = 8;
 #[unsafe(no_mangle)]
 static TCP_SKB_GSO_SEGS: u32 = ABSENT;
+#[unsafe(no_mangle)]
+static TCP_PER_PEER: u32 = 0;
 
-/// Socket address -> target of the process that owns it.
+/// Socket address -> owner of the socket.
 #[map]
-static SOCK_OWNER: HashMap<u64, u32> = HashMap::with_max_entries(SOCKETS_MAX, 0);
+static SOCK_OWNER: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_MAX, 0);
 
 /// Local port -> listening socket of a tracked process; accepted sockets inherit its target.
 #[map]
@@ -57,10 +74,20 @@ static CONNECTING: HashMap<u64, Connecting> = HashMap::with_max_entries(CONNECTI
 #[map]
 static TCP_STATS: PerCpuArray<TcpStats> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
 
+/// Per (target, peer) latencies, only filled when the breakdown is on; sized by the loader.
+#[map]
+static TCP_PEERS: HashMap<PeerKey, PeerStats> = HashMap::with_max_entries(PEERS_DEFAULT, 0);
+
+#[inline(always)]
+fn global(g: &'static u32) -> u32 {
+    // SAFETY: volatile read of a loader-set global.
+    unsafe { core::ptr::read_volatile(g) }
+}
+
 #[inline(always)]
 fn field<T>(ctx: &TracePointContext, offset: &'static u32) -> Result<T, i32> {
-    // SAFETY: volatile read of a loader-set global; read_at tolerates bad offsets.
-    unsafe { ctx.read_at::<T>(core::ptr::read_volatile(offset) as usize) }
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which tolerates bad offsets.
+    unsafe { ctx.read_at::<T>(global(offset) as usize) }
 }
 
 #[inline(always)]
@@ -78,10 +105,54 @@ fn record(hist: &mut Log2Hist, ns: u64) {
 }
 
 #[inline(always)]
-fn own(sk: u64, target: u32) {
-    if SOCK_OWNER.insert(&sk, &target, 0).is_err() {
+fn own(sk: u64, target: u32, flags: u32) {
+    if SOCK_OWNER
+        .insert(&sk, &SockOwner { target, flags }, 0)
+        .is_err()
+    {
         count_lost(lost::TCP_SOCKETS_FULL);
     }
+}
+
+/// The per-peer entry for `key`, created on first use; `None` when the breakdown is off or the
+/// map is full (counted).
+#[inline(always)]
+fn peer(key: &PeerKey) -> Option<*mut PeerStats> {
+    if global(&TCP_PER_PEER) == 0 {
+        return None;
+    }
+    if let Some(p) = TCP_PEERS.get_ptr_mut(key) {
+        return Some(p);
+    }
+    let zero = PeerStats {
+        connect: Log2Hist::ZERO,
+        rtt: Log2Hist::ZERO,
+    };
+    // Another CPU may insert the same key first: NOEXIST keeps its counts.
+    let _ = TCP_PEERS.insert(key, &zero, u64::from(BPF_NOEXIST));
+    let p = TCP_PEERS.get_ptr_mut(key);
+    if p.is_none() {
+        count_lost(lost::TCP_PEERS_FULL);
+    }
+    p
+}
+
+/// The remote end of an inet_sock_set_state event.
+fn state_peer(ctx: &TracePointContext, target: u32) -> Result<PeerKey, i32> {
+    let family: u16 = field(ctx, &TCP_STATE_FAMILY)?;
+    let mut key = PeerKey {
+        target,
+        port: field(ctx, &TCP_STATE_DPORT)?,
+        family,
+        addr: [0; 16],
+    };
+    if family == AF_INET6 {
+        key.addr = field(ctx, &TCP_STATE_DADDR_V6)?;
+    } else {
+        let v4: [u8; 4] = field(ctx, &TCP_STATE_DADDR)?;
+        key.addr[..4].copy_from_slice(&v4);
+    }
+    Ok(key)
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -104,7 +175,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // connect() and listen() run in the owner's context: the one place `current` is right.
         (TCP_CLOSE, TCP_SYN_SENT) => {
             if let Some(target) = target_of((bpf_get_current_pid_tgid() >> 32) as u32) {
-                own(sk, target);
+                own(sk, target, OWNER_CLIENT);
                 let c = Connecting {
                     ts_ns: now,
                     target,
@@ -117,7 +188,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         (TCP_CLOSE, TCP_LISTEN) => {
             if let Some(target) = target_of((bpf_get_current_pid_tgid() >> 32) as u32) {
-                own(sk, target);
+                own(sk, target, 0);
                 let port: u16 = field(ctx, &TCP_STATE_SPORT)?;
                 let l = Listener {
                     sk,
@@ -133,8 +204,13 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             // SAFETY: copied out before removal.
             if let Some(c) = unsafe { CONNECTING.get(&sk).copied() } {
                 let _ = CONNECTING.remove(&sk);
+                let ns = now.saturating_sub(c.ts_ns);
                 if let Some(s) = stats(c.target) {
-                    record(&mut s.connect, now.saturating_sub(c.ts_ns));
+                    record(&mut s.connect, ns);
+                }
+                if let Some(p) = peer(&state_peer(ctx, c.target)?) {
+                    // SAFETY: p points into a live map value.
+                    unsafe { aggregate::record(&mut (*p).connect, ns) };
                 }
             }
         }
@@ -143,7 +219,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let port: u16 = field(ctx, &TCP_STATE_SPORT)?;
             // SAFETY: copied out.
             if let Some(l) = unsafe { LISTENERS.get(&port).copied() } {
-                own(sk, l.target);
+                own(sk, l.target, 0);
             }
         }
         _ => {}
@@ -183,7 +259,8 @@ pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: presence check only.
     if unsafe { SOCK_OWNER.get(&sk) }.is_none() {
-        own(sk, target);
+        // Who connected is unknown here: the peer is recorded without its port.
+        own(sk, target, 0);
     }
     0
 }
@@ -198,15 +275,45 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
 fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = field(ctx, &TCP_PROBE_SKADDR)?;
     // SAFETY: copied out.
-    let Some(target) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+    let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
         return Ok(());
     };
     // srtt in microseconds (the kernel's srtt_us >> 3).
     let srtt_us: u32 = field(ctx, &TCP_PROBE_SRTT)?;
-    if srtt_us > 0
-        && let Some(s) = stats(target)
-    {
-        record(&mut s.rtt, u64::from(srtt_us) * 1000);
+    if srtt_us == 0 {
+        return Ok(());
+    }
+    let ns = u64::from(srtt_us) * 1000;
+    if let Some(s) = stats(owner.target) {
+        record(&mut s.rtt, ns);
+    }
+    if global(&TCP_PER_PEER) != 0 {
+        // daddr is a sockaddr_in or sockaddr_in6: port at +2, IPv4 at +4, IPv6 at +8.
+        let family: u16 = field(ctx, &TCP_PROBE_FAMILY)?;
+        let base = global(&TCP_PROBE_DADDR) as usize;
+        // SAFETY: reads inside the tracepoint record through bpf_probe_read_kernel.
+        let port = unsafe { ctx.read_at::<u16>(base + 2)? };
+        let mut key = PeerKey {
+            target: owner.target,
+            port: 0,
+            family,
+            addr: [0; 16],
+        };
+        if owner.flags & OWNER_CLIENT != 0 {
+            key.port = u16::from_be(port);
+        }
+        if family == AF_INET {
+            // SAFETY: as above.
+            let v4: [u8; 4] = unsafe { ctx.read_at(base + 4)? };
+            key.addr[..4].copy_from_slice(&v4);
+        } else {
+            // SAFETY: as above.
+            key.addr = unsafe { ctx.read_at(base + 8)? };
+        }
+        if let Some(p) = peer(&key) {
+            // SAFETY: p points into a live map value.
+            unsafe { aggregate::record(&mut (*p).rtt, ns) };
+        }
     }
     Ok(())
 }
@@ -221,12 +328,12 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = field(ctx, &TCP_RETRANS_SKADDR)?;
     // SAFETY: copied out.
-    let Some(target) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+    let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
         return Ok(());
     };
     // Every attempt counts, as in the kernel's total_retrans (ss, nstat TcpRetransSegs); one
     // skb can carry several segments (GSO): count segments.
-    let gso_off = unsafe { core::ptr::read_volatile(&TCP_SKB_GSO_SEGS) };
+    let gso_off = global(&TCP_SKB_GSO_SEGS);
     let segs = if gso_off == ABSENT {
         1
     } else {
@@ -238,7 +345,7 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         .map_err(|e| e as i32)?;
         u64::from(segs.max(1))
     };
-    if let Some(s) = stats(target) {
+    if let Some(s) = stats(owner.target) {
         s.retransmits += segs;
     }
     Ok(())

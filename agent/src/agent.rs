@@ -6,6 +6,7 @@ use prometheus_client::collector::Collector;
 use thiserror::Error;
 
 use crate::{
+    bpfstats,
     caps::{self, PrivilegeError},
     cli::AgentArgs,
     config::{Config, ConfigError},
@@ -85,6 +86,8 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let opts = LoadOptions {
         tracked_processes: config.max_tracked_processes,
         all_syscalls: config.syscalls == Selection::All,
+        tcp_per_peer: config.tcp_per_peer,
+        tcp_max_peers: config.tcp_max_peers,
     };
     let mut kernel = match ebpf::load(opts) {
         Ok(k) => k,
@@ -152,6 +155,15 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
             rtt,
         )));
     }
+    if config.tcp_per_peer
+        && (connect || rtt)
+        && let Some(peers) = optional(kernel.take_map(tcp::PEERS_MAP))
+    {
+        collectors.push(Box::new(tcp::PeerLatency::new(peers, targets.clone())));
+    }
+    collectors.push(Box::new(bpfstats::RecursionMisses::new(
+        probes::attached_fds(&kernel.bpf, &statuses),
+    )));
     let events = on(tracker::FAMILY.name)
         .then(|| optional(kernel.take_map(tracker::EVENTS_MAP)))
         .flatten();

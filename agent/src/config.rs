@@ -131,6 +131,14 @@ struct FileProbes {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct FileTcp {
+    #[serde(default)]
+    per_peer: bool,
+    max_peers: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
     /// "all" or a list of syscall names.
@@ -140,6 +148,8 @@ struct FileConfig {
     max_tracked_processes: Option<u32>,
     #[serde(default)]
     probes: FileProbes,
+    #[serde(default)]
+    tcp: FileTcp,
     #[serde(default)]
     targets: BTreeMap<String, FileTarget>,
 }
@@ -156,6 +166,10 @@ pub struct Config {
     pub syscalls: Selection,
     /// Syscalls with their own series per target; the rest is summed into `syscall="other"`.
     pub max_syscall_series_per_target: usize,
+    /// TCP latency per remote peer, off by default.
+    pub tcp_per_peer: bool,
+    /// Most (target, peer) series; further peers are counted as lost.
+    pub tcp_max_peers: u32,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -317,6 +331,18 @@ impl Config {
             });
         }
 
+        let max_peers = file
+            .tcp
+            .max_peers
+            .unwrap_or(agent_common::tcp::PEERS_DEFAULT);
+        if !(1..=65_536).contains(&max_peers) {
+            return Err(ConfigError::Value {
+                path: where_,
+                key: "tcp.max_peers",
+                reason: "must be between 1 and 65536",
+            });
+        }
+
         Ok(Config {
             listen: cli_listen
                 .or(file.listen)
@@ -327,6 +353,8 @@ impl Config {
             disabled_probes: file.probes.disable,
             syscalls,
             max_syscall_series_per_target: max_series,
+            tcp_per_peer: file.tcp.per_peer,
+            tcp_max_peers: max_peers,
         })
     }
 }
@@ -475,6 +503,21 @@ cgroup = "/system.slice"
             )
             .contains("max_syscall_series")
         );
+    }
+
+    #[test]
+    fn tcp_table() {
+        let f = file("[tcp]\nper_peer = true\nmax_peers = 8\n[targets.a]\npid = 1\n");
+        let c = Config::load(Some(f.path()), &[], None).unwrap();
+        assert!(c.tcp_per_peer);
+        assert_eq!(c.tcp_max_peers, 8);
+        assert!(
+            !Config::load(None, &["a=pid:1".into()], None)
+                .unwrap()
+                .tcp_per_peer
+        );
+        assert!(err("[tcp]\nper_peers = true\n[targets.a]\npid = 1\n", &[]).contains("per_peers"));
+        assert!(err("[tcp]\nmax_peers = 0\n[targets.a]\npid = 1\n", &[]).contains("tcp.max_peers"));
     }
 
     #[test]

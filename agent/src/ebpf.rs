@@ -44,6 +44,9 @@ pub struct LoadOptions {
     pub tracked_processes: u32,
     /// Trace every syscall (else only those the agent marks in the filter array).
     pub all_syscalls: bool,
+    /// TCP per-peer breakdown, and its series cap (the map's size).
+    pub tcp_per_peer: bool,
+    pub tcp_max_peers: u32,
 }
 
 impl Default for LoadOptions {
@@ -51,6 +54,8 @@ impl Default for LoadOptions {
         Self {
             tracked_processes: agent_common::targets::TRACKED_MAX,
             all_syscalls: true,
+            tcp_per_peer: false,
+            tcp_max_peers: agent_common::tcp::PEERS_DEFAULT,
         }
     }
 }
@@ -71,6 +76,7 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
         }
     }
     let all_syscalls = u32::from(opts.all_syscalls);
+    let per_peer = u32::from(opts.tcp_per_peer);
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
@@ -82,7 +88,9 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
             &all_syscalls,
             true,
         )
-        .map_max_entries("TRACKED", opts.tracked_processes);
+        .override_global(agent_common::tcp::globals::PER_PEER, &per_peer, true)
+        .map_max_entries("TRACKED", opts.tracked_processes)
+        .map_max_entries(tcp::PEERS_MAP, opts.tcp_max_peers);
     for (name, value) in &tcp_globals {
         loader.override_global(name, value, true);
     }

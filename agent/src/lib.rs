@@ -1,6 +1,7 @@
 //! pipeprobe: a node agent for GPU inference pipelines. One module per probe family (matching
 //! `agent-ebpf/src/`), plus the plumbing they share.
 pub mod agent;
+pub mod bpfstats;
 pub mod btf;
 pub mod caps;
 pub mod check;

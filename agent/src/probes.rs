@@ -140,6 +140,29 @@ impl Family {
     }
 }
 
+/// Duplicated fds of the attached programs, by program name (for their kernel statistics).
+pub fn attached_fds(
+    bpf: &Ebpf,
+    statuses: &[ProbeStatus],
+) -> Vec<(&'static str, std::os::fd::OwnedFd)> {
+    FAMILIES
+        .iter()
+        .filter(|f| {
+            statuses
+                .iter()
+                .any(|s| s.name == f.name && s.result.is_ok())
+        })
+        .flat_map(|f| f.programs.iter())
+        .filter_map(|spec| {
+            let fd = bpf.program(spec.program)?.fd().ok()?;
+            Some((
+                spec.program,
+                std::os::fd::AsFd::as_fd(fd).try_clone_to_owned().ok()?,
+            ))
+        })
+        .collect()
+}
+
 fn unload(bpf: &mut Ebpf, spec: &ProgramSpec) {
     let Some(prog) = bpf.program_mut(spec.program) else {
         return;

@@ -9,10 +9,13 @@ use std::sync::Arc;
 
 use agent_common::{
     hist::Log2Hist,
-    tcp::{TcpStats, globals},
+    tcp::{AF_INET6, PeerKey, PeerStats, TcpStats, globals},
 };
-use aya::maps::{MapData, PerCpuArray};
-use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet},
+};
 
 use crate::{
     btf::KernelBtf,
@@ -66,6 +69,7 @@ pub const RTT_FAMILY: Family = Family {
 };
 
 pub const STATS_MAP: &str = "TCP_STATS";
+pub const PEERS_MAP: &str = "TCP_PEERS";
 
 /// Load-time globals for one family, or why the family cannot run on this kernel.
 pub type Globals = Result<Vec<(&'static str, u32)>, TracefsError>;
@@ -95,6 +99,22 @@ pub fn state_globals(btf: &KernelBtf) -> Globals {
         (
             globals::STATE_PROTOCOL,
             tracefs::field_offset(&f, ev, "protocol")?,
+        ),
+        (
+            globals::STATE_DPORT,
+            tracefs::field_offset(&f, ev, "dport")?,
+        ),
+        (
+            globals::STATE_FAMILY,
+            tracefs::field_offset(&f, ev, "family")?,
+        ),
+        (
+            globals::STATE_DADDR,
+            tracefs::field_offset(&f, ev, "daddr")?,
+        ),
+        (
+            globals::STATE_DADDR_V6,
+            tracefs::field_offset(&f, ev, "daddr_v6")?,
         ),
     ];
     let ev = "tcp/tcp_retransmit_skb";
@@ -133,6 +153,14 @@ pub fn probe_globals() -> Globals {
             tracefs::field_offset(&f, ev, "skaddr")?,
         ),
         (globals::PROBE_SRTT, tracefs::field_offset(&f, ev, "srtt")?),
+        (
+            globals::PROBE_FAMILY,
+            tracefs::field_offset(&f, ev, "family")?,
+        ),
+        (
+            globals::PROBE_DADDR,
+            tracefs::field_offset(&f, ev, "daddr")?,
+        ),
     ])
 }
 
@@ -233,5 +261,104 @@ impl Collector for TcpLatency {
             )?;
         }
         Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    target: String,
+    peer: String,
+}
+
+/// `addr:port` (IPv6 in brackets), or the address alone for port 0.
+fn peer_name(key: &PeerKey) -> String {
+    let addr = if key.family == AF_INET6 {
+        std::net::IpAddr::from(key.addr)
+    } else {
+        std::net::IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+    };
+    match (addr, key.port) {
+        (a, 0) => a.to_string(),
+        (std::net::IpAddr::V6(a), p) => format!("[{a}]:{p}"),
+        (a, p) => format!("{a}:{p}"),
+    }
+}
+
+/// The optional per-peer breakdown (`[tcp] per_peer = true`), bounded by the kernel map's size.
+pub struct PeerLatency {
+    peers: BpfHashMap<MapData, PeerKey, PeerStats>,
+    targets: Arc<TargetSet>,
+}
+
+impl std::fmt::Debug for PeerLatency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerLatency").finish_non_exhaustive()
+    }
+}
+
+impl PeerLatency {
+    pub fn new(peers: BpfHashMap<MapData, PeerKey, PeerStats>, targets: Arc<TargetSet>) -> Self {
+        Self { peers, targets }
+    }
+}
+
+impl Collector for PeerLatency {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut series: Vec<(PeerLabels, PeerStats)> = self
+            .peers
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                let target = self.targets.name(k.target)?.to_owned();
+                Some((
+                    PeerLabels {
+                        target,
+                        peer: peer_name(&k),
+                    },
+                    v,
+                ))
+            })
+            .collect();
+        series.sort_by(|a, b| (&a.0.target, &a.0.peer).cmp(&(&b.0.target, &b.0.peer)));
+        encode_log2_histograms(
+            &mut encoder,
+            "pipeprobe_tcp_peer_connect_duration",
+            "TCP connect latency of the target's client sockets per remote address:port",
+            series.iter().map(|(l, s)| (l.clone(), s.connect)),
+        )?;
+        encode_log2_histograms(
+            &mut encoder,
+            "pipeprobe_tcp_peer_rtt",
+            "Smoothed TCP RTT of the target's sockets per remote peer (address:port for connections it made, address for accepted ones)",
+            series.iter().map(|(l, s)| (l.clone(), s.rtt)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::tcp::AF_INET;
+
+    use super::*;
+
+    #[test]
+    fn peer_names() {
+        let mut k = PeerKey {
+            target: 0,
+            port: 8080,
+            family: AF_INET,
+            addr: [0; 16],
+        };
+        k.addr[..4].copy_from_slice(&[10, 0, 0, 7]);
+        assert_eq!(peer_name(&k), "10.0.0.7:8080");
+        k.port = 0;
+        assert_eq!(peer_name(&k), "10.0.0.7");
+        let v6 = PeerKey {
+            target: 0,
+            port: 443,
+            family: AF_INET6,
+            addr: std::net::Ipv6Addr::LOCALHOST.octets(),
+        };
+        assert_eq!(peer_name(&v6), "[::1]:443");
     }
 }

@@ -237,6 +237,7 @@ fn endpoints_and_content_negotiation() {
     );
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
     for family in [
+        "pipeprobe_bpf_recursion_misses_total{program=\"sched_switch\"}",
         "pipeprobe_build_info",
         "pipeprobe_target_processes",
         "pipeprobe_probe_attached",
