@@ -80,11 +80,13 @@ pub enum ConfigError {
         name: String,
         hint: String,
     },
-    #[error("invalid {key} in {path}: {reason}")]
+    #[error("invalid {key} in {path}: {value} is not between {min} and {max}")]
     Value {
         path: String,
         key: &'static str,
-        reason: &'static str,
+        value: String,
+        min: String,
+        max: String,
     },
 }
 
@@ -170,6 +172,26 @@ pub struct Config {
     pub tcp_per_peer: bool,
     /// Most (target, peer) series; further peers are counted as lost.
     pub tcp_max_peers: u32,
+}
+
+/// Checks that `key`'s `value` lies in `min..=max`.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    path: &str,
+    key: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value >= min && value <= max {
+        return Ok(());
+    }
+    Err(ConfigError::Value {
+        path: path.to_owned(),
+        key,
+        value: value.to_string(),
+        min: min.to_string(),
+        max: max.to_string(),
+    })
 }
 
 fn valid_name(name: &str) -> bool {
@@ -279,23 +301,11 @@ impl Config {
             }
         }
         let rescan = file.rescan_interval_secs.unwrap_or(5.0);
-        if !(0.1..=3600.0).contains(&rescan) {
-            return Err(ConfigError::Value {
-                path: where_,
-                key: "rescan_interval_secs",
-                reason: "must be between 0.1 and 3600",
-            });
-        }
+        in_range(&where_, "rescan_interval_secs", rescan, 0.1, 3600.0)?;
         let max_tracked = file
             .max_tracked_processes
             .unwrap_or(agent_common::targets::TRACKED_MAX);
-        if !(16..=1 << 20).contains(&max_tracked) {
-            return Err(ConfigError::Value {
-                path: where_,
-                key: "max_tracked_processes",
-                reason: "must be between 16 and 1048576",
-            });
-        }
+        in_range(&where_, "max_tracked_processes", max_tracked, 16, 1 << 20)?;
 
         let syscalls = match file.syscalls {
             None => Selection::All,
@@ -323,25 +333,13 @@ impl Config {
         let max_series = file
             .max_syscall_series_per_target
             .unwrap_or(syscalls::DEFAULT_MAX_SERIES);
-        if !(1..=512).contains(&max_series) {
-            return Err(ConfigError::Value {
-                path: where_,
-                key: "max_syscall_series_per_target",
-                reason: "must be between 1 and 512",
-            });
-        }
+        in_range(&where_, "max_syscall_series_per_target", max_series, 1, 512)?;
 
         let max_peers = file
             .tcp
             .max_peers
             .unwrap_or(agent_common::tcp::PEERS_DEFAULT);
-        if !(1..=65_536).contains(&max_peers) {
-            return Err(ConfigError::Value {
-                path: where_,
-                key: "tcp.max_peers",
-                reason: "must be between 1 and 65536",
-            });
-        }
+        in_range(&where_, "tcp.max_peers", max_peers, 1, 65_536)?;
 
         Ok(Config {
             listen: cli_listen
