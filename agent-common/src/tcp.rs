@@ -63,6 +63,17 @@ pub struct PeerStats {
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
+/// A listening port in one network namespace: every pod has its own, and two pods commonly
+/// listen on the same port.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// Inode number of the socket's network namespace (as in /proc/PID/ns/net), 0 if unknown.
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct Listener {
@@ -99,6 +110,10 @@ pub mod globals {
     pub const PROBE_FAMILY: &str = "TCP_PROBE_FAMILY";
     /// Offset of the `daddr` sockaddr (sockaddr_in or sockaddr_in6) in tcp_probe.
     pub const PROBE_DADDR: &str = "TCP_PROBE_DADDR";
+    /// `offsetof(struct sock, __sk_common.skc_net)`, from BTF, or `ABSENT`.
+    pub const SK_NET: &str = "TCP_SK_NET";
+    /// `offsetof(struct net, ns.inum)`, from BTF, or `ABSENT`.
+    pub const NET_INUM: &str = "TCP_NET_INUM";
     /// 1 when the per-peer breakdown is on.
     pub const PER_PEER: &str = "TCP_PER_PEER";
     /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs)` from BTF, or

@@ -7,8 +7,9 @@ use agent_common::{
     lost,
     tcp::{
         AF_INET, AF_INET6, CONNECTING_MAX, Connecting, IPPROTO_TCP, LISTENERS_MAX, Listener,
-        OWNER_CLIENT, PEERS_DEFAULT, PeerKey, PeerStats, SOCKETS_MAX, SockOwner, TCP_CLOSE,
-        TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpStats, globals::ABSENT,
+        ListenerKey, OWNER_CLIENT, PEERS_DEFAULT, PeerKey, PeerStats, SOCKETS_MAX, SockOwner,
+        TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpStats,
+        globals::ABSENT,
     },
 };
 use aya_ebpf::{
@@ -58,14 +59,19 @@ static TCP_RCV_SKADDR: u32 = 8;
 static TCP_SKB_GSO_SEGS: u32 = ABSENT;
 #[unsafe(no_mangle)]
 static TCP_PER_PEER: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_SK_NET: u32 = ABSENT;
+#[unsafe(no_mangle)]
+static TCP_NET_INUM: u32 = ABSENT;
 
 /// Socket address -> owner of the socket.
 #[map]
 static SOCK_OWNER: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_MAX, 0);
 
-/// Local port -> listening socket of a tracked process; accepted sockets inherit its target.
+/// (network namespace, local port) -> listening socket of a tracked process; accepted sockets
+/// inherit its target.
 #[map]
-static LISTENERS: HashMap<u16, Listener> = HashMap::with_max_entries(LISTENERS_MAX, 0);
+static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::with_max_entries(LISTENERS_MAX, 0);
 
 /// Client sockets in SYN_SENT: when the connect started.
 #[map]
@@ -137,6 +143,30 @@ fn peer(key: &PeerKey) -> Option<*mut PeerStats> {
     p
 }
 
+/// The listener key of socket `sk` for local port `port`: its network namespace's inode.
+fn listener_key(sk: u64, port: u16) -> ListenerKey {
+    let (net_off, inum_off) = (global(&TCP_SK_NET), global(&TCP_NET_INUM));
+    let mut netns = 0;
+    if net_off != ABSENT && inum_off != ABSENT {
+        // SAFETY: bpf_probe_read_kernel tolerates any address; a failed read leaves 0.
+        unsafe {
+            if let Ok(net) = bpf_probe_read_kernel(
+                (sk as *const u8).wrapping_add(net_off as usize) as *const u64
+            ) {
+                netns = bpf_probe_read_kernel(
+                    (net as *const u8).wrapping_add(inum_off as usize) as *const u32
+                )
+                .unwrap_or(0);
+            }
+        }
+    }
+    ListenerKey {
+        netns,
+        port,
+        _pad: 0,
+    }
+}
+
 /// The remote end of an inet_sock_set_state event.
 fn state_peer(ctx: &TracePointContext, target: u32) -> Result<PeerKey, i32> {
     let family: u16 = field(ctx, &TCP_STATE_FAMILY)?;
@@ -189,13 +219,13 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         (TCP_CLOSE, TCP_LISTEN) => {
             if let Some(target) = target_of((bpf_get_current_pid_tgid() >> 32) as u32) {
                 own(sk, target, 0);
-                let port: u16 = field(ctx, &TCP_STATE_SPORT)?;
+                let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
                 let l = Listener {
                     sk,
                     target,
                     _pad: 0,
                 };
-                if LISTENERS.insert(&port, &l, 0).is_err() {
+                if LISTENERS.insert(&key, &l, 0).is_err() {
                     count_lost(lost::TCP_CONNECTS_FULL);
                 }
             }
@@ -216,9 +246,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         // An accepted connection, created in softirq: it belongs to the owner of its listener.
         (TCP_SYN_RECV, TCP_ESTABLISHED) => {
-            let port: u16 = field(ctx, &TCP_STATE_SPORT)?;
+            let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
             // SAFETY: copied out.
-            if let Some(l) = unsafe { LISTENERS.get(&port).copied() } {
+            if let Some(l) = unsafe { LISTENERS.get(&key).copied() } {
                 own(sk, l.target, 0);
             }
         }
@@ -235,10 +265,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
         if old == TCP_LISTEN {
-            let port: u16 = field(ctx, &TCP_STATE_SPORT)?;
+            let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
             // SAFETY: copied out.
-            if unsafe { LISTENERS.get(&port) }.is_some_and(|l| l.sk == sk) {
-                let _ = LISTENERS.remove(&port);
+            if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.sk == sk) {
+                let _ = LISTENERS.remove(&key);
             }
         }
         let _ = SOCK_OWNER.remove(&sk);

@@ -133,6 +133,20 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Echoes lines on 127.0.0.1:PORT (the tag only names it for a cmdline selector).
+    EchoServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        tag: String,
+    },
+    /// One connection to ADDR, then COUNT request/response exchanges on it.
+    Requester {
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value_t = 20)]
+        count: u32,
+    },
     /// For SECS: connections to its own listener with data, and connects to a closed port.
     Flood {
         #[arg(long, default_value_t = 5.0)]
@@ -538,6 +552,25 @@ fn main() -> anyhow::Result<()> {
                 line.clear();
                 reader.read_line(&mut line)?;
                 thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Cmd::EchoServer { port, tag: _ } => {
+            let listener = TcpListener::bind(("127.0.0.1", port))?;
+            announce(&listener)?;
+            echo_server(listener);
+            loop {
+                thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        Cmd::Requester { addr, count } => {
+            let conn = TcpStream::connect(&addr)?;
+            let mut reader = BufReader::new(conn.try_clone()?);
+            let mut writer = conn;
+            let mut line = String::new();
+            for i in 0..count {
+                writeln!(writer, "request {i}")?;
+                line.clear();
+                reader.read_line(&mut line)?;
             }
         }
         Cmd::Flood { secs } => {

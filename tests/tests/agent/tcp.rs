@@ -431,3 +431,53 @@ fn per_peer_breakdown_is_opt_in_exact_and_capped() {
     // The per-target aggregate still counts everything.
     assert_eq!(hist(&capped, CONNECT, "talker").count, 10.0);
 }
+
+#[test]
+fn same_port_listeners_in_two_network_namespaces_stay_apart() {
+    // Two pods, each with its own network namespace, both serving on the same port.
+    let tag = std::process::id();
+    let agent = Agent::start(&[
+        "--target",
+        &format!("a=cmdline:echo-server --port 40123 --tag a{tag}"),
+        "--target",
+        &format!("b=cmdline:echo-server --port 40123 --tag b{tag}"),
+    ]);
+    let (ns_a, ns_b) = (Netns::new("pod-a"), Netns::new("pod-b"));
+    let mut servers = Vec::new();
+    for (ns, name) in [(&ns_a, "a"), (&ns_b, "b")] {
+        let mut server = Proc::workload_piped(
+            Some(ns),
+            &[
+                "echo-server",
+                "--port",
+                "40123",
+                "--tag",
+                &format!("{name}{tag}"),
+            ],
+        );
+        server.read_line_starting("LISTEN ");
+        servers.push(server);
+    }
+    // Untracked clients: 30 exchanges with pod a, 60 with pod b.
+    for (ns, n) in [(&ns_a, "30"), (&ns_b, "60")] {
+        Proc::workload_piped(
+            Some(ns),
+            &["requester", "--addr", "127.0.0.1:40123", "--count", n],
+        )
+        .finish();
+    }
+    let s = agent.scrape();
+    let (a, b) = (hist(&s, RTT, "a").count, hist(&s, RTT, "b").count);
+    eprintln!("RTT samples on the accepted sockets: a {a}, b {b}");
+    // Each exchange gives its server's socket two samples (the request, then the ACK of the
+    // reply): 60 and 120, give or take the handshake and a delayed ACK. Confused listeners would
+    // give one pod everything and the other nothing.
+    assert!(
+        (55.0..=75.0).contains(&a),
+        "pod a: {a} samples for 30 exchanges (b has {b})"
+    );
+    assert!(
+        (110.0..=140.0).contains(&b),
+        "pod b: {b} samples for 60 exchanges (a has {a})"
+    );
+}
