@@ -7,6 +7,7 @@
 pub mod hist;
 pub mod lost;
 pub mod sched;
+pub mod stacks;
 pub mod syscalls;
 pub mod targets;
 pub mod task;
@@ -30,5 +31,7 @@ mod pod {
     unsafe impl aya::Pod for crate::syscalls::SyscallStats {}
     unsafe impl aya::Pod for crate::tcp::TcpStats {}
     unsafe impl aya::Pod for crate::tcp::PeerKey {}
+    unsafe impl aya::Pod for crate::stacks::CaptureConfig {}
+    unsafe impl aya::Pod for crate::stacks::StackKey {}
     unsafe impl aya::Pod for crate::tcp::PeerStats {}
 }

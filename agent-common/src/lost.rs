@@ -18,8 +18,12 @@ pub const TCP_SOCKETS_FULL: u32 = 5;
 pub const TCP_CONNECTS_FULL: u32 = 6;
 /// A new (target, peer) pair could not be added: the per-peer map is full (`max_peers`).
 pub const TCP_PEERS_FULL: u32 = 7;
+/// A CPU sample whose stack could not be stored (stack map full or hash collision).
+pub const STACK_MISSING: u32 = 8;
+/// A CPU sample with a new stack key did not fit in the sample map.
+pub const SAMPLES_FULL: u32 = 9;
 /// Size of the `LOST` array.
-pub const COUNT: u32 = 8;
+pub const COUNT: u32 = 10;
 
 /// Label value for each reason, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -31,4 +35,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "tcp_sockets_full",
     "tcp_connects_full",
     "tcp_peers_full",
+    "stack_missing",
+    "samples_full",
 ];

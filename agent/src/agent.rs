@@ -10,12 +10,13 @@ use crate::{
     caps::{self, PrivilegeError},
     cli::AgentArgs,
     config::{Config, ConfigError},
+    control,
     ebpf::{self, Kernel, LoadOptions},
     http,
     lost::{LostCollector, UserLost},
     metrics::{AgentMetrics, Metrics, ProbeLabels},
     probes::{self, ProbeError, ProbeStatus},
-    sched,
+    sched, stacks,
     syscalls::{self, Selection},
     targets::TargetSet,
     tcp, tracefs,
@@ -54,7 +55,10 @@ impl AgentError {
 }
 
 pub fn run(args: &AgentArgs) -> Result<(), AgentError> {
-    let config = Config::load(args.config.as_deref(), &args.targets, args.listen)?;
+    let mut config = Config::load(args.config.as_deref(), &args.targets, args.listen)?;
+    if let Some(path) = &args.control_socket {
+        config.control_socket = path.clone();
+    }
     caps::require()?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -208,6 +212,9 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         collectors,
         statuses,
     } = start_probes(&config, &targets);
+    let on_profile = statuses
+        .iter()
+        .any(|s| s.name == stacks::FAMILY.name && s.result.is_ok());
     for s in &statuses {
         agent_metrics
             .probe_attached
@@ -235,6 +242,31 @@ async fn serve(config: Config) -> Result<(), AgentError> {
     );
     tokio::spawn(tracker.run(events, config.rescan_interval));
 
+    // The control API owns the kernel object from here (the profiler attaches per capture);
+    // whichever task holds it keeps every program attached until the agent stops.
+    let _kernel = match control::bind(&config.control_socket).await {
+        Ok(socket) => {
+            let profiler = match kernel {
+                Some(mut k) if on_profile => match stacks::CaptureMaps::take(&mut k) {
+                    Ok(maps) => Ok(stacks::Profiler::new(k, maps, targets.clone())),
+                    Err(e) => Err((Some(k), e.to_string())),
+                },
+                Some(k) => Err((Some(k), "the profile probe is not attached".to_owned())),
+                None => Err((None, "eBPF did not load".to_owned())),
+            };
+            let (keep, profiler) = match profiler {
+                Ok(p) => (None, Ok(p)),
+                Err((k, why)) => (k, Err(why)),
+            };
+            tracing::info!(path = %config.control_socket.display(), "control API listening");
+            tokio::spawn(control::serve(socket, profiler));
+            keep
+        }
+        Err(e) => {
+            tracing::warn!("{e}; flamegraphs are unavailable, everything else runs");
+            kernel
+        }
+    };
     let metrics = Arc::new(metrics);
     metrics.set_ready();
     tracing::info!(%addr, "serving metrics on http://{addr}/metrics");
@@ -242,8 +274,6 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         .with_graceful_shutdown(shutdown())
         .await
         .map_err(AgentError::Serve)?;
-    // The programs stay attached as long as the object lives.
-    drop(kernel);
     tracing::info!("stopped; probes detached");
     Ok(())
 }

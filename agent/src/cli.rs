@@ -22,6 +22,8 @@ pub enum Command {
     Check,
     /// Live per-target summary from a running agent's /metrics.
     Top(TopArgs),
+    /// Capture a flamegraph of a target or process through the running agent.
+    Flamegraph(crate::flamegraph::FlamegraphArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -44,6 +46,9 @@ pub struct AgentArgs {
     pub listen: Option<SocketAddr>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Unix socket of the control API (flamegraphs) [default: /run/pipeprobe/pipeprobe.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -143,6 +143,7 @@ struct FileTcp {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    control_socket: Option<PathBuf>,
     /// "all" or a list of syscall names.
     syscalls: Option<OneOrMany<String>>,
     max_syscall_series_per_target: Option<usize>,
@@ -159,6 +160,8 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Unix socket of the control API.
+    pub control_socket: PathBuf,
     pub targets: TargetSet,
     /// How often /proc is rescanned to catch what events cannot (renames, cgroup moves, lost
     /// events).
@@ -342,6 +345,9 @@ impl Config {
         in_range(&where_, "tcp.max_peers", max_peers, 1, 65_536)?;
 
         Ok(Config {
+            control_socket: file
+                .control_socket
+                .unwrap_or_else(|| crate::control::DEFAULT_SOCKET.into()),
             listen: cli_listen
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),

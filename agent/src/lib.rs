@@ -7,12 +7,15 @@ pub mod caps;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod ebpf;
+pub mod flamegraph;
 pub mod http;
 pub mod lost;
 pub mod metrics;
 pub mod probes;
 pub mod sched;
+pub mod stacks;
 pub mod syscalls;
 pub mod targets;
 pub mod tcp;
@@ -62,6 +65,13 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Command::Flamegraph(args) => match flamegraph::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pipeprobe: error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::Top(args) => {
             let interval = std::time::Duration::from_secs_f64(args.interval.max(0.1));
             match top::run(&args.url, interval, args.count) {

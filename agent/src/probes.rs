@@ -4,11 +4,11 @@
 //! (`pipeprobe_probe_attached{probe} 0`, the log, `pipeprobe check`); the others keep running.
 use aya::{
     Btf, Ebpf,
-    programs::{BtfTracePoint, TracePoint},
+    programs::{BtfTracePoint, PerfEvent, TracePoint},
 };
 use thiserror::Error;
 
-use crate::{sched, syscalls, tcp, tracker};
+use crate::{sched, stacks, syscalls, tcp, tracker};
 
 /// Every family, in attach order (a family's `needs` comes before it).
 pub const FAMILIES: &[&Family] = &[
@@ -17,6 +17,7 @@ pub const FAMILIES: &[&Family] = &[
     &syscalls::FAMILY,
     &tcp::FAMILY,
     &tcp::RTT_FAMILY,
+    &stacks::FAMILY,
 ];
 
 /// Names accepted in `probes.disable`.
@@ -26,6 +27,7 @@ pub const NAMES: &[&str] = &[
     syscalls::FAMILY.name,
     tcp::FAMILY.name,
     tcp::RTT_FAMILY.name,
+    stacks::FAMILY.name,
 ];
 
 /// Where a program attaches.
@@ -33,6 +35,9 @@ pub const NAMES: &[&str] = &[
 pub enum Hook {
     /// A BTF-enabled tracepoint (`tp_btf/<event>`): typed arguments, no tracefs needed.
     BtfTracepoint(&'static str),
+    /// A perf_event program: loaded at start, attached to the CPUs' perf events only while a
+    /// capture runs.
+    PerfEvent,
     /// A classic tracepoint (attached through tracefs; fields at offsets from its format file).
     Tracepoint {
         category: &'static str,
@@ -45,6 +50,7 @@ impl std::fmt::Display for Hook {
         match self {
             Hook::BtfTracepoint(event) => write!(f, "tp_btf/{event}"),
             Hook::Tracepoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
+            Hook::PerfEvent => write!(f, "perf_event (software cpu-clock)"),
         }
     }
 }
@@ -170,6 +176,7 @@ fn unload(bpf: &mut Ebpf, spec: &ProgramSpec) {
     let _ = match spec.hook {
         Hook::BtfTracepoint(_) => <&mut BtfTracePoint>::try_from(prog).map(|p| p.unload()),
         Hook::Tracepoint { .. } => <&mut TracePoint>::try_from(prog).map(|p| p.unload()),
+        Hook::PerfEvent => <&mut PerfEvent>::try_from(prog).map(|p| p.unload()),
     };
 }
 
@@ -198,6 +205,19 @@ fn attach_one(
                 source: Box::new(source),
             })?;
             tp.attach().map_err(|source| ProbeError::Attach {
+                program,
+                hook,
+                requires,
+                source: Box::new(source),
+            })?;
+        }
+        Hook::PerfEvent => {
+            let pe: &mut PerfEvent = prog.try_into().map_err(|source| ProbeError::WrongType {
+                program,
+                hook,
+                source: Box::new(source),
+            })?;
+            pe.load().map_err(|source| ProbeError::Load {
                 program,
                 hook,
                 requires,

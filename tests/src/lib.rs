@@ -153,6 +153,8 @@ pub struct Agent {
     proc: Proc,
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    /// Holds this agent's own control socket (tests run several agents).
+    dir: tempfile::TempDir,
 }
 
 impl Agent {
@@ -163,11 +165,20 @@ impl Agent {
 
     /// Starts the agent through `cmd` (a wrapper like setpriv, whose last argument is the agent).
     pub fn start_with(mut cmd: Command, args: &[&str]) -> Self {
-        cmd.args(["agent", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let dir = tempfile::tempdir().expect("temp dir");
+        cmd.args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--control-socket",
+        ])
+        .arg(dir.path().join("control.sock"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         let mut proc = Proc::spawn(&mut cmd);
         let stderr = proc.0.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -182,7 +193,12 @@ impl Agent {
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => Self { proc, addr, log },
+            Ok(addr) => Self {
+                proc,
+                addr,
+                log,
+                dir,
+            },
             Err(_) => {
                 let status = proc.0.try_wait();
                 panic!(
@@ -195,6 +211,21 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// Runs `pipeprobe flamegraph ARGS` against this agent.
+    pub fn flamegraph(&self, args: &[&str]) -> std::process::Output {
+        Command::new(pipeprobe_bin())
+            .arg("flamegraph")
+            .args(args)
+            .arg("--control-socket")
+            .arg(self.control_socket())
+            .output()
+            .expect("pipeprobe flamegraph runs")
     }
 
     pub fn log(&self) -> String {

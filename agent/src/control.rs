@@ -1,0 +1,246 @@
+//! The control API: a Unix socket (mode 0600 in a 0700 directory, peers checked to be root or
+//! the agent's own user), never the metrics port. One JSON request line per connection, then
+//! JSON response lines: `queued` while another capture runs, then `done` or `error`.
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::stacks::{self, Profiler, Subject};
+
+pub const DEFAULT_SOCKET: &str = "/run/pipeprobe/pipeprobe.sock";
+/// Requests are a few hundred bytes; anything larger is refused unread.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// Longest capture accepted.
+pub const MAX_DURATION: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("cannot create the control socket directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another agent is serving the control socket {path}; stop it or pass --control-socket")]
+    InUse { path: PathBuf },
+    #[error("cannot listen on the control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Cpu,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlamegraphRequest {
+    pub target: Option<String>,
+    pub pid: Option<u32>,
+    pub duration_ms: u64,
+    pub mode: Mode,
+    pub hz: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Request {
+    Flamegraph(FlamegraphRequest),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    /// Another capture runs; this one starts after it.
+    Queued {
+        ahead: usize,
+    },
+    Done {
+        folded: String,
+        samples: u64,
+        notes: Vec<String>,
+    },
+    Error(String),
+}
+
+/// Binds the socket with root-only permissions, replacing a stale socket file.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ControlError::InUse {
+                path: path.to_owned(),
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Captures run one at a time; later requests wait in order and are told so.
+struct Captures {
+    profiler: Option<tokio::sync::Mutex<Profiler>>,
+    unavailable: String,
+    running: tokio::sync::Mutex<()>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+pub async fn serve(listener: UnixListener, profiler: Result<Profiler, String>) {
+    let (profiler, unavailable) = match profiler {
+        Ok(p) => (Some(tokio::sync::Mutex::new(p)), String::new()),
+        Err(e) => (None, e),
+    };
+    let captures = Arc::new(Captures {
+        profiler,
+        unavailable,
+        running: tokio::sync::Mutex::new(()),
+        waiting: Default::default(),
+    });
+    // SAFETY: geteuid has no preconditions.
+    let own_uid = unsafe { libc::geteuid() };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let allowed = stream
+            .peer_cred()
+            .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
+        let captures = captures.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, allowed, &captures).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+async fn send(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> std::io::Result<()> {
+    if !allowed {
+        return send(
+            &mut stream,
+            &Response::Error("permission denied: the control API is for root".into()),
+        )
+        .await;
+    }
+    let mut line = String::new();
+    let (read, _) = stream.split();
+    let n = BufReader::new(read.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    if n as u64 >= MAX_REQUEST && !line.ends_with('\n') {
+        return send(
+            &mut stream,
+            &Response::Error(format!("request larger than {MAX_REQUEST} bytes")),
+        )
+        .await;
+    }
+    let request: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return send(
+                &mut stream,
+                &Response::Error(format!("malformed request: {e}")),
+            )
+            .await;
+        }
+    };
+    let response = match request {
+        Request::Flamegraph(req) => flamegraph(&mut stream, req, captures).await?,
+    };
+    send(&mut stream, &response).await
+}
+
+async fn flamegraph(
+    stream: &mut UnixStream,
+    req: FlamegraphRequest,
+    captures: &Captures,
+) -> std::io::Result<Response> {
+    let Some(profiler) = captures.profiler.as_ref() else {
+        return Ok(Response::Error(format!(
+            "profiling is unavailable on this node: {}",
+            captures.unavailable
+        )));
+    };
+    let subject = match (req.target, req.pid) {
+        (Some(t), None) => Subject::Target(t),
+        (None, Some(p)) => Subject::Pid(p),
+        _ => return Ok(Response::Error("give exactly one of target and pid".into())),
+    };
+    let duration = Duration::from_millis(req.duration_ms);
+    if duration.is_zero() || duration > MAX_DURATION {
+        return Ok(Response::Error(format!(
+            "duration must be between 1 ms and {} s",
+            MAX_DURATION.as_secs()
+        )));
+    }
+    if !(1..=1000).contains(&req.hz) {
+        return Ok(Response::Error("hz must be between 1 and 1000".into()));
+    }
+    let cfg = match profiler.lock().await.resolve(&subject) {
+        Ok(c) => c,
+        Err(e) => return Ok(Response::Error(e.to_string())),
+    };
+    use std::sync::atomic::Ordering;
+    let ahead = captures.waiting.fetch_add(1, Ordering::SeqCst);
+    let guard = match captures.running.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            send(
+                stream,
+                &Response::Queued {
+                    ahead: ahead.max(1),
+                },
+            )
+            .await?;
+            captures.running.lock().await
+        }
+    };
+    let result = stacks::run(profiler, cfg, req.hz, duration).await;
+    drop(guard);
+    captures.waiting.fetch_sub(1, Ordering::SeqCst);
+    Ok(match result {
+        Ok(c) => Response::Done {
+            folded: c.folded(),
+            samples: c.samples,
+            notes: c.notes,
+        },
+        Err(e) => Response::Error(e.to_string()),
+    })
+}

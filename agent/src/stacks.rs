@@ -1,0 +1,532 @@
+//! CPU stack sampling for flamegraphs: the user-space half of `agent-ebpf/src/stacks.rs`.
+//!
+//! The program is loaded at start (so `check` and `probe_attached` tell whether it can run) but
+//! attached to the cpu-clock perf events of every CPU only while a capture runs: between
+//! captures it costs nothing. At the end of a capture the counted (process, user stack, kernel
+//! stack) keys are read once, symbolized with blazesym (ELF and DWARF symbols through
+//! /proc/PID/map_files, so binaries of containers and deleted files work; perf maps for JIT
+//! frames such as CPython's `-X perf`; /proc/kallsyms for the kernel), folded and cleared.
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use agent_common::{
+    NO_TARGET,
+    stacks::{CaptureConfig, StackKey},
+};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, StackTraceMap},
+    programs::{
+        PerfEvent,
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+    },
+};
+use blazesym::{
+    Pid,
+    symbolize::{
+        Input, Symbolized, Symbolizer,
+        source::{Kernel as KernelSource, Process, Source},
+    },
+};
+use thiserror::Error;
+
+use crate::{
+    ebpf::Kernel,
+    probes::{Family, Hook, ProgramSpec},
+    targets::TargetSet,
+};
+
+pub const FAMILY: Family = Family {
+    name: "profile",
+    requires: "perf_event programs on the software cpu-clock with bpf_get_stackid",
+    needs: None,
+    programs: &[ProgramSpec {
+        program: "cpu_sample",
+        hook: Hook::PerfEvent,
+    }],
+};
+
+const PROGRAM: &str = "cpu_sample";
+
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    #[error("profiling is unavailable: {0}")]
+    Unavailable(String),
+    #[error("unknown target `{name}`; configured targets: {known}")]
+    UnknownTarget { name: String, known: String },
+    #[error("no process {pid} on this node")]
+    NoProcess { pid: u32 },
+    #[error("cannot attach the sampler to CPU {cpu}: {source}")]
+    Attach {
+        cpu: u32,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("cannot read or reset the capture maps: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+/// What a capture samples.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    Target(String),
+    Pid(u32),
+}
+
+/// A finished capture: folded stacks (root frame first) with their sample counts.
+#[derive(Debug, Default)]
+pub struct Capture {
+    pub stacks: Vec<(String, u64)>,
+    pub samples: u64,
+    pub notes: Vec<String>,
+}
+
+impl Capture {
+    /// Brendan Gregg's folded format, one `frame;frame;... count` line per stack.
+    pub fn folded(&self) -> String {
+        let mut out = String::new();
+        for (stack, count) in &self.stacks {
+            out.push_str(stack);
+            out.push(' ');
+            out.push_str(&count.to_string());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The maps a capture drives.
+pub struct CaptureMaps {
+    config: Array<MapData, CaptureConfig>,
+    samples: BpfHashMap<MapData, StackKey, u64>,
+    stacks: StackTraceMap<MapData>,
+}
+
+impl CaptureMaps {
+    pub fn take(kernel: &mut Kernel) -> Result<Self, crate::ebpf::LoadError> {
+        Ok(Self {
+            config: kernel.take_map("CAPTURE")?,
+            samples: kernel.take_map("CPU_SAMPLES")?,
+            stacks: kernel.take_map("STACKS")?,
+        })
+    }
+}
+
+pub struct Profiler {
+    kernel: Kernel,
+    targets: Arc<TargetSet>,
+    config: Array<MapData, CaptureConfig>,
+    samples: BpfHashMap<MapData, StackKey, u64>,
+    stacks: StackTraceMap<MapData>,
+    /// Mappings of the profiled process, taken at start, for when it exits mid-capture.
+    snapshots: HashMap<u32, Mappings>,
+}
+
+impl Profiler {
+    /// The kernel object moves in because the program is attached per capture.
+    pub fn new(kernel: Kernel, maps: CaptureMaps, targets: Arc<TargetSet>) -> Self {
+        let CaptureMaps {
+            config,
+            samples,
+            stacks,
+        } = maps;
+        Self {
+            kernel,
+            targets,
+            config,
+            samples,
+            stacks,
+            snapshots: HashMap::new(),
+        }
+    }
+
+    /// Checks what a capture selects, before it starts.
+    pub fn resolve(&self, subject: &Subject) -> Result<CaptureConfig, CaptureError> {
+        match subject {
+            Subject::Target(name) => {
+                let id = self
+                    .targets
+                    .iter()
+                    .find(|(_, t)| &t.name == name)
+                    .map(|(id, _)| id)
+                    .ok_or_else(|| CaptureError::UnknownTarget {
+                        name: name.clone(),
+                        known: self
+                            .targets
+                            .iter()
+                            .map(|(_, t)| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })?;
+                Ok(CaptureConfig {
+                    active: 1,
+                    target: id,
+                    pid: 0,
+                    _pad: 0,
+                })
+            }
+            Subject::Pid(pid) => {
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    return Err(CaptureError::NoProcess { pid: *pid });
+                }
+                Ok(CaptureConfig {
+                    active: 1,
+                    target: NO_TARGET,
+                    pid: *pid,
+                    _pad: 0,
+                })
+            }
+        }
+    }
+
+    fn program(&mut self) -> &mut PerfEvent {
+        self.kernel
+            .bpf
+            .program_mut(PROGRAM)
+            .and_then(|p| <&mut PerfEvent>::try_from(p).ok())
+            .expect("cpu_sample is a perf_event program of the object")
+    }
+
+    /// Attaches the sampler on every online CPU at `hz` and starts selecting `cfg`.
+    pub fn start(
+        &mut self,
+        cfg: CaptureConfig,
+        hz: u64,
+    ) -> Result<Vec<PerfEventLinkId>, CaptureError> {
+        self.reset()?;
+        self.snapshots.clear();
+        if cfg.pid != 0 {
+            self.snapshots
+                .insert(cfg.pid, Mappings::read(cfg.pid, true));
+        }
+        self.config.set(0, cfg, 0)?;
+        let cpus = aya::util::online_cpus()
+            .map_err(|(_, e)| CaptureError::Unavailable(format!("cannot list CPUs: {e}")))?;
+        let mut links = Vec::new();
+        for cpu in cpus {
+            let link = self.program().attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(hz),
+                false,
+            );
+            match link {
+                Ok(l) => links.push(l),
+                Err(source) => {
+                    self.stop(links);
+                    return Err(CaptureError::Attach {
+                        cpu,
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    /// Detaches the sampler and stops selecting.
+    pub fn stop(&mut self, links: Vec<PerfEventLinkId>) {
+        for l in links {
+            let _ = self.program().detach(l);
+        }
+        let _ = self.config.set(0, CaptureConfig::default(), 0);
+    }
+
+    fn reset(&mut self) -> Result<(), CaptureError> {
+        let keys: Vec<StackKey> = self.samples.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.samples.remove(&k);
+        }
+        let ids: Vec<u32> = self.stacks.stack_ids().filter_map(Result::ok).collect();
+        for id in ids {
+            let _ = self.stacks.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Reads, symbolizes and folds what the capture counted, then clears the maps.
+    pub fn collect(&mut self) -> Result<Capture, CaptureError> {
+        let counts: Vec<(StackKey, u64)> = self.samples.iter().filter_map(Result::ok).collect();
+        let stack = |id: i32| -> Vec<u64> {
+            if id < 0 {
+                return Vec::new();
+            }
+            self.stacks
+                .get(&(id as u32), 0)
+                .map(|t| t.frames().iter().map(|f| f.ip).rev().collect())
+                .unwrap_or_default()
+        };
+        let raw: Vec<(u32, Vec<u64>, Vec<u64>, u64)> = counts
+            .iter()
+            .map(|(k, c)| (k.tgid, stack(k.user_stack), stack(k.kernel_stack), *c))
+            .collect();
+        self.reset()?;
+        let snapshots = std::mem::take(&mut self.snapshots);
+        Ok(fold(raw, &snapshots))
+    }
+}
+
+/// Symbolizes and folds `(tgid, user ips root-first, kernel ips root-first, count)`;
+/// `snapshots` hold the mappings of processes taken at capture start.
+fn fold(raw: Vec<(u32, Vec<u64>, Vec<u64>, u64)>, snapshots: &HashMap<u32, Mappings>) -> Capture {
+    let symbolizer = Symbolizer::new();
+    let mut names: HashMap<(u32, u64), String> = HashMap::new();
+    let mut by_pid: HashMap<u32, Vec<u64>> = HashMap::new();
+    let mut kernel_ips: Vec<u64> = Vec::new();
+    for (tgid, user, kernel, _) in &raw {
+        by_pid.entry(*tgid).or_default().extend(user);
+        kernel_ips.extend(kernel);
+    }
+    let mut notes = Vec::new();
+    for (pid, mut ips) in by_pid {
+        ips.sort_unstable();
+        ips.dedup();
+        if !alive(pid) {
+            notes.push(format!(
+                "process {pid} exited during the capture: this is what was sampled before"
+            ));
+            let empty = Mappings::default();
+            let snap = snapshots.get(&pid).unwrap_or(&empty);
+            let found = snap.symbolize(&symbolizer, &ips);
+            for ip in &ips {
+                names.insert(
+                    (pid, *ip),
+                    found.get(ip).cloned().unwrap_or_else(|| snap.unknown(*ip)),
+                );
+            }
+            continue;
+        }
+        let maps = Mappings::read(pid, false);
+        let src = Source::Process(Process::new(Pid::from(pid)));
+        let syms = match symbolizer.symbolize(&src, Input::AbsAddr(&ips)) {
+            Ok(s) => s,
+            Err(e) => {
+                notes.push(format!(
+                    "frames of process {pid} could not be symbolized: {e}"
+                ));
+                Vec::new()
+            }
+        };
+        for (i, ip) in ips.iter().enumerate() {
+            let name = match syms.get(i) {
+                Some(Symbolized::Sym(s)) => s.name.to_string(),
+                _ => maps.unknown(*ip),
+            };
+            names.insert((pid, *ip), name);
+        }
+    }
+    kernel_ips.sort_unstable();
+    kernel_ips.dedup();
+    let ksyms = symbolizer
+        .symbolize(
+            &Source::Kernel(KernelSource::default()),
+            Input::AbsAddr(&kernel_ips),
+        )
+        .unwrap_or_default();
+    for (i, ip) in kernel_ips.iter().enumerate() {
+        let name = match ksyms.get(i) {
+            Some(Symbolized::Sym(s)) => s.name.to_string(),
+            _ => format!("[unknown] [kernel]+{ip:#x}"),
+        };
+        names.insert((0, *ip), format!("{name}_[k]"));
+    }
+
+    let mut folded: HashMap<String, u64> = HashMap::new();
+    let mut samples = 0;
+    for (tgid, user, kernel, count) in raw {
+        let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_else(|_| "[exited]".into());
+        let mut frames = vec![sanitize(&comm), tgid.to_string()];
+        frames.extend(user.iter().map(|ip| sanitize(&names[&(tgid, *ip)])));
+        frames.extend(kernel.iter().map(|ip| sanitize(&names[&(0, *ip)])));
+        *folded.entry(frames.join(";")).or_default() += count;
+        samples += count;
+    }
+    let mut stacks: Vec<(String, u64)> = folded.into_iter().collect();
+    stacks.sort();
+    Capture {
+        stacks,
+        samples,
+        notes,
+    }
+}
+
+/// Folded format separators cannot appear inside a frame.
+fn sanitize(frame: &str) -> String {
+    frame.replace([';', '\n'], "_")
+}
+
+/// One executable mapping of a process.
+struct Mapping {
+    lo: u64,
+    hi: u64,
+    offset: u64,
+    module: String,
+    /// The mapped file, held open (through /proc/PID/map_files) so that it can still be read
+    /// after the process exits or the file is deleted.
+    file: Option<std::fs::File>,
+}
+
+/// A process's executable mappings: to name frames no symbol covers, and to symbolize the
+/// frames of a process that exited before the capture ended.
+#[derive(Default)]
+struct Mappings(Vec<Mapping>);
+
+impl Mappings {
+    /// `open`: also hold the mapped files open (a snapshot taken at capture start).
+    fn read(pid: u32, open: bool) -> Self {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        Self(
+            text.lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (range, perms, offset) = (f.next()?, f.next()?, f.next()?);
+                    let path = f.nth(2).unwrap_or("[anon]");
+                    perms.contains('x').then_some(())?;
+                    let (lo, hi) = range.split_once('-')?;
+                    let file = (open && path.starts_with('/'))
+                        .then(|| std::fs::File::open(format!("/proc/{pid}/map_files/{range}")).ok())
+                        .flatten();
+                    Some(Mapping {
+                        lo: u64::from_str_radix(lo, 16).ok()?,
+                        hi: u64::from_str_radix(hi, 16).ok()?,
+                        offset: u64::from_str_radix(offset, 16).ok()?,
+                        module: path.rsplit('/').next().unwrap_or(path).to_owned(),
+                        file,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    fn find(&self, ip: u64) -> Option<(usize, &Mapping)> {
+        self.0
+            .iter()
+            .enumerate()
+            .find(|(_, m)| (m.lo..m.hi).contains(&ip))
+    }
+
+    /// `[unknown] module+0xOFFSET` (file offset), or the raw address outside any mapping.
+    fn unknown(&self, ip: u64) -> String {
+        match self.find(ip) {
+            Some((_, m)) => format!("[unknown] {}+{:#x}", m.module, ip - m.lo + m.offset),
+            None => format!("[unknown] {ip:#x}"),
+        }
+    }
+
+    /// Symbolizes `ips` from the held files, by file offset, for a process that is gone.
+    fn symbolize(&self, symbolizer: &Symbolizer, ips: &[u64]) -> HashMap<u64, String> {
+        let mut by_mapping: HashMap<usize, Vec<u64>> = HashMap::new();
+        for ip in ips {
+            if let Some((i, _)) = self.find(*ip) {
+                by_mapping.entry(i).or_default().push(*ip);
+            }
+        }
+        let mut out = HashMap::new();
+        for (i, ips) in by_mapping {
+            let m = &self.0[i];
+            let Some(file) = &m.file else { continue };
+            let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+            let offsets: Vec<u64> = ips.iter().map(|ip| ip - m.lo + m.offset).collect();
+            let src = Source::Elf(blazesym::symbolize::source::Elf::new(path));
+            if let Ok(syms) = symbolizer.symbolize(&src, Input::FileOffset(&offsets)) {
+                for (ip, sym) in ips.iter().zip(syms) {
+                    if let Symbolized::Sym(s) = sym {
+                        out.insert(*ip, s.name.to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether `pid` still runs (a zombie has no address space left to symbolize).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+        })
+        .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+}
+
+/// Runs a whole capture: start, wait, collect. `profiler` is only locked while touching maps.
+pub async fn run(
+    profiler: &tokio::sync::Mutex<Profiler>,
+    cfg: CaptureConfig,
+    hz: u64,
+    duration: Duration,
+) -> Result<Capture, CaptureError> {
+    let links = profiler.lock().await.start(cfg, hz)?;
+    tokio::time::sleep(duration).await;
+    let mut p = profiler.lock().await;
+    p.stop(links);
+    let subject_alive =
+        cfg.pid == 0 || std::path::Path::new(&format!("/proc/{}", cfg.pid)).exists();
+    let mut capture = tokio::task::block_in_place(|| p.collect())?;
+    if !subject_alive {
+        capture.notes.push(format!(
+            "process {} exited during the capture: this is what was sampled before",
+            cfg.pid
+        ));
+    }
+    Ok(capture)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_frames_name_module_and_offset() {
+        let m = Mappings(vec![Mapping {
+            lo: 0x1000,
+            hi: 0x2000,
+            offset: 0x400,
+            module: "libfoo.so".into(),
+            file: None,
+        }]);
+        assert_eq!(m.unknown(0x1010), "[unknown] libfoo.so+0x410");
+        assert_eq!(m.unknown(0x9000), "[unknown] 0x9000");
+    }
+
+    #[test]
+    fn folds_own_process_stacks() {
+        // A stack made of this test's own code address symbolizes to a real name.
+        let ip = folds_own_process_stacks as *const () as usize as u64;
+        let me = std::process::id();
+        let c = fold(
+            vec![(me, vec![ip], vec![], 3), (me, vec![ip], vec![], 2)],
+            &HashMap::new(),
+        );
+        assert_eq!(c.samples, 5);
+        assert_eq!(c.stacks.len(), 1);
+        let (stack, count) = &c.stacks[0];
+        assert_eq!(*count, 5);
+        assert!(
+            stack.contains(&me.to_string()) && stack.contains("folds_own_process_stacks"),
+            "{stack}"
+        );
+        assert!(c.folded().ends_with(" 5\n"));
+    }
+
+    #[test]
+    fn a_gone_process_is_symbolized_from_its_snapshot() {
+        // Our own mappings, held open, resolve our own code by file offset.
+        let me = std::process::id();
+        let snap = Mappings::read(me, true);
+        let ip = a_gone_process_is_symbolized_from_its_snapshot as *const () as usize as u64;
+        let names = snap.symbolize(&Symbolizer::new(), &[ip]);
+        assert!(
+            names
+                .get(&ip)
+                .is_some_and(|n| n.contains("a_gone_process_is_symbolized_from_its_snapshot")),
+            "{names:?}"
+        );
+        assert!(alive(me));
+        assert!(!alive(u32::MAX));
+    }
+}

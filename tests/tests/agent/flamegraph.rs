@@ -1,0 +1,300 @@
+//! On-demand CPU flamegraphs through the control socket, against a program whose answer is known.
+use std::{path::Path, process::Command, time::Duration};
+
+use pipeprobe_tests::{Agent, Proc, pipeprobe_bin};
+
+/// hot_a burns ~3x as long as hot_b per loop; built with frame pointers.
+const HOT_C: &str = r#"
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+static volatile uint64_t sink;
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+__attribute__((noinline)) void burn(double secs) {
+    double end = now() + secs; uint64_t x = 1;
+    while (now() < end) for (int i = 0; i < 1000; i++) x = x * 6364136223846793005ULL + 1;
+    sink = x;
+}
+__attribute__((noinline)) void hot_a(void) { burn(0.003); }
+__attribute__((noinline)) void hot_b(void) { burn(0.001); }
+int main(int argc, char **argv) {
+    double end = now() + (argc > 1 ? atof(argv[1]) : 10);
+    while (now() < end) { hot_a(); hot_b(); }
+    return 0;
+}
+"#;
+
+fn build_hot(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("hot.c");
+    let bin = dir.join("hot");
+    std::fs::write(&src, HOT_C).unwrap();
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-fno-inline", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("gcc is needed for the flamegraph tests");
+    assert!(
+        out.status.success(),
+        "gcc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Samples whose stack has `frame` in it.
+fn weight(folded: &str, frame: &str) -> u64 {
+    folded
+        .lines()
+        .filter(|l| {
+            l.rsplit_once(' ')
+                .is_some_and(|(s, _)| s.split(';').any(|f| f == frame))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn cpu_flamegraph_weights_match_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let hot = build_hot(dir.path());
+    let p = Proc::spawn(Command::new(&hot).arg("20"));
+    let agent = Agent::start(&["--target", &format!("hot=pid:{}", p.pid())]);
+    let out = dir.path().join("hot.folded");
+    let o = agent.flamegraph(&[
+        "--target",
+        "hot",
+        "--duration",
+        "3s",
+        "--hz",
+        "199",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let folded = std::fs::read_to_string(&out).unwrap();
+    let (a, b) = (weight(&folded, "hot_a"), weight(&folded, "hot_b"));
+    eprintln!(
+        "hot_a {a} samples, hot_b {b} samples, ratio {}",
+        a as f64 / b as f64
+    );
+    assert!(b > 0, "hot_b missing:\n{folded}");
+    let ratio = a as f64 / b as f64;
+    assert!(
+        (2.0..=4.5).contains(&ratio),
+        "hot_a/hot_b = {ratio} ({a}/{b})\n{folded}"
+    );
+    // Root frames: process name, then pid.
+    for line in folded.lines() {
+        let mut frames = line.split(';');
+        assert_eq!(frames.next(), Some("hot"), "{line}");
+        assert_eq!(frames.next(), Some(p.pid().to_string().as_str()), "{line}");
+    }
+    // 3 s at 199 Hz of a single busy thread: about 600 samples.
+    let total: u64 = folded
+        .lines()
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    assert!(
+        (400..=700).contains(&total),
+        "{total} samples for 3 s at 199 Hz"
+    );
+
+    let svg = dir.path().join("hot.svg");
+    let o = agent.flamegraph(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--duration",
+        "1s",
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.starts_with("<?xml") && text.contains("<svg"),
+        "not an SVG"
+    );
+    assert!(
+        text.contains("pipeprobe cpu flamegraph: pid") && text.contains("samples"),
+        "title missing"
+    );
+    assert!(text.contains("hot_a"), "frames missing from the SVG");
+}
+
+#[test]
+fn bad_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let hot = build_hot(dir.path());
+    let p = Proc::spawn(Command::new(&hot).arg("20"));
+    let agent = Agent::start(&["--target", &format!("hot=pid:{}", p.pid())]);
+    let out = dir.path().join("x.svg");
+    let out = out.to_str().unwrap();
+    let check = |args: &[&str], code: i32, needle: &str| {
+        let o = agent.flamegraph(args);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(needle),
+            "{args:?}: `{needle}` missing from: {}",
+            stderr(&o)
+        );
+    };
+    check(
+        &["--target", "nope", "--duration", "1s", "--out", out],
+        1,
+        "unknown target `nope`; configured targets: hot",
+    );
+    check(
+        &["--pid", "999999999", "--duration", "1s", "--out", out],
+        1,
+        "no process 999999999",
+    );
+    check(
+        &["--target", "hot", "--duration", "0s", "--out", out],
+        2,
+        "--duration",
+    );
+    check(
+        &["--target", "hot", "--duration", "11m", "--out", out],
+        2,
+        "at most 600s",
+    );
+    check(
+        &["--target", "hot", "--min-duration", "5ms", "--out", out],
+        2,
+        "--min-duration",
+    );
+    check(
+        &[
+            "--target",
+            "hot",
+            "--duration",
+            "1s",
+            "--out",
+            "/nonexistent-dir/x.svg",
+        ],
+        2,
+        "cannot write /nonexistent-dir/x.svg",
+    );
+    check(
+        &["--target", "hot", "--duration", "1s", "--out", "x.png"],
+        2,
+        "--format",
+    );
+    let o = Command::new(pipeprobe_bin())
+        .args([
+            "flamegraph",
+            "--target",
+            "hot",
+            "--out",
+            out,
+            "--control-socket",
+            "/nonexistent/pp.sock",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is `pipeprobe agent` running"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn control_socket_is_root_only() {
+    let agent = Agent::start(&["--target", "x=pid:1"]);
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(agent.control_socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let dir_mode = std::fs::metadata(agent.control_socket().parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o700, "directory mode {dir_mode:o}");
+    // An unprivileged user cannot even connect.
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(pipeprobe_bin())
+        .args([
+            "flamegraph",
+            "--target",
+            "x",
+            "--duration",
+            "1s",
+            "--out",
+            "/tmp/pp-nobody.svg",
+            "--control-socket",
+        ])
+        .arg(agent.control_socket())
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("are you root") || stderr(&o).contains("cannot write"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn concurrent_captures_queue_and_a_dying_process_keeps_its_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let hot = build_hot(dir.path());
+    // Lives 1.5 s into a 3 s capture.
+    let short = Proc::spawn(Command::new(&hot).arg("2"));
+    let agent = Agent::start(&["--target", &format!("short=pid:{}", short.pid())]);
+    let first_out = dir.path().join("first.folded");
+    let second_out = dir.path().join("second.folded");
+    let first = Command::new(pipeprobe_bin())
+        .args([
+            "flamegraph",
+            "--pid",
+            &short.pid().to_string(),
+            "--duration",
+            "3s",
+            "--out",
+        ])
+        .arg(&first_out)
+        .arg("--control-socket")
+        .arg(agent.control_socket())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = agent.flamegraph(&[
+        "--target",
+        "short",
+        "--duration",
+        "1s",
+        "--out",
+        second_out.to_str().unwrap(),
+    ]);
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("queued"),
+        "second capture did not say it waited: {}",
+        stderr(&second)
+    );
+    assert!(
+        stderr(&first).contains("exited during the capture"),
+        "{}",
+        stderr(&first)
+    );
+    let folded = std::fs::read_to_string(&first_out).unwrap();
+    assert!(
+        weight(&folded, "hot_a") > 0,
+        "what was sampled before the exit is kept:\n{folded}"
+    );
+}
