@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -17,6 +17,8 @@ use crate::control::{self, FlamegraphRequest, Mode, Request, Response};
 pub enum Format {
     Svg,
     Folded,
+    /// Gzipped pprof protobuf, for `go tool pprof`, Pyroscope, Parca.
+    Pprof,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -47,7 +49,7 @@ pub struct FlamegraphArgs {
     /// Output file.
     #[arg(long)]
     pub out: PathBuf,
-    /// Output format [default: from the file extension: .svg, .folded or .txt].
+    /// Output format [default: from the file extension: .svg, .folded or .txt, .pb.gz or .pprof].
     #[arg(long, value_enum)]
     pub format: Option<Format>,
     /// The agent's control socket.
@@ -118,8 +120,10 @@ fn format_of(args: &FlamegraphArgs) -> Result<Format, FlamegraphError> {
     match args.out.extension().and_then(|e| e.to_str()) {
         Some("svg") => Ok(Format::Svg),
         Some("folded" | "txt") => Ok(Format::Folded),
+        Some("pb" | "pprof") => Ok(Format::Pprof),
+        Some("gz") if args.out.to_string_lossy().ends_with(".pb.gz") => Ok(Format::Pprof),
         _ => Err(FlamegraphError::BadInput(format!(
-            "cannot tell the format of {} from its extension: use .svg or .folded, or pass --format",
+            "cannot tell the format of {} from its extension: use .svg, .folded or .pb.gz, or pass --format",
             args.out.display()
         ))),
     }
@@ -170,15 +174,18 @@ fn title(args: &FlamegraphArgs, samples: u64) -> String {
 }
 
 fn render(
-    path: &Path,
+    args: &FlamegraphArgs,
     format: Format,
     title: &str,
     folded: &str,
     notes: &[String],
 ) -> std::io::Result<()> {
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&args.out)?);
     match format {
         Format::Folded => file.write_all(folded.as_bytes())?,
+        Format::Pprof => {
+            file.write_all(&crate::pprof::from_folded(folded, args.hz, args.duration)?)?
+        }
         Format::Svg => {
             let mut opts = inferno::flamegraph::Options::default();
             opts.title = title.to_owned();
@@ -238,7 +245,7 @@ pub fn run(args: &FlamegraphArgs) -> Result<(), FlamegraphError> {
                     eprintln!("note: {n}");
                 }
                 let title = title(args, samples);
-                render(&args.out, format, &title, &folded, &notes).map_err(|source| {
+                render(args, format, &title, &folded, &notes).map_err(|source| {
                     FlamegraphError::Output {
                         path: args.out.clone(),
                         source,

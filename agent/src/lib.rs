@@ -13,6 +13,7 @@ pub mod flamegraph;
 pub mod http;
 pub mod lost;
 pub mod metrics;
+pub mod pprof;
 pub mod probes;
 pub mod sched;
 pub mod stacks;

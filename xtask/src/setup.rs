@@ -16,6 +16,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "the reference for kernel BTF offsets"),
     ("curl", "content negotiation test"),
     ("util-linux", "setpriv and unshare for privilege tests"),
+    (
+        "golang-go",
+        "`go tool pprof`, the reference reader of pprof output",
+    ),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -124,6 +124,35 @@ fn cpu_flamegraph_weights_match_the_program() {
         "title missing"
     );
     assert!(text.contains("hot_a"), "frames missing from the SVG");
+
+    // pprof, read by the reference tool.
+    let pb = dir.path().join("hot.pb.gz");
+    let o = agent.flamegraph(&[
+        "--target",
+        "hot",
+        "--duration",
+        "2s",
+        "--out",
+        pb.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let top = Command::new("go")
+        .args(["tool", "pprof", "-top", "-nodecount=20"])
+        .arg(&pb)
+        .env("HOME", dir.path())
+        .output()
+        .expect("go (golang-go) is needed: run `cargo xtask setup`");
+    let report = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "go tool pprof failed: {}",
+        stderr(&top)
+    );
+    eprintln!("{report}");
+    assert!(
+        report.contains("hot_a") && report.contains("hot_b"),
+        "go tool pprof -top:\n{report}"
+    );
 }
 
 #[test]
