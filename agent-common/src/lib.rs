@@ -33,5 +33,6 @@ mod pod {
     unsafe impl aya::Pod for crate::tcp::PeerKey {}
     unsafe impl aya::Pod for crate::stacks::CaptureConfig {}
     unsafe impl aya::Pod for crate::stacks::StackKey {}
+    unsafe impl aya::Pod for crate::stacks::Blocked {}
     unsafe impl aya::Pod for crate::tcp::PeerStats {}
 }

@@ -3,8 +3,15 @@
 /// Distinct stacks a capture can hold (user and kernel stacks share the map). Each entry costs
 /// 127 frames x 8 bytes, so this is ~4 MiB.
 pub const STACKS_MAX: u32 = 4096;
-/// Distinct (process, user stack, kernel stack) sample keys per capture.
+/// Distinct (process, user stack, kernel stack) keys per capture.
 pub const SAMPLES_MAX: u32 = 16_384;
+/// Threads of the subject blocked at once (off-CPU mode).
+pub const BLOCKED_MAX: u32 = 16_384;
+
+/// On-CPU sampling: weights are sample counts.
+pub const MODE_CPU: u32 = 0;
+/// Off-CPU time: weights are nanoseconds blocked.
+pub const MODE_OFFCPU: u32 = 1;
 
 /// What the running capture selects; `active == 0` when none runs.
 #[repr(C)]
@@ -15,6 +22,19 @@ pub struct CaptureConfig {
     pub target: u32,
     /// Process to sample, or 0 when `target` selects.
     pub pid: u32,
+    pub mode: u32,
+    /// Off-CPU episodes shorter than this are not counted.
+    pub min_ns: u64,
+}
+
+/// A thread of the subject that blocked: when, and where (off-CPU mode).
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct Blocked {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub user_stack: i32,
+    pub kernel_stack: i32,
     pub _pad: u32,
 }
 

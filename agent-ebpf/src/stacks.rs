@@ -1,19 +1,24 @@
-//! CPU sampling for flamegraphs: a perf_event program on every CPU, attached only while a
-//! capture runs, counting (process, user stack, kernel stack) in the kernel. Nothing per sample
-//! crosses to user space; the capture reads the counts once at its end.
+//! Stacks for flamegraphs, weighted in the kernel per (process, user stack, kernel stack):
+//! CPU samples (a perf_event program on every CPU) or off-CPU time (sched_switch, from a
+//! blocking switch-out to the switch-in). Both are attached only while a capture of their mode
+//! runs; nothing per event crosses to user space, the capture reads the weights once at its end.
 use agent_common::{
     lost,
-    stacks::{CaptureConfig, SAMPLES_MAX, STACKS_MAX, StackKey},
+    stacks::{
+        BLOCKED_MAX, Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, SAMPLES_MAX, STACKS_MAX,
+        StackKey,
+    },
+    task::TASK_RUNNING,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::bpf_get_current_pid_tgid,
-    macros::{map, perf_event},
+    bindings::{BPF_F_SKIP_FIELD_MASK, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map, perf_event},
     maps::{Array, HashMap, StackTrace},
-    programs::{PerfEventContext, tracing::StackIdContext as _},
+    programs::{BtfTracePointContext, PerfEventContext, tracing::StackIdContext},
 };
 
-use crate::{aggregate::atomic_add, lost::count as count_lost, targets::target_of};
+use crate::{aggregate::atomic_add, lost::count as count_lost, targets::target_of, task};
 
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_MAX, 0);
@@ -22,55 +27,142 @@ static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_MAX, 0);
 #[map]
 static CAPTURE: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 
+/// Weight per stack: samples (cpu mode) or nanoseconds (off-CPU mode).
 #[map]
-static CPU_SAMPLES: HashMap<StackKey, u64> = HashMap::with_max_entries(SAMPLES_MAX, 0);
+static STACK_WEIGHTS: HashMap<StackKey, u64> = HashMap::with_max_entries(SAMPLES_MAX, 0);
 
-#[perf_event]
-pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
-    let Some(cfg) = CAPTURE.get(0).copied() else {
-        return 0;
-    };
-    if cfg.active == 0 {
-        return 0;
-    }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if tgid == 0 {
-        return 0;
-    }
-    let selected = if cfg.pid != 0 {
-        tgid == cfg.pid
-    } else {
-        target_of(tgid) == Some(cfg.target)
-    };
-    if !selected {
-        return 0;
-    }
+/// Subject threads blocked right now: tid -> when and where (off-CPU mode).
+#[map]
+static BLOCKED: HashMap<u32, Blocked> = HashMap::with_max_entries(BLOCKED_MAX, 0);
+
+/// The running capture if it is of `mode`.
+#[inline(always)]
+fn capture(mode: u32) -> Option<CaptureConfig> {
+    CAPTURE
+        .get(0)
+        .copied()
+        .filter(|c| c.active != 0 && c.mode == mode)
+}
+
+#[inline(always)]
+fn selected(cfg: &CaptureConfig, tgid: u32) -> bool {
+    tgid != 0
+        && if cfg.pid != 0 {
+            tgid == cfg.pid
+        } else {
+            target_of(tgid) == Some(cfg.target)
+        }
+}
+
+/// Kernel frames of the tracing machinery on top of a stack taken in a tracepoint program:
+/// the program, bpf_trace_run<N> and __traceiter_<event>.
+const TRACEPOINT_FRAMES: u64 = 3;
+
+/// User and kernel stack ids of the current task (negative when not available), skipping
+/// `kernel_skip` innermost kernel frames.
+#[inline(always)]
+fn stack_ids<C: StackIdContext>(ctx: &C, kernel_skip: u64) -> (i32, i32) {
     let user = ctx
         .get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
         .map_or(-1, |id| id as i32);
-    let kernel = ctx.get_stackid(&STACKS, 0).map_or(-1, |id| id as i32);
+    let kernel = ctx
+        .get_stackid(&STACKS, kernel_skip & u64::from(BPF_F_SKIP_FIELD_MASK))
+        .map_or(-1, |id| id as i32);
     if user < 0 && kernel < 0 {
         count_lost(lost::STACK_MISSING);
     }
-    let key = StackKey {
-        tgid,
-        user_stack: user,
-        kernel_stack: kernel,
-        _pad: 0,
-    };
-    if let Some(count) = CPU_SAMPLES.get_ptr_mut(&key) {
+    (user, kernel)
+}
+
+#[inline(always)]
+fn add_weight(key: &StackKey, weight: u64) {
+    if let Some(w) = STACK_WEIGHTS.get_ptr_mut(key) {
         // SAFETY: points into a live map value; other CPUs may add to the same key.
-        unsafe { atomic_add(count, 1) };
-    } else if CPU_SAMPLES
-        .insert(&key, &1, u64::from(BPF_NOEXIST))
+        unsafe { atomic_add(w, weight) };
+    } else if STACK_WEIGHTS
+        .insert(key, &weight, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Another CPU inserted it meanwhile, or the map is full.
-        match CPU_SAMPLES.get_ptr_mut(&key) {
+        match STACK_WEIGHTS.get_ptr_mut(key) {
             // SAFETY: as above.
-            Some(count) => unsafe { atomic_add(count, 1) },
+            Some(w) => unsafe { atomic_add(w, weight) },
             None => count_lost(lost::SAMPLES_FULL),
         }
     }
+}
+
+#[perf_event]
+pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
+    let Some(cfg) = capture(MODE_CPU) else {
+        return 0;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !selected(&cfg, tgid) {
+        return 0;
+    }
+    // The perf event's registers are those of the interrupted code: nothing to skip.
+    let (user_stack, kernel_stack) = stack_ids(&ctx, 0);
+    add_weight(
+        &StackKey {
+            tgid,
+            user_stack,
+            kernel_stack,
+            _pad: 0,
+        },
+        1,
+    );
     0
+}
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
+    match try_offcpu_switch(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let Some(cfg) = capture(MODE_OFFCPU) else {
+        return Ok(());
+    };
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...); the
+    // tracepoint runs in prev's context, so its stacks are the current ones.
+    let preempt: u64 = ctx.arg(0);
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    let ids = bpf_get_current_pid_tgid();
+    let tgid = (ids >> 32) as u32;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Blocking, not preempted: the time until it runs again is off-CPU time.
+    if selected(&cfg, tgid) && preempt & 0xff == 0 && task::state(prev)? != TASK_RUNNING {
+        let (user_stack, kernel_stack) = stack_ids(ctx, TRACEPOINT_FRAMES);
+        let b = Blocked {
+            ts_ns: now,
+            tgid,
+            user_stack,
+            kernel_stack,
+            _pad: 0,
+        };
+        if BLOCKED.insert(&(ids as u32), &b, 0).is_err() {
+            count_lost(lost::SAMPLES_FULL);
+        }
+    }
+    let next_tid = task::pid(next)?;
+    // SAFETY: copied out before removal.
+    if let Some(b) = unsafe { BLOCKED.get(&next_tid).copied() } {
+        let _ = BLOCKED.remove(&next_tid);
+        let blocked = now.saturating_sub(b.ts_ns);
+        if blocked >= cfg.min_ns {
+            let key = StackKey {
+                tgid: b.tgid,
+                user_stack: b.user_stack,
+                kernel_stack: b.kernel_stack,
+                _pad: 0,
+            };
+            add_weight(&key, blocked);
+        }
+    }
+    Ok(())
 }

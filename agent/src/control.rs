@@ -45,6 +45,7 @@ pub enum ControlError {
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Cpu,
+    Offcpu,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +56,9 @@ pub struct FlamegraphRequest {
     pub duration_ms: u64,
     pub mode: Mode,
     pub hz: u64,
+    /// Off-CPU episodes shorter than this are not counted.
+    #[serde(default)]
+    pub min_duration_us: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -213,10 +217,14 @@ async fn flamegraph(
     if !(1..=1000).contains(&req.hz) {
         return Ok(Response::Error("hz must be between 1 and 1000".into()));
     }
-    let cfg = match profiler.lock().await.resolve(&subject) {
+    let mut cfg = match profiler.lock().await.resolve(&subject) {
         Ok(c) => c,
         Err(e) => return Ok(Response::Error(e.to_string())),
     };
+    if req.mode == Mode::Offcpu {
+        cfg.mode = agent_common::stacks::MODE_OFFCPU;
+        cfg.min_ns = req.min_duration_us.saturating_mul(1000);
+    }
     use std::sync::atomic::Ordering;
     let ahead = captures.waiting.fetch_add(1, Ordering::SeqCst);
     let guard = match captures.running.try_lock() {

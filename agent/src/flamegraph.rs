@@ -25,6 +25,9 @@ pub enum Format {
 pub enum ModeArg {
     /// On-CPU time, sampled at --hz on every CPU.
     Cpu,
+    /// Time blocked off CPU (switch-out to switch-in), weighted by duration, stack taken at
+    /// switch-out; only episodes of at least --min-duration (default 1ms).
+    Offcpu,
 }
 
 #[derive(Debug, Args)]
@@ -94,7 +97,9 @@ impl FlamegraphError {
 /// `500ms`, `10s`, `2m`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+    let (num, scale) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix("ms") {
         (n, 1e-3)
     } else if let Some(n) = s.strip_suffix('s') {
         (n, 1.0)
@@ -154,8 +159,13 @@ pub fn validate(args: &FlamegraphArgs) -> Result<(FlamegraphRequest, Format), Fl
         duration_ms: args.duration.as_millis().max(1) as u64,
         mode: match args.mode {
             ModeArg::Cpu => Mode::Cpu,
+            ModeArg::Offcpu => Mode::Offcpu,
         },
         hz: args.hz,
+        min_duration_us: args
+            .min_duration
+            .unwrap_or(Duration::from_millis(1))
+            .as_micros() as u64,
     };
     Ok((request, format))
 }
@@ -167,10 +177,18 @@ fn title(args: &FlamegraphArgs, samples: u64) -> String {
         (None, Some(p)) => format!("pid {p}"),
         _ => String::new(),
     };
-    format!(
-        "pipeprobe cpu flamegraph: {what}, {:?} at {} Hz, {samples} samples",
-        args.duration, args.hz
-    )
+    match args.mode {
+        ModeArg::Cpu => format!(
+            "pipeprobe cpu flamegraph: {what}, {:?} at {} Hz, {samples} samples",
+            args.duration, args.hz
+        ),
+        ModeArg::Offcpu => format!(
+            "pipeprobe off-CPU flamegraph: {what}, {:?}, blocked at least {:?}, {:.3} s blocked in all",
+            args.duration,
+            args.min_duration.unwrap_or(Duration::from_millis(1)),
+            samples as f64 / 1e9
+        ),
+    }
 }
 
 fn render(
@@ -184,11 +202,18 @@ fn render(
     match format {
         Format::Folded => file.write_all(folded.as_bytes())?,
         Format::Pprof => {
-            file.write_all(&crate::pprof::from_folded(folded, args.hz, args.duration)?)?
+            let weights = match args.mode {
+                ModeArg::Cpu => crate::pprof::Weights::CpuSamples { hz: args.hz },
+                ModeArg::Offcpu => crate::pprof::Weights::OffCpuNanos,
+            };
+            file.write_all(&crate::pprof::from_folded(folded, weights, args.duration)?)?
         }
         Format::Svg => {
             let mut opts = inferno::flamegraph::Options::default();
             opts.title = title.to_owned();
+            if args.mode == ModeArg::Offcpu {
+                opts.count_name = "ns".into();
+            }
             if !notes.is_empty() {
                 opts.subtitle = Some(notes.join("; "));
             }
@@ -251,7 +276,12 @@ pub fn run(args: &FlamegraphArgs) -> Result<(), FlamegraphError> {
                         source,
                     }
                 })?;
-                eprintln!("wrote {} ({samples} samples)", args.out.display());
+                let unit = if args.mode == ModeArg::Offcpu {
+                    "ns blocked"
+                } else {
+                    "samples"
+                };
+                eprintln!("wrote {} ({samples} {unit})", args.out.display());
                 return Ok(());
             }
             Ok(Response::Error(e)) => return Err(FlamegraphError::Refused(e)),

@@ -107,32 +107,53 @@ impl Builder {
     }
 }
 
-/// A gzipped pprof profile of folded CPU stacks sampled at `hz` for `duration`: two sample
-/// values, the sample count and the CPU time it stands for.
-pub fn from_folded(folded: &str, hz: u64, duration: Duration) -> std::io::Result<Vec<u8>> {
+/// What the folded counts are.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights {
+    /// CPU samples taken at `hz`.
+    CpuSamples { hz: u64 },
+    /// Nanoseconds blocked off CPU.
+    OffCpuNanos,
+}
+
+/// A gzipped pprof profile of folded stacks captured over `duration`. CPU samples carry two
+/// values, the count and the CPU time it stands for; off-CPU stacks carry the time blocked.
+pub fn from_folded(folded: &str, weights: Weights, duration: Duration) -> std::io::Result<Vec<u8>> {
     let mut b = Builder::default();
     b.string("");
-    let period = 1_000_000_000 / hz.max(1) as i64;
-    let (samples, count, cpu, ns) = (
-        b.string("samples"),
-        b.string("count"),
-        b.string("cpu"),
-        b.string("nanoseconds"),
-    );
-    b.profile.sample_type = vec![
-        ValueType {
-            r#type: samples,
-            unit: count,
-        },
-        ValueType {
-            r#type: cpu,
-            unit: ns,
-        },
-    ];
-    b.profile.period_type = Some(ValueType {
-        r#type: cpu,
-        unit: ns,
-    });
+    let ns = b.string("nanoseconds");
+    let period = match weights {
+        Weights::CpuSamples { hz } => {
+            let (samples, count, cpu) = (b.string("samples"), b.string("count"), b.string("cpu"));
+            b.profile.sample_type = vec![
+                ValueType {
+                    r#type: samples,
+                    unit: count,
+                },
+                ValueType {
+                    r#type: cpu,
+                    unit: ns,
+                },
+            ];
+            b.profile.period_type = Some(ValueType {
+                r#type: cpu,
+                unit: ns,
+            });
+            1_000_000_000 / hz.max(1) as i64
+        }
+        Weights::OffCpuNanos => {
+            let offcpu = b.string("offcpu");
+            b.profile.sample_type = vec![ValueType {
+                r#type: offcpu,
+                unit: ns,
+            }];
+            b.profile.period_type = Some(ValueType {
+                r#type: offcpu,
+                unit: ns,
+            });
+            1
+        }
+    };
     b.profile.period = period;
     b.profile.duration_nanos = duration.as_nanos() as i64;
     b.profile.time_nanos = std::time::SystemTime::now()
@@ -145,9 +166,13 @@ pub fn from_folded(folded: &str, hz: u64, duration: Duration) -> std::io::Result
         let Ok(n) = n.parse::<i64>() else { continue };
         let mut ids: Vec<u64> = stack.split(';').map(|f| b.location(f)).collect();
         ids.reverse();
+        let value = match weights {
+            Weights::CpuSamples { .. } => vec![n, n * period],
+            Weights::OffCpuNanos => vec![n],
+        };
         b.profile.sample.push(Sample {
             location_id: ids,
-            value: vec![n, n * period],
+            value,
         });
     }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -164,7 +189,12 @@ mod tests {
     #[test]
     fn round_trips() {
         let folded = "app;42;main;hot_a 30\napp;42;main;hot_b 10\n";
-        let gz = from_folded(folded, 100, Duration::from_secs(2)).unwrap();
+        let gz = from_folded(
+            folded,
+            Weights::CpuSamples { hz: 100 },
+            Duration::from_secs(2),
+        )
+        .unwrap();
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut raw)

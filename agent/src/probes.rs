@@ -38,6 +38,8 @@ pub enum Hook {
     /// A perf_event program: loaded at start, attached to the CPUs' perf events only while a
     /// capture runs.
     PerfEvent,
+    /// A BTF tracepoint loaded at start but attached only while a capture runs.
+    BtfTracepointOnDemand(&'static str),
     /// A classic tracepoint (attached through tracefs; fields at offsets from its format file).
     Tracepoint {
         category: &'static str,
@@ -51,6 +53,7 @@ impl std::fmt::Display for Hook {
             Hook::BtfTracepoint(event) => write!(f, "tp_btf/{event}"),
             Hook::Tracepoint { category, name } => write!(f, "tracepoint/{category}/{name}"),
             Hook::PerfEvent => write!(f, "perf_event (software cpu-clock)"),
+            Hook::BtfTracepointOnDemand(event) => write!(f, "tp_btf/{event} (during captures)"),
         }
     }
 }
@@ -174,7 +177,9 @@ fn unload(bpf: &mut Ebpf, spec: &ProgramSpec) {
         return;
     };
     let _ = match spec.hook {
-        Hook::BtfTracepoint(_) => <&mut BtfTracePoint>::try_from(prog).map(|p| p.unload()),
+        Hook::BtfTracepoint(_) | Hook::BtfTracepointOnDemand(_) => {
+            <&mut BtfTracePoint>::try_from(prog).map(|p| p.unload())
+        }
         Hook::Tracepoint { .. } => <&mut TracePoint>::try_from(prog).map(|p| p.unload()),
         Hook::PerfEvent => <&mut PerfEvent>::try_from(prog).map(|p| p.unload()),
     };
@@ -205,6 +210,20 @@ fn attach_one(
                 source: Box::new(source),
             })?;
             tp.attach().map_err(|source| ProbeError::Attach {
+                program,
+                hook,
+                requires,
+                source: Box::new(source),
+            })?;
+        }
+        Hook::BtfTracepointOnDemand(event) => {
+            let tp: &mut BtfTracePoint =
+                prog.try_into().map_err(|source| ProbeError::WrongType {
+                    program,
+                    hook,
+                    source: Box::new(source),
+                })?;
+            tp.load(event, btf).map_err(|source| ProbeError::Load {
                 program,
                 hook,
                 requires,

@@ -10,15 +10,16 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use agent_common::{
     NO_TARGET,
-    stacks::{CaptureConfig, StackKey},
+    stacks::{Blocked, CaptureConfig, MODE_CPU, StackKey},
 };
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, StackTraceMap},
     programs::{
-        PerfEvent,
+        BtfTracePoint, PerfEvent,
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
+        tp_btf::BtfTracePointLinkId,
     },
 };
 use blazesym::{
@@ -38,15 +39,28 @@ use crate::{
 
 pub const FAMILY: Family = Family {
     name: "profile",
-    requires: "perf_event programs on the software cpu-clock with bpf_get_stackid",
+    requires: "perf_event programs on the software cpu-clock and tp_btf/sched_switch, with bpf_get_stackid",
     needs: None,
-    programs: &[ProgramSpec {
-        program: "cpu_sample",
-        hook: Hook::PerfEvent,
-    }],
+    programs: &[
+        ProgramSpec {
+            program: CPU_PROGRAM,
+            hook: Hook::PerfEvent,
+        },
+        ProgramSpec {
+            program: OFFCPU_PROGRAM,
+            hook: Hook::BtfTracepointOnDemand("sched_switch"),
+        },
+    ],
 };
 
-const PROGRAM: &str = "cpu_sample";
+const CPU_PROGRAM: &str = "cpu_sample";
+const OFFCPU_PROGRAM: &str = "offcpu_switch";
+
+/// What attaches a running capture, to detach it at the end.
+pub enum Links {
+    Cpu(Vec<PerfEventLinkId>),
+    Offcpu(BtfTracePointLinkId),
+}
 
 #[derive(Debug, Error)]
 pub enum CaptureError {
@@ -62,6 +76,8 @@ pub enum CaptureError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("cannot attach the off-CPU program to tp_btf/sched_switch: {0}")]
+    AttachSwitch(#[source] Box<aya::programs::ProgramError>),
     #[error("cannot read or reset the capture maps: {0}")]
     Map(#[from] aya::maps::MapError),
 }
@@ -100,14 +116,16 @@ pub struct CaptureMaps {
     config: Array<MapData, CaptureConfig>,
     samples: BpfHashMap<MapData, StackKey, u64>,
     stacks: StackTraceMap<MapData>,
+    blocked: BpfHashMap<MapData, u32, Blocked>,
 }
 
 impl CaptureMaps {
     pub fn take(kernel: &mut Kernel) -> Result<Self, crate::ebpf::LoadError> {
         Ok(Self {
             config: kernel.take_map("CAPTURE")?,
-            samples: kernel.take_map("CPU_SAMPLES")?,
+            samples: kernel.take_map("STACK_WEIGHTS")?,
             stacks: kernel.take_map("STACKS")?,
+            blocked: kernel.take_map("BLOCKED")?,
         })
     }
 }
@@ -118,6 +136,7 @@ pub struct Profiler {
     config: Array<MapData, CaptureConfig>,
     samples: BpfHashMap<MapData, StackKey, u64>,
     stacks: StackTraceMap<MapData>,
+    blocked: BpfHashMap<MapData, u32, Blocked>,
     /// Mappings of the profiled process, taken at start, for when it exits mid-capture.
     snapshots: HashMap<u32, Mappings>,
 }
@@ -129,6 +148,7 @@ impl Profiler {
             config,
             samples,
             stacks,
+            blocked,
         } = maps;
         Self {
             kernel,
@@ -136,6 +156,7 @@ impl Profiler {
             config,
             samples,
             stacks,
+            blocked,
             snapshots: HashMap::new(),
         }
     }
@@ -162,7 +183,8 @@ impl Profiler {
                     active: 1,
                     target: id,
                     pid: 0,
-                    _pad: 0,
+                    mode: MODE_CPU,
+                    min_ns: 0,
                 })
             }
             Subject::Pid(pid) => {
@@ -173,26 +195,32 @@ impl Profiler {
                     active: 1,
                     target: NO_TARGET,
                     pid: *pid,
-                    _pad: 0,
+                    mode: MODE_CPU,
+                    min_ns: 0,
                 })
             }
         }
     }
 
-    fn program(&mut self) -> &mut PerfEvent {
+    fn cpu_program(&mut self) -> &mut PerfEvent {
         self.kernel
             .bpf
-            .program_mut(PROGRAM)
+            .program_mut(CPU_PROGRAM)
             .and_then(|p| <&mut PerfEvent>::try_from(p).ok())
             .expect("cpu_sample is a perf_event program of the object")
     }
 
-    /// Attaches the sampler on every online CPU at `hz` and starts selecting `cfg`.
-    pub fn start(
-        &mut self,
-        cfg: CaptureConfig,
-        hz: u64,
-    ) -> Result<Vec<PerfEventLinkId>, CaptureError> {
+    fn offcpu_program(&mut self) -> &mut BtfTracePoint {
+        self.kernel
+            .bpf
+            .program_mut(OFFCPU_PROGRAM)
+            .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
+            .expect("offcpu_switch is a tp_btf program of the object")
+    }
+
+    /// Attaches what `cfg.mode` needs (cpu: the sampler on every online CPU at `hz`) and
+    /// starts selecting `cfg`.
+    pub fn start(&mut self, cfg: CaptureConfig, hz: u64) -> Result<Links, CaptureError> {
         self.reset()?;
         self.snapshots.clear();
         if cfg.pid != 0 {
@@ -200,11 +228,20 @@ impl Profiler {
                 .insert(cfg.pid, Mappings::read(cfg.pid, true));
         }
         self.config.set(0, cfg, 0)?;
+        if cfg.mode != MODE_CPU {
+            return match self.offcpu_program().attach() {
+                Ok(link) => Ok(Links::Offcpu(link)),
+                Err(source) => {
+                    let _ = self.config.set(0, CaptureConfig::default(), 0);
+                    Err(CaptureError::AttachSwitch(Box::new(source)))
+                }
+            };
+        }
         let cpus = aya::util::online_cpus()
             .map_err(|(_, e)| CaptureError::Unavailable(format!("cannot list CPUs: {e}")))?;
         let mut links = Vec::new();
         for cpu in cpus {
-            let link = self.program().attach(
+            let link = self.cpu_program().attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),
                 PerfEventScope::AllProcessesOneCpu { cpu },
                 SamplePolicy::Frequency(hz),
@@ -213,7 +250,7 @@ impl Profiler {
             match link {
                 Ok(l) => links.push(l),
                 Err(source) => {
-                    self.stop(links);
+                    self.stop(Links::Cpu(links));
                     return Err(CaptureError::Attach {
                         cpu,
                         source: Box::new(source),
@@ -221,13 +258,20 @@ impl Profiler {
                 }
             }
         }
-        Ok(links)
+        Ok(Links::Cpu(links))
     }
 
-    /// Detaches the sampler and stops selecting.
-    pub fn stop(&mut self, links: Vec<PerfEventLinkId>) {
-        for l in links {
-            let _ = self.program().detach(l);
+    /// Detaches the capture's programs and stops selecting.
+    pub fn stop(&mut self, links: Links) {
+        match links {
+            Links::Cpu(links) => {
+                for l in links {
+                    let _ = self.cpu_program().detach(l);
+                }
+            }
+            Links::Offcpu(link) => {
+                let _ = self.offcpu_program().detach(link);
+            }
         }
         let _ = self.config.set(0, CaptureConfig::default(), 0);
     }
@@ -240,6 +284,12 @@ impl Profiler {
         let ids: Vec<u32> = self.stacks.stack_ids().filter_map(Result::ok).collect();
         for id in ids {
             let _ = self.stacks.remove(&id);
+        }
+        // Threads still blocked when the last capture ended would otherwise be weighted from
+        // their old timestamp.
+        let tids: Vec<u32> = self.blocked.keys().filter_map(Result::ok).collect();
+        for tid in tids {
+            let _ = self.blocked.remove(&tid);
         }
         Ok(())
     }

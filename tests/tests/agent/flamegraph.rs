@@ -327,3 +327,97 @@ fn concurrent_captures_queue_and_a_dying_process_keeps_its_samples() {
         "what was sampled before the exit is kept:\n{folded}"
     );
 }
+
+/// Sleeps 20 ms then 1 ms, forever; the syscall is issued from the named functions themselves
+/// (libc's wrapper has no frame pointer, so its caller would be missing from the user stack),
+/// built without sibling-call optimisation, which would drop their frames too.
+const SLEEPER_C: &str = r#"
+#include <time.h>
+static inline __attribute__((always_inline)) long nanosleep_here(const struct timespec *ts) {
+    long ret;
+    register long r10 __asm__("r10") = 0;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(230), "D"(1), "S"(0), "d"(ts), "r"(r10) : "rcx", "r11", "memory");
+    return ret;
+}
+__attribute__((noinline)) void sleep_long(void) { struct timespec t = {0, 20000000}; nanosleep_here(&t); }
+__attribute__((noinline)) void sleep_short(void) { struct timespec t = {0, 1000000}; nanosleep_here(&t); }
+int main(void) { for (;;) { sleep_long(); sleep_short(); } }
+"#;
+
+#[test]
+fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("sleeper.c");
+    let bin = dir.path().join("sleeper");
+    std::fs::write(&src, SLEEPER_C).unwrap();
+    let o = Command::new("gcc")
+        .args([
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fno-optimize-sibling-calls",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gcc: {}", stderr(&o));
+    let p = Proc::spawn(&mut Command::new(&bin));
+    let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
+    let out = dir.path().join("off.folded");
+    let o = agent.flamegraph(&[
+        "--target",
+        "sleeper",
+        "--mode",
+        "offcpu",
+        "--min-duration",
+        "10ms",
+        "--duration",
+        "3s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let folded = std::fs::read_to_string(&out).unwrap();
+    let (long, short) = (
+        weight(&folded, "sleep_long"),
+        weight(&folded, "sleep_short"),
+    );
+    eprintln!(
+        "off-CPU: sleep_long {:.3} s, sleep_short {:.3} s",
+        long as f64 / 1e9,
+        short as f64 / 1e9
+    );
+    assert_eq!(
+        short, 0,
+        "1 ms sleeps are below --min-duration 10ms:\n{folded}"
+    );
+    // Cycles of ~21 ms, 20 of them blocked in sleep_long: about 2.85 s over 3 s.
+    let secs = long as f64 / 1e9;
+    assert!(
+        (2.3..=3.05).contains(&secs),
+        "sleep_long blocked {secs} s in a 3 s capture\n{folded}"
+    );
+    // The stack was taken at switch-out: it ends in the kernel's schedule, without the tracing
+    // machinery above it.
+    assert!(folded.lines().any(|l| l.contains("schedule")), "{folded}");
+    assert!(!folded.contains("bpf_trace_run"), "{folded}");
+
+    // Without a threshold above 1 ms the short sleeps count too.
+    let o = agent.flamegraph(&[
+        "--target",
+        "sleeper",
+        "--mode",
+        "offcpu",
+        "--min-duration",
+        "500us",
+        "--duration",
+        "1s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let folded = std::fs::read_to_string(&out).unwrap();
+    assert!(weight(&folded, "sleep_short") > 0, "{folded}");
+}
