@@ -12,6 +12,8 @@ pub const BLOCKED_MAX: u32 = 16_384;
 pub const MODE_CPU: u32 = 0;
 /// Off-CPU time: weights are nanoseconds blocked.
 pub const MODE_OFFCPU: u32 = 1;
+/// Slow syscalls: weights are nanoseconds in the syscall.
+pub const MODE_SYSCALL: u32 = 2;
 
 /// What the running capture selects; `active == 0` when none runs.
 #[repr(C)]
@@ -27,7 +29,8 @@ pub struct CaptureConfig {
     pub min_ns: u64,
 }
 
-/// A thread of the subject that blocked: when, and where (off-CPU mode).
+/// A thread of the subject that blocked or entered a syscall: when, and where (off-CPU and
+/// syscall modes).
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct Blocked {
@@ -35,7 +38,8 @@ pub struct Blocked {
     pub tgid: u32,
     pub user_stack: i32,
     pub kernel_stack: i32,
-    pub _pad: u32,
+    /// Syscall number + 1 in syscall mode, else 0.
+    pub syscall: u32,
 }
 
 #[repr(C)]
@@ -45,5 +49,6 @@ pub struct StackKey {
     /// Stack id in the stack map, or negative when the stack could not be taken.
     pub user_stack: i32,
     pub kernel_stack: i32,
-    pub _pad: u32,
+    /// Syscall number + 1 in syscall mode (the leaf frame), else 0.
+    pub syscall: u32,
 }

@@ -5,8 +5,8 @@
 use agent_common::{
     lost,
     stacks::{
-        BLOCKED_MAX, Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, SAMPLES_MAX, STACKS_MAX,
-        StackKey,
+        BLOCKED_MAX, Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, MODE_SYSCALL, SAMPLES_MAX,
+        STACKS_MAX, StackKey,
     },
     task::TASK_RUNNING,
 };
@@ -31,7 +31,7 @@ static CAPTURE: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 #[map]
 static STACK_WEIGHTS: HashMap<StackKey, u64> = HashMap::with_max_entries(SAMPLES_MAX, 0);
 
-/// Subject threads blocked right now: tid -> when and where (off-CPU mode).
+/// Subject threads blocked (off-CPU mode) or in a syscall (syscall mode) right now.
 #[map]
 static BLOCKED: HashMap<u32, Blocked> = HashMap::with_max_entries(BLOCKED_MAX, 0);
 
@@ -108,7 +108,7 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
             tgid,
             user_stack,
             kernel_stack,
-            _pad: 0,
+            syscall: 0,
         },
         1,
     );
@@ -143,7 +143,7 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
             tgid,
             user_stack,
             kernel_stack,
-            _pad: 0,
+            syscall: 0,
         };
         if BLOCKED.insert(&(ids as u32), &b, 0).is_err() {
             count_lost(lost::SAMPLES_FULL);
@@ -159,10 +159,65 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 tgid: b.tgid,
                 user_stack: b.user_stack,
                 kernel_stack: b.kernel_stack,
-                _pad: 0,
+                syscall: b.syscall,
             };
             add_weight(&key, blocked);
         }
     }
     Ok(())
+}
+
+#[btf_tracepoint(function = "sys_enter")]
+pub fn syscall_enter_stack(ctx: BtfTracePointContext) -> i32 {
+    let Some(cfg) = capture(MODE_SYSCALL) else {
+        return 0;
+    };
+    let ids = bpf_get_current_pid_tgid();
+    let tgid = (ids >> 32) as u32;
+    if !selected(&cfg, tgid) {
+        return 0;
+    }
+    // TP_PROTO(struct pt_regs *regs, long id). The kernel stack here is only the entry path:
+    // the syscall itself becomes the leaf frame instead.
+    let nr: i64 = ctx.arg(1);
+    let user_stack = ctx
+        .get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
+        .map_or(-1, |id| id as i32);
+    let b = Blocked {
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        tgid,
+        user_stack,
+        kernel_stack: -1,
+        syscall: (nr as u32).wrapping_add(1),
+    };
+    if BLOCKED.insert(&(ids as u32), &b, 0).is_err() {
+        count_lost(lost::SAMPLES_FULL);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn syscall_exit_stack(_ctx: BtfTracePointContext) -> i32 {
+    let Some(cfg) = capture(MODE_SYSCALL) else {
+        return 0;
+    };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: copied out before removal.
+    let Some(b) = (unsafe { BLOCKED.get(&tid).copied() }) else {
+        return 0;
+    };
+    let _ = BLOCKED.remove(&tid);
+    // SAFETY: no preconditions.
+    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(b.ts_ns);
+    if took >= cfg.min_ns {
+        let key = StackKey {
+            tgid: b.tgid,
+            user_stack: b.user_stack,
+            kernel_stack: -1,
+            syscall: b.syscall,
+        };
+        add_weight(&key, took);
+    }
+    0
 }

@@ -46,6 +46,7 @@ pub enum ControlError {
 pub enum Mode {
     Cpu,
     Offcpu,
+    Syscall,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,10 +222,12 @@ async fn flamegraph(
         Ok(c) => c,
         Err(e) => return Ok(Response::Error(e.to_string())),
     };
-    if req.mode == Mode::Offcpu {
-        cfg.mode = agent_common::stacks::MODE_OFFCPU;
-        cfg.min_ns = req.min_duration_us.saturating_mul(1000);
-    }
+    cfg.mode = match req.mode {
+        Mode::Cpu => agent_common::stacks::MODE_CPU,
+        Mode::Offcpu => agent_common::stacks::MODE_OFFCPU,
+        Mode::Syscall => agent_common::stacks::MODE_SYSCALL,
+    };
+    cfg.min_ns = req.min_duration_us.saturating_mul(1000);
     use std::sync::atomic::Ordering;
     let ahead = captures.waiting.fetch_add(1, Ordering::SeqCst);
     let guard = match captures.running.try_lock() {

@@ -28,6 +28,9 @@ pub enum ModeArg {
     /// Time blocked off CPU (switch-out to switch-in), weighted by duration, stack taken at
     /// switch-out; only episodes of at least --min-duration (default 1ms).
     Offcpu,
+    /// Time in syscalls that took at least --min-duration (default 1ms), weighted by their
+    /// duration; the syscall is the leaf frame.
+    Syscall,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +163,7 @@ pub fn validate(args: &FlamegraphArgs) -> Result<(FlamegraphRequest, Format), Fl
         mode: match args.mode {
             ModeArg::Cpu => Mode::Cpu,
             ModeArg::Offcpu => Mode::Offcpu,
+            ModeArg::Syscall => Mode::Syscall,
         },
         hz: args.hz,
         min_duration_us: args
@@ -182,8 +186,13 @@ fn title(args: &FlamegraphArgs, samples: u64) -> String {
             "pipeprobe cpu flamegraph: {what}, {:?} at {} Hz, {samples} samples",
             args.duration, args.hz
         ),
-        ModeArg::Offcpu => format!(
-            "pipeprobe off-CPU flamegraph: {what}, {:?}, blocked at least {:?}, {:.3} s blocked in all",
+        ModeArg::Offcpu | ModeArg::Syscall => format!(
+            "pipeprobe {} flamegraph: {what}, {:?}, episodes of at least {:?}, {:.3} s in all",
+            if args.mode == ModeArg::Offcpu {
+                "off-CPU"
+            } else {
+                "slow-syscall"
+            },
             args.duration,
             args.min_duration.unwrap_or(Duration::from_millis(1)),
             samples as f64 / 1e9
@@ -204,14 +213,15 @@ fn render(
         Format::Pprof => {
             let weights = match args.mode {
                 ModeArg::Cpu => crate::pprof::Weights::CpuSamples { hz: args.hz },
-                ModeArg::Offcpu => crate::pprof::Weights::OffCpuNanos,
+                ModeArg::Offcpu => crate::pprof::Weights::Nanos("offcpu"),
+                ModeArg::Syscall => crate::pprof::Weights::Nanos("syscall"),
             };
             file.write_all(&crate::pprof::from_folded(folded, weights, args.duration)?)?
         }
         Format::Svg => {
             let mut opts = inferno::flamegraph::Options::default();
             opts.title = title.to_owned();
-            if args.mode == ModeArg::Offcpu {
+            if args.mode != ModeArg::Cpu {
                 opts.count_name = "ns".into();
             }
             if !notes.is_empty() {
@@ -276,10 +286,10 @@ pub fn run(args: &FlamegraphArgs) -> Result<(), FlamegraphError> {
                         source,
                     }
                 })?;
-                let unit = if args.mode == ModeArg::Offcpu {
-                    "ns blocked"
-                } else {
+                let unit = if args.mode == ModeArg::Cpu {
                     "samples"
+                } else {
+                    "ns"
                 };
                 eprintln!("wrote {} ({samples} {unit})", args.out.display());
                 return Ok(());

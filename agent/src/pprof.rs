@@ -112,12 +112,12 @@ impl Builder {
 pub enum Weights {
     /// CPU samples taken at `hz`.
     CpuSamples { hz: u64 },
-    /// Nanoseconds blocked off CPU.
-    OffCpuNanos,
+    /// Nanoseconds of the named kind (off-CPU, in syscalls).
+    Nanos(&'static str),
 }
 
 /// A gzipped pprof profile of folded stacks captured over `duration`. CPU samples carry two
-/// values, the count and the CPU time it stands for; off-CPU stacks carry the time blocked.
+/// values, the count and the CPU time it stands for; the others carry their nanoseconds.
 pub fn from_folded(folded: &str, weights: Weights, duration: Duration) -> std::io::Result<Vec<u8>> {
     let mut b = Builder::default();
     b.string("");
@@ -141,8 +141,8 @@ pub fn from_folded(folded: &str, weights: Weights, duration: Duration) -> std::i
             });
             1_000_000_000 / hz.max(1) as i64
         }
-        Weights::OffCpuNanos => {
-            let offcpu = b.string("offcpu");
+        Weights::Nanos(kind) => {
+            let offcpu = b.string(kind);
             b.profile.sample_type = vec![ValueType {
                 r#type: offcpu,
                 unit: ns,
@@ -168,7 +168,7 @@ pub fn from_folded(folded: &str, weights: Weights, duration: Duration) -> std::i
         ids.reverse();
         let value = match weights {
             Weights::CpuSamples { .. } => vec![n, n * period],
-            Weights::OffCpuNanos => vec![n],
+            Weights::Nanos(_) => vec![n],
         };
         b.profile.sample.push(Sample {
             location_id: ids,

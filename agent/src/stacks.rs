@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use agent_common::{
     NO_TARGET,
-    stacks::{Blocked, CaptureConfig, MODE_CPU, StackKey},
+    stacks::{Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, StackKey},
 };
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, StackTraceMap},
@@ -50,16 +50,27 @@ pub const FAMILY: Family = Family {
             program: OFFCPU_PROGRAM,
             hook: Hook::BtfTracepointOnDemand("sched_switch"),
         },
+        ProgramSpec {
+            program: SYSCALL_ENTER_PROGRAM,
+            hook: Hook::BtfTracepointOnDemand("sys_enter"),
+        },
+        ProgramSpec {
+            program: SYSCALL_EXIT_PROGRAM,
+            hook: Hook::BtfTracepointOnDemand("sys_exit"),
+        },
     ],
 };
 
 const CPU_PROGRAM: &str = "cpu_sample";
 const OFFCPU_PROGRAM: &str = "offcpu_switch";
+const SYSCALL_ENTER_PROGRAM: &str = "syscall_enter_stack";
+const SYSCALL_EXIT_PROGRAM: &str = "syscall_exit_stack";
 
 /// What attaches a running capture, to detach it at the end.
 pub enum Links {
     Cpu(Vec<PerfEventLinkId>),
     Offcpu(BtfTracePointLinkId),
+    Syscall(BtfTracePointLinkId, BtfTracePointLinkId),
 }
 
 #[derive(Debug, Error)]
@@ -76,7 +87,7 @@ pub enum CaptureError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("cannot attach the off-CPU program to tp_btf/sched_switch: {0}")]
+    #[error("cannot attach the capture's tp_btf programs: {0}")]
     AttachSwitch(#[source] Box<aya::programs::ProgramError>),
     #[error("cannot read or reset the capture maps: {0}")]
     Map(#[from] aya::maps::MapError),
@@ -210,12 +221,12 @@ impl Profiler {
             .expect("cpu_sample is a perf_event program of the object")
     }
 
-    fn offcpu_program(&mut self) -> &mut BtfTracePoint {
+    fn tp_btf(&mut self, name: &str) -> &mut BtfTracePoint {
         self.kernel
             .bpf
-            .program_mut(OFFCPU_PROGRAM)
+            .program_mut(name)
             .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
-            .expect("offcpu_switch is a tp_btf program of the object")
+            .expect("the capture programs are tp_btf programs of the object")
     }
 
     /// Attaches what `cfg.mode` needs (cpu: the sampler on every online CPU at `hz`) and
@@ -229,13 +240,23 @@ impl Profiler {
         }
         self.config.set(0, cfg, 0)?;
         if cfg.mode != MODE_CPU {
-            return match self.offcpu_program().attach() {
-                Ok(link) => Ok(Links::Offcpu(link)),
-                Err(source) => {
-                    let _ = self.config.set(0, CaptureConfig::default(), 0);
-                    Err(CaptureError::AttachSwitch(Box::new(source)))
-                }
+            let attached = if cfg.mode == MODE_OFFCPU {
+                self.tp_btf(OFFCPU_PROGRAM).attach().map(Links::Offcpu)
+            } else {
+                self.tp_btf(SYSCALL_ENTER_PROGRAM)
+                    .attach()
+                    .and_then(|enter| match self.tp_btf(SYSCALL_EXIT_PROGRAM).attach() {
+                        Ok(exit) => Ok(Links::Syscall(enter, exit)),
+                        Err(e) => {
+                            let _ = self.tp_btf(SYSCALL_ENTER_PROGRAM).detach(enter);
+                            Err(e)
+                        }
+                    })
             };
+            return attached.map_err(|source| {
+                let _ = self.config.set(0, CaptureConfig::default(), 0);
+                CaptureError::AttachSwitch(Box::new(source))
+            });
         }
         let cpus = aya::util::online_cpus()
             .map_err(|(_, e)| CaptureError::Unavailable(format!("cannot list CPUs: {e}")))?;
@@ -270,7 +291,11 @@ impl Profiler {
                 }
             }
             Links::Offcpu(link) => {
-                let _ = self.offcpu_program().detach(link);
+                let _ = self.tp_btf(OFFCPU_PROGRAM).detach(link);
+            }
+            Links::Syscall(enter, exit) => {
+                let _ = self.tp_btf(SYSCALL_ENTER_PROGRAM).detach(enter);
+                let _ = self.tp_btf(SYSCALL_EXIT_PROGRAM).detach(exit);
             }
         }
         let _ = self.config.set(0, CaptureConfig::default(), 0);
@@ -306,9 +331,17 @@ impl Profiler {
                 .map(|t| t.frames().iter().map(|f| f.ip).rev().collect())
                 .unwrap_or_default()
         };
-        let raw: Vec<(u32, Vec<u64>, Vec<u64>, u64)> = counts
+        let raw: Vec<Raw> = counts
             .iter()
-            .map(|(k, c)| (k.tgid, stack(k.user_stack), stack(k.kernel_stack), *c))
+            .map(|(k, c)| {
+                (
+                    k.tgid,
+                    stack(k.user_stack),
+                    stack(k.kernel_stack),
+                    k.syscall,
+                    *c,
+                )
+            })
             .collect();
         self.reset()?;
         let snapshots = std::mem::take(&mut self.snapshots);
@@ -316,14 +349,17 @@ impl Profiler {
     }
 }
 
-/// Symbolizes and folds `(tgid, user ips root-first, kernel ips root-first, count)`;
+/// `(tgid, user ips root-first, kernel ips root-first, syscall nr + 1 or 0, weight)`.
+type Raw = (u32, Vec<u64>, Vec<u64>, u32, u64);
+
+/// Symbolizes and folds raw stacks;
 /// `snapshots` hold the mappings of processes taken at capture start.
-fn fold(raw: Vec<(u32, Vec<u64>, Vec<u64>, u64)>, snapshots: &HashMap<u32, Mappings>) -> Capture {
+fn fold(raw: Vec<Raw>, snapshots: &HashMap<u32, Mappings>) -> Capture {
     let symbolizer = Symbolizer::new();
     let mut names: HashMap<(u32, u64), String> = HashMap::new();
     let mut by_pid: HashMap<u32, Vec<u64>> = HashMap::new();
     let mut kernel_ips: Vec<u64> = Vec::new();
-    for (tgid, user, kernel, _) in &raw {
+    for (tgid, user, kernel, _, _) in &raw {
         by_pid.entry(*tgid).or_default().extend(user);
         kernel_ips.extend(kernel);
     }
@@ -383,12 +419,15 @@ fn fold(raw: Vec<(u32, Vec<u64>, Vec<u64>, u64)>, snapshots: &HashMap<u32, Mappi
 
     let mut folded: HashMap<String, u64> = HashMap::new();
     let mut samples = 0;
-    for (tgid, user, kernel, count) in raw {
+    for (tgid, user, kernel, syscall, count) in raw {
         let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm"))
             .map(|c| c.trim().to_owned())
             .unwrap_or_else(|_| "[exited]".into());
         let mut frames = vec![sanitize(&comm), tgid.to_string()];
         frames.extend(user.iter().map(|ip| sanitize(&names[&(tgid, *ip)])));
+        if syscall != 0 {
+            frames.push(format!("syscall:{}", crate::syscalls::name(syscall - 1)));
+        }
         frames.extend(kernel.iter().map(|ip| sanitize(&names[&(0, *ip)])));
         *folded.entry(frames.join(";")).or_default() += count;
         samples += count;
@@ -549,7 +588,7 @@ mod tests {
         let ip = folds_own_process_stacks as *const () as usize as u64;
         let me = std::process::id();
         let c = fold(
-            vec![(me, vec![ip], vec![], 3), (me, vec![ip], vec![], 2)],
+            vec![(me, vec![ip], vec![], 0, 3), (me, vec![ip], vec![], 0, 2)],
             &HashMap::new(),
         );
         assert_eq!(c.samples, 5);

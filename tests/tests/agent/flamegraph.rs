@@ -344,11 +344,9 @@ __attribute__((noinline)) void sleep_short(void) { struct timespec t = {0, 10000
 int main(void) { for (;;) { sleep_long(); sleep_short(); } }
 "#;
 
-#[test]
-fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("sleeper.c");
-    let bin = dir.path().join("sleeper");
+fn build_sleeper(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("sleeper.c");
+    let bin = dir.join("sleeper");
     std::fs::write(&src, SLEEPER_C).unwrap();
     let o = Command::new("gcc")
         .args([
@@ -361,8 +359,15 @@ fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
         .arg(&bin)
         .arg(&src)
         .output()
-        .unwrap();
+        .expect("gcc is needed for the flamegraph tests");
     assert!(o.status.success(), "gcc: {}", stderr(&o));
+    bin
+}
+
+#[test]
+fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = build_sleeper(dir.path());
     let p = Proc::spawn(&mut Command::new(&bin));
     let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
     let out = dir.path().join("off.folded");
@@ -420,4 +425,54 @@ fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
     assert!(o.status.success(), "{}", stderr(&o));
     let folded = std::fs::read_to_string(&out).unwrap();
     assert!(weight(&folded, "sleep_short") > 0, "{folded}");
+}
+
+#[test]
+fn syscall_mode_weights_slow_syscalls_by_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = build_sleeper(dir.path());
+    let p = Proc::spawn(&mut Command::new(&bin));
+    let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
+    let out = dir.path().join("sys.folded");
+    let o = agent.flamegraph(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--mode",
+        "syscall",
+        "--min-duration",
+        "10ms",
+        "--duration",
+        "3s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let folded = std::fs::read_to_string(&out).unwrap();
+    let (long, short) = (
+        weight(&folded, "sleep_long"),
+        weight(&folded, "sleep_short"),
+    );
+    eprintln!(
+        "syscall mode: sleep_long {:.3} s, sleep_short {:.3} s",
+        long as f64 / 1e9,
+        short as f64 / 1e9
+    );
+    assert_eq!(
+        short, 0,
+        "1 ms syscalls are below --min-duration 10ms:\n{folded}"
+    );
+    let secs = long as f64 / 1e9;
+    assert!(
+        (2.3..=3.05).contains(&secs),
+        "sleep_long spent {secs} s in slow syscalls in a 3 s capture\n{folded}"
+    );
+    // The syscall is the leaf frame.
+    assert!(
+        folded.lines().all(|l| l
+            .rsplit_once(' ')
+            .unwrap()
+            .0
+            .ends_with(";syscall:clock_nanosleep")),
+        "{folded}"
+    );
 }
