@@ -78,6 +78,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .arg("agent")
         .arg("--config")
         .arg(&config)
+        .arg("--control-socket")
+        .arg(dir.join("control.sock"))
         .stdout(Stdio::null())
         .stderr(log);
     let mut agent = Guard(agent.spawn().context("cannot start the agent")?);
@@ -115,8 +117,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         "pipeline: stt -> mt -> tts at {} requests/s; Ctrl-C to stop\n",
         opts.rate
     );
-    // Let the first requests flow before the first summary.
-    std::thread::sleep(Duration::from_secs(2));
+    // Let the first requests flow, then show a flamegraph capture through the control socket.
+    std::thread::sleep(Duration::from_secs(1));
+    let svg = dir.join("tts-cpu.svg");
+    exec(
+        Command::new(bin.join("pipeprobe"))
+            .args(["flamegraph", "--target", "tts", "--duration", "2s", "--out"])
+            .arg(&svg)
+            .arg("--control-socket")
+            .arg(dir.join("control.sock")),
+    )?;
+    println!("flamegraph of tts: {}\n", svg.display());
     let mut top = Command::new(bin.join("pipeprobe"));
     top.args([
         "top",
