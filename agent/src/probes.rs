@@ -195,73 +195,40 @@ fn attach_one(
     let prog = bpf
         .program_mut(program)
         .ok_or(ProbeError::Missing { program })?;
+    let wrong_type = |source| ProbeError::WrongType {
+        program,
+        hook,
+        source: Box::new(source),
+    };
+    let load = |source| ProbeError::Load {
+        program,
+        hook,
+        requires,
+        source: Box::new(source),
+    };
+    let attach = |source| ProbeError::Attach {
+        program,
+        hook,
+        requires,
+        source: Box::new(source),
+    };
     match hook {
-        Hook::BtfTracepoint(event) => {
-            let tp: &mut BtfTracePoint =
-                prog.try_into().map_err(|source| ProbeError::WrongType {
-                    program,
-                    hook,
-                    source: Box::new(source),
-                })?;
-            tp.load(event, btf).map_err(|source| ProbeError::Load {
-                program,
-                hook,
-                requires,
-                source: Box::new(source),
-            })?;
-            tp.attach().map_err(|source| ProbeError::Attach {
-                program,
-                hook,
-                requires,
-                source: Box::new(source),
-            })?;
-        }
-        Hook::BtfTracepointOnDemand(event) => {
-            let tp: &mut BtfTracePoint =
-                prog.try_into().map_err(|source| ProbeError::WrongType {
-                    program,
-                    hook,
-                    source: Box::new(source),
-                })?;
-            tp.load(event, btf).map_err(|source| ProbeError::Load {
-                program,
-                hook,
-                requires,
-                source: Box::new(source),
-            })?;
+        Hook::BtfTracepoint(event) | Hook::BtfTracepointOnDemand(event) => {
+            let tp: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
+            tp.load(event, btf).map_err(load)?;
+            // On-demand programs are attached by the capture that needs them.
+            if matches!(hook, Hook::BtfTracepoint(_)) {
+                tp.attach().map_err(attach)?;
+            }
         }
         Hook::PerfEvent => {
-            let pe: &mut PerfEvent = prog.try_into().map_err(|source| ProbeError::WrongType {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
-            pe.load().map_err(|source| ProbeError::Load {
-                program,
-                hook,
-                requires,
-                source: Box::new(source),
-            })?;
+            let pe: &mut PerfEvent = prog.try_into().map_err(wrong_type)?;
+            pe.load().map_err(load)?;
         }
         Hook::Tracepoint { category, name } => {
-            let tp: &mut TracePoint = prog.try_into().map_err(|source| ProbeError::WrongType {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
-            tp.load().map_err(|source| ProbeError::Load {
-                program,
-                hook,
-                requires,
-                source: Box::new(source),
-            })?;
-            tp.attach(category, name)
-                .map_err(|source| ProbeError::Attach {
-                    program,
-                    hook,
-                    requires,
-                    source: Box::new(source),
-                })?;
+            let tp: &mut TracePoint = prog.try_into().map_err(wrong_type)?;
+            tp.load().map_err(load)?;
+            tp.attach(category, name).map_err(attach)?;
         }
     }
     Ok(())

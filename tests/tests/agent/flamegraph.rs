@@ -364,22 +364,26 @@ fn build_sleeper(dir: &Path) -> std::path::PathBuf {
     bin
 }
 
-#[test]
-fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = build_sleeper(dir.path());
-    let p = Proc::spawn(&mut Command::new(&bin));
-    let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
-    let out = dir.path().join("off.folded");
+/// Captures the sleeper in `mode` with `min` as --min-duration for `secs`; returns the folded
+/// output and the nanoseconds in sleep_long and in sleep_short.
+fn capture_sleeper(
+    agent: &Agent,
+    pid: u32,
+    mode: &str,
+    min: &str,
+    secs: &str,
+    dir: &Path,
+) -> (String, u64, u64) {
+    let out = dir.join(format!("{mode}-{min}.folded"));
     let o = agent.flamegraph(&[
-        "--target",
-        "sleeper",
+        "--pid",
+        &pid.to_string(),
         "--mode",
-        "offcpu",
+        mode,
         "--min-duration",
-        "10ms",
+        min,
         "--duration",
-        "3s",
+        secs,
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -390,10 +394,20 @@ fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
         weight(&folded, "sleep_short"),
     );
     eprintln!(
-        "off-CPU: sleep_long {:.3} s, sleep_short {:.3} s",
+        "{mode} --min-duration {min}: sleep_long {:.3} s, sleep_short {:.3} s",
         long as f64 / 1e9,
         short as f64 / 1e9
     );
+    (folded, long, short)
+}
+
+#[test]
+fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::spawn(&mut Command::new(build_sleeper(dir.path())));
+    let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
+    let (folded, long, short) =
+        capture_sleeper(&agent, p.pid(), "offcpu", "10ms", "3s", dir.path());
     assert_eq!(
         short, 0,
         "1 ms sleeps are below --min-duration 10ms:\n{folded}"
@@ -408,55 +422,18 @@ fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
     // machinery above it.
     assert!(folded.lines().any(|l| l.contains("schedule")), "{folded}");
     assert!(!folded.contains("bpf_trace_run"), "{folded}");
-
-    // Without a threshold above 1 ms the short sleeps count too.
-    let o = agent.flamegraph(&[
-        "--target",
-        "sleeper",
-        "--mode",
-        "offcpu",
-        "--min-duration",
-        "500us",
-        "--duration",
-        "1s",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let folded = std::fs::read_to_string(&out).unwrap();
-    assert!(weight(&folded, "sleep_short") > 0, "{folded}");
+    // With a threshold under 1 ms the short sleeps count too.
+    let (folded, _, short) = capture_sleeper(&agent, p.pid(), "offcpu", "500us", "1s", dir.path());
+    assert!(short > 0, "{folded}");
 }
 
 #[test]
 fn syscall_mode_weights_slow_syscalls_by_duration() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = build_sleeper(dir.path());
-    let p = Proc::spawn(&mut Command::new(&bin));
+    let p = Proc::spawn(&mut Command::new(build_sleeper(dir.path())));
     let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
-    let out = dir.path().join("sys.folded");
-    let o = agent.flamegraph(&[
-        "--pid",
-        &p.pid().to_string(),
-        "--mode",
-        "syscall",
-        "--min-duration",
-        "10ms",
-        "--duration",
-        "3s",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let folded = std::fs::read_to_string(&out).unwrap();
-    let (long, short) = (
-        weight(&folded, "sleep_long"),
-        weight(&folded, "sleep_short"),
-    );
-    eprintln!(
-        "syscall mode: sleep_long {:.3} s, sleep_short {:.3} s",
-        long as f64 / 1e9,
-        short as f64 / 1e9
-    );
+    let (folded, long, short) =
+        capture_sleeper(&agent, p.pid(), "syscall", "10ms", "3s", dir.path());
     assert_eq!(
         short, 0,
         "1 ms syscalls are below --min-duration 10ms:\n{folded}"
