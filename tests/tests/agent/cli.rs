@@ -193,6 +193,54 @@ fn tracefs_is_mounted_when_missing_or_explained() {
         Some(1.0),
         "{log}"
     );
+    // The classic-tracepoint families cannot run without tracefs: they alone are down, with
+    // the reason in the log.
+    for probe in ["tcp", "tcp_rtt"] {
+        assert_eq!(
+            agent.value("pipeprobe_probe_attached", "probe", probe),
+            Some(0.0),
+            "{probe}: {log}"
+        );
+    }
+    assert!(
+        log.contains("probe not attached") && log.contains("is tracefs mounted?"),
+        "{log}"
+    );
+    assert!(
+        !agent
+            .scrape()
+            .iter()
+            .any(|s| s.name.starts_with("pipeprobe_tcp_")),
+        "tcp metrics without the probe"
+    );
+}
+
+#[test]
+fn a_disabled_probe_is_reported_and_exports_nothing() {
+    let config =
+        pipeprobe_tests::config_file("[probes]\ndisable = [\"sched\"]\n[targets.x]\npid = 1\n");
+    let agent = Agent::start(&["--config", config.path().to_str().unwrap()]);
+    assert_eq!(
+        agent.value("pipeprobe_probe_attached", "probe", "sched"),
+        Some(0.0)
+    );
+    assert_eq!(
+        agent.value("pipeprobe_probe_attached", "probe", "syscalls"),
+        Some(1.0)
+    );
+    let samples = agent.scrape();
+    // A histogram of a detached probe would read as "no delay": it is left out.
+    assert!(
+        !samples
+            .iter()
+            .any(|s| s.name.starts_with("pipeprobe_sched_runqueue")),
+        "runqueue metric without the probe"
+    );
+    assert!(
+        agent.log().contains("probe disabled by configuration"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]
