@@ -12,7 +12,7 @@ use crate::{
     config::{Config, ConfigError},
     control,
     ebpf::{self, Kernel, LoadOptions},
-    http,
+    gpu, http,
     lost::{LostCollector, UserLost},
     metrics::{AgentMetrics, Metrics, ProbeLabels},
     probes::{self, ProbeError, ProbeStatus},
@@ -58,6 +58,9 @@ pub fn run(args: &AgentArgs) -> Result<(), AgentError> {
     let mut config = Config::load(args.config.as_deref(), &args.targets, args.listen)?;
     if let Some(path) = &args.control_socket {
         config.control_socket = path.clone();
+    }
+    if let Some(path) = &args.nvml_library {
+        config.nvml_library = path.clone();
     }
     caps::require()?;
     tokio::runtime::Builder::new_multi_thread()
@@ -235,6 +238,16 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         user_lost,
     );
     tracker.scan();
+    // After the initial scan, so the first GPU sample already knows which process is whose.
+    if config.gpu_enabled {
+        let gpu = gpu::spawn(
+            config.nvml_library.clone().into_os_string(),
+            config.gpu_interval,
+            targets.clone(),
+            tracker.shared(),
+        );
+        metrics.register_collector(Box::new(gpu::GpuCollector::new(gpu)));
+    }
     tracing::info!(
         targets = targets.len(),
         processes = tracker.tracked().len(),

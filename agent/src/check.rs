@@ -6,7 +6,7 @@ use aya::{maps::MapType, programs::ProgramType};
 
 use crate::{
     btf::{KernelBtf, TaskOffsets, VMLINUX},
-    caps, ebpf, probes, tracefs,
+    caps, ebpf, gpu, probes, tracefs,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +33,8 @@ fn row(what: impl Into<String>, status: Status, detail: impl Into<String>) -> Ro
     }
 }
 
-/// Runs every check.
-pub fn rows() -> Vec<Row> {
+/// Runs every check; `nvml` is the NVML library to try.
+pub fn rows(nvml: &std::path::Path) -> Vec<Row> {
     let mut rows = Vec::new();
     let privileged = match caps::require() {
         Ok(()) => {
@@ -79,6 +79,15 @@ pub fn rows() -> Vec<Row> {
             ),
         )),
     }
+    rows.push(match gpu::probe(nvml.as_os_str()) {
+        Ok((driver, count)) => row(
+            "GPU (NVML)",
+            Status::Ok,
+            format!("driver {driver}, {count} GPU(s)"),
+        ),
+        // No GPU on this node: everything else still runs.
+        Err(reason) => row("GPU (NVML)", Status::Warn, reason),
+    });
     if !privileged {
         return rows;
     }

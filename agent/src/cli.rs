@@ -19,7 +19,7 @@ pub enum Command {
     /// Run the agent: track the targets, attach the probes, serve /metrics.
     Agent(AgentArgs),
     /// Show what this host supports; exit 0 if the agent can run here.
-    Check,
+    Check(CheckArgs),
     /// Live per-target summary from a running agent's /metrics.
     Top(TopArgs),
     /// Capture a flamegraph of a target or process through the running agent.
@@ -49,6 +49,9 @@ pub struct AgentArgs {
     /// Unix socket of the control API (flamegraphs) [default: /run/pipeprobe/pipeprobe.sock].
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// NVML library to load [default: libnvidia-ml.so.1 from the loader path].
+    #[arg(long, value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -62,4 +65,11 @@ pub struct TopArgs {
     /// Stop after this many refreshes.
     #[arg(long)]
     pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// NVML library to try [default: libnvidia-ml.so.1 from the loader path].
+    #[arg(long, value_name = "PATH")]
+    pub nvml_library: Option<PathBuf>,
 }

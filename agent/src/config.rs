@@ -133,6 +133,14 @@ struct FileProbes {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct FileGpu {
+    enabled: Option<bool>,
+    nvml_library: Option<PathBuf>,
+    interval_secs: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct FileTcp {
     #[serde(default)]
     per_peer: bool,
@@ -153,6 +161,8 @@ struct FileConfig {
     probes: FileProbes,
     #[serde(default)]
     tcp: FileTcp,
+    #[serde(default)]
+    gpu: FileGpu,
     #[serde(default)]
     targets: BTreeMap<String, FileTarget>,
 }
@@ -175,6 +185,10 @@ pub struct Config {
     pub tcp_per_peer: bool,
     /// Most (target, peer) series; further peers are counted as lost.
     pub tcp_max_peers: u32,
+    /// GPU sampling through NVML (on by default; without a driver it reports gpu_up 0).
+    pub gpu_enabled: bool,
+    pub nvml_library: PathBuf,
+    pub gpu_interval: Duration,
 }
 
 /// Checks that `key`'s `value` lies in `min..=max`.
@@ -344,6 +358,9 @@ impl Config {
             .unwrap_or(agent_common::tcp::PEERS_DEFAULT);
         in_range(&where_, "tcp.max_peers", max_peers, 1, 65_536)?;
 
+        let gpu_interval = file.gpu.interval_secs.unwrap_or(1.0);
+        in_range(&where_, "gpu.interval_secs", gpu_interval, 0.05, 3600.0)?;
+
         Ok(Config {
             control_socket: file
                 .control_socket
@@ -359,6 +376,12 @@ impl Config {
             max_syscall_series_per_target: max_series,
             tcp_per_peer: file.tcp.per_peer,
             tcp_max_peers: max_peers,
+            gpu_enabled: file.gpu.enabled.unwrap_or(true),
+            nvml_library: file
+                .gpu
+                .nvml_library
+                .unwrap_or_else(|| crate::gpu::DEFAULT_LIBRARY.into()),
+            gpu_interval: Duration::from_secs_f64(gpu_interval),
         })
     }
 }

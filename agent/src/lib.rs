@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod ebpf;
 pub mod flamegraph;
+pub mod gpu;
 pub mod http;
 pub mod lost;
 pub mod metrics;
@@ -57,8 +58,11 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Check => {
-            let (table, can_run) = check::render(&check::rows());
+        Command::Check(args) => {
+            let nvml = args
+                .nvml_library
+                .unwrap_or_else(|| gpu::DEFAULT_LIBRARY.into());
+            let (table, can_run) = check::render(&check::rows(&nvml));
             print!("{table}");
             if can_run {
                 ExitCode::SUCCESS

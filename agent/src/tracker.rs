@@ -50,6 +50,9 @@ pub const FAMILY: Family = Family {
 };
 
 pub const TRACKED_MAP: &str = "TRACKED";
+
+/// A read-only copy of the tracked processes (tgid -> target) for other samplers (GPU).
+pub type SharedTracked = Arc<std::sync::RwLock<HashMap<u32, TargetId>>>;
 pub const EVENTS_MAP: &str = "PROC_EVENTS";
 
 /// Deepest ancestry walked when looking for a tracked ancestor.
@@ -65,6 +68,7 @@ pub struct Tracker {
     gauge: MetricFamily<TargetLabels, Gauge>,
     lost: Arc<UserLost>,
     own_pid: u32,
+    shared: SharedTracked,
 }
 
 impl Tracker {
@@ -84,6 +88,7 @@ impl Tracker {
             gauge,
             lost,
             own_pid: std::process::id(),
+            shared: SharedTracked::default(),
         };
         for id in 0..tracker.counts.len() {
             tracker.publish(id as TargetId);
@@ -93,6 +98,11 @@ impl Tracker {
 
     pub fn tracked(&self) -> &HashMap<u32, TargetId> {
         &self.tracked
+    }
+
+    /// A copy of the tracked processes that follows every change.
+    pub fn shared(&self) -> SharedTracked {
+        self.shared.clone()
     }
 
     fn publish(&self, id: TargetId) {
@@ -130,6 +140,9 @@ impl Tracker {
             return;
         }
         self.tracked.insert(tgid, target);
+        if let Ok(mut m) = self.shared.write() {
+            m.insert(tgid, target);
+        }
         self.counts[target as usize] += 1;
         self.publish(target);
         tracing::debug!(tgid, target = self.targets.name(target), "tracking process");
@@ -139,6 +152,9 @@ impl Tracker {
         let Some(target) = self.tracked.remove(&tgid) else {
             return;
         };
+        if let Ok(mut m) = self.shared.write() {
+            m.remove(&tgid);
+        }
         if !in_kernel_already && let Some(map) = self.map.as_mut() {
             let _ = map.remove(&tgid);
         }

@@ -3,6 +3,7 @@
 //! because the run-queue test measures scheduling.
 mod cli;
 mod flamegraph;
+mod gpu;
 mod sched;
 mod syscalls;
 mod targets;

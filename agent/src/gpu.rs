@@ -1,0 +1,374 @@
+//! GPU sampling through NVML (nvml-wrapper), per GPU and per pipeline target.
+//!
+//! A dedicated thread samples every `interval`, so a slow NVML call never stalls scrapes or
+//! probes; scrapes read the last sample. Without a driver (or a GPU) the agent runs on with
+//! `pipeprobe_gpu_up 0`, the reason logged once, and retries initialisation with backoff, so a
+//! driver installed later is picked up. A field a GPU does not support is skipped for that GPU
+//! and logged once.
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::OsString,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nvml_wrapper::{
+    Nvml,
+    enum_wrappers::device::{Clock, TemperatureSensor},
+    enums::device::UsedGpuMemory,
+    error::NvmlError,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+
+use crate::{targets::TargetSet, tracker::SharedTracked};
+
+pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+    uuid: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProcessLabels {
+    gpu: String,
+    uuid: String,
+    target: String,
+}
+
+/// One GPU's sample; `None` where the GPU does not support the field.
+#[derive(Debug, Clone, Default)]
+struct GpuSample {
+    index: u32,
+    uuid: String,
+    model: String,
+    utilization: Option<f64>,
+    memory_utilization: Option<f64>,
+    memory_used: Option<f64>,
+    memory_total: Option<f64>,
+    power_watts: Option<f64>,
+    power_limit_watts: Option<f64>,
+    temperature: Option<f64>,
+    sm_clock_hertz: Option<f64>,
+    memory_clock_hertz: Option<f64>,
+    energy_joules: Option<f64>,
+    /// GPU memory per target name ("other" for processes outside any target).
+    process_memory: HashMap<String, f64>,
+}
+
+/// The last sampling round.
+#[derive(Debug, Default)]
+pub struct GpuState {
+    up: bool,
+    /// Why NVML is unavailable, when it is.
+    pub reason: Option<String>,
+    pub driver: Option<String>,
+    gpus: Vec<GpuSample>,
+}
+
+pub type SharedGpu = Arc<Mutex<GpuState>>;
+
+/// Fields already reported as unsupported, per GPU, so each is logged once.
+type Unsupported = HashSet<(u32, &'static str)>;
+
+fn field<T>(
+    r: Result<T, NvmlError>,
+    gpu: u32,
+    name: &'static str,
+    unsupported: &mut Unsupported,
+) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            if unsupported.insert((gpu, name)) {
+                tracing::info!(gpu, field = name, error = %e, "GPU field unavailable; skipped for this GPU");
+            }
+            None
+        }
+    }
+}
+
+fn sample(
+    nvml: &Nvml,
+    targets: &TargetSet,
+    tracked: &SharedTracked,
+    unsupported: &mut Unsupported,
+) -> Result<Vec<GpuSample>, NvmlError> {
+    let pids = tracked.read().map(|m| m.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for index in 0..nvml.device_count()? {
+        let device = nvml.device_by_index(index)?;
+        let u = &mut *unsupported;
+        let util = field(device.utilization_rates(), index, "utilization", u);
+        let mem = field(device.memory_info(), index, "memory", u);
+        let mut s = GpuSample {
+            index,
+            uuid: device.uuid()?,
+            model: device.name().unwrap_or_default(),
+            utilization: util.as_ref().map(|r| f64::from(r.gpu) / 100.0),
+            memory_utilization: util.as_ref().map(|r| f64::from(r.memory) / 100.0),
+            memory_used: mem.as_ref().map(|m| m.used as f64),
+            memory_total: mem.as_ref().map(|m| m.total as f64),
+            power_watts: field(device.power_usage(), index, "power", u)
+                .map(|mw| f64::from(mw) / 1e3),
+            power_limit_watts: field(device.enforced_power_limit(), index, "power_limit", u)
+                .map(|mw| f64::from(mw) / 1e3),
+            temperature: field(
+                device.temperature(TemperatureSensor::Gpu),
+                index,
+                "temperature",
+                u,
+            )
+            .map(f64::from),
+            sm_clock_hertz: field(device.clock_info(Clock::SM), index, "sm_clock", u)
+                .map(|mhz| f64::from(mhz) * 1e6),
+            memory_clock_hertz: field(device.clock_info(Clock::Memory), index, "memory_clock", u)
+                .map(|mhz| f64::from(mhz) * 1e6),
+            energy_joules: field(device.total_energy_consumption(), index, "energy", u)
+                .map(|mj| mj as f64 / 1e3),
+            process_memory: HashMap::new(),
+        };
+        for p in
+            field(device.running_compute_processes(), index, "processes", u).unwrap_or_default()
+        {
+            let UsedGpuMemory::Used(bytes) = p.used_gpu_memory else {
+                continue;
+            };
+            let target = pids
+                .get(&p.pid)
+                .and_then(|id| targets.name(*id))
+                .unwrap_or("other");
+            *s.process_memory.entry(target.to_owned()).or_default() += bytes as f64;
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Driver version and GPU count, or why NVML is unavailable (for `pipeprobe check`).
+pub fn probe(library: &std::ffi::OsStr) -> Result<(String, u32), String> {
+    let nvml = Nvml::builder().lib_path(library).init().map_err(|e| {
+        format!(
+            "NVML unavailable ({}): {e}; GPU metrics will be off",
+            library.to_string_lossy()
+        )
+    })?;
+    let driver = nvml.sys_driver_version().unwrap_or_else(|_| "?".into());
+    let count = nvml
+        .device_count()
+        .map_err(|e| format!("NVML answers but cannot count GPUs: {e}"))?;
+    Ok((driver, count))
+}
+
+/// Starts the sampling thread. It never ends the agent: NVML errors become state.
+pub fn spawn(
+    library: OsString,
+    interval: Duration,
+    targets: Arc<TargetSet>,
+    tracked: SharedTracked,
+) -> SharedGpu {
+    let state = SharedGpu::default();
+    let shared = state.clone();
+    let spawned = std::thread::Builder::new().name("pipeprobe-nvml".into()).spawn(move || {
+        let mut backoff = Duration::from_secs(1);
+        let mut logged = None::<String>;
+        loop {
+            let nvml = match Nvml::builder().lib_path(library.as_os_str()).init() {
+                Ok(n) => n,
+                Err(e) => {
+                    let reason = format!("NVML unavailable ({}): {e}", library.to_string_lossy());
+                    if logged.as_deref() != Some(reason.as_str()) {
+                        tracing::warn!("{reason}; GPU metrics off, everything else runs; retrying with backoff");
+                        logged = Some(reason.clone());
+                    }
+                    if let Ok(mut s) = shared.lock() {
+                        s.up = false;
+                        s.reason = Some(reason);
+                        s.gpus.clear();
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    continue;
+                }
+            };
+            backoff = Duration::from_secs(1);
+            let driver = nvml.sys_driver_version().ok();
+            tracing::info!(driver = driver.as_deref().unwrap_or("?"), gpus = nvml.device_count().unwrap_or(0), "NVML initialised");
+            let mut unsupported = Unsupported::new();
+            loop {
+                match sample(&nvml, &targets, &tracked, &mut unsupported) {
+                    Ok(gpus) => {
+                        if let Ok(mut s) = shared.lock() {
+                            *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus };
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NVML sampling failed; reinitialising");
+                        if let Ok(mut s) = shared.lock() {
+                            s.up = false;
+                            s.reason = Some(format!("NVML sampling failed: {e}"));
+                        }
+                        break;
+                    }
+                }
+                std::thread::sleep(interval);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the GPU sampling thread");
+    }
+    state
+}
+
+#[derive(Debug)]
+pub struct GpuCollector {
+    state: SharedGpu,
+}
+
+impl GpuCollector {
+    pub fn new(state: SharedGpu) -> Self {
+        Self { state }
+    }
+}
+
+fn gauges(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    gpus: &[GpuSample],
+    value: impl Fn(&GpuSample) -> Option<f64>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for g in gpus {
+        if let Some(v) = value(g) {
+            let labels = GpuLabels {
+                gpu: g.index.to_string(),
+                uuid: g.uuid.clone(),
+                model: g.model.clone(),
+            };
+            ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for GpuCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Ok(state) = self.state.lock() else {
+            return Ok(());
+        };
+        let up = encoder.encode_descriptor(
+            "pipeprobe_gpu_up",
+            "1 when NVML answers on this node, 0 without a driver or GPU (reason in the log and in `pipeprobe check`)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(state.up)).encode(up)?;
+        let g = &state.gpus;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_utilization_ratio",
+            "Fraction of time a kernel ran on the GPU",
+            g,
+            |s| s.utilization,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_memory_utilization_ratio",
+            "Fraction of time device memory was read or written",
+            g,
+            |s| s.memory_utilization,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_memory_used_bytes",
+            "Device memory in use",
+            g,
+            |s| s.memory_used,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_memory_total_bytes",
+            "Device memory in all",
+            g,
+            |s| s.memory_total,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_power_watts",
+            "Power draw",
+            g,
+            |s| s.power_watts,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_power_limit_watts",
+            "Enforced power limit",
+            g,
+            |s| s.power_limit_watts,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_temperature_celsius",
+            "GPU die temperature",
+            g,
+            |s| s.temperature,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_sm_clock_hertz",
+            "Streaming multiprocessor clock",
+            g,
+            |s| s.sm_clock_hertz,
+        )?;
+        gauges(
+            &mut encoder,
+            "pipeprobe_gpu_memory_clock_hertz",
+            "Memory clock",
+            g,
+            |s| s.memory_clock_hertz,
+        )?;
+        let mut energy = encoder.encode_descriptor(
+            "pipeprobe_gpu_energy_joules",
+            "Energy used since the driver was loaded",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in g {
+            if let Some(j) = s.energy_joules {
+                let labels = GpuLabels {
+                    gpu: s.index.to_string(),
+                    uuid: s.uuid.clone(),
+                    model: s.model.clone(),
+                };
+                ConstCounter::new(j).encode(energy.encode_family(&labels)?)?;
+            }
+        }
+        let mut procs = encoder.encode_descriptor(
+            "pipeprobe_gpu_process_memory_used_bytes",
+            "GPU memory of the target's processes (other: processes outside any target)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in g {
+            let mut targets: Vec<_> = s.process_memory.iter().collect();
+            targets.sort_by(|a, b| a.0.cmp(b.0));
+            for (target, bytes) in targets {
+                let labels = ProcessLabels {
+                    gpu: s.index.to_string(),
+                    uuid: s.uuid.clone(),
+                    target: target.clone(),
+                };
+                ConstGauge::new(*bytes).encode(procs.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

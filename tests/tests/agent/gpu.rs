@@ -1,0 +1,190 @@
+//! GPU sampling through the real nvml-wrapper path, against the fake libnvidia-ml.so of
+//! tests/nvml-fake (no GPU exists on CI machines), with values scripted per test.
+use std::{path::Path, process::Command, time::Duration};
+
+use pipeprobe_tests::{Agent, Proc, find, pipeprobe_bin, wait_until};
+
+/// Builds the fake NVML library into `dir`.
+fn fake_nvml(dir: &Path) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("nvml-fake/fake_nvml.c");
+    let lib = dir.join("libnvidia-ml-fake.so");
+    let o = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("gcc runs");
+    assert!(
+        o.status.success(),
+        "building the fake NVML: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    lib
+}
+
+/// An agent loading `lib`, scripted by `script` (which need not exist yet).
+fn agent(lib: &Path, script: &Path, args: &[&str]) -> Agent {
+    let mut cmd = Command::new(pipeprobe_bin());
+    cmd.env("PIPEPROBE_FAKE_NVML", script);
+    let mut all = vec!["--nvml-library", lib.to_str().unwrap()];
+    all.extend_from_slice(args);
+    Agent::start_with(cmd, &all)
+}
+
+fn gpu_value(s: &[pipeprobe_tests::Sample], name: &str, gpu: &str) -> Option<f64> {
+    find(s, name, "gpu", gpu)
+}
+
+#[test]
+fn gpus_and_their_processes_are_exported_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fake_nvml(dir.path());
+    let worker = Proc::spawn(Command::new("sleep").arg("30"));
+    let script = dir.path().join("gpus.txt");
+    std::fs::write(
+        &script,
+        format!(
+            "driver 550.54.15\n\
+             gpu name=NVIDIA-H100 uuid=GPU-1111 util=37 memutil=20 mem_total=85899345920 mem_used=10737418240 \
+             power_mw=250500 power_limit_mw=700000 temp=61 energy_mj=123456789 sm_mhz=1755 mem_mhz=2619\n\
+             gpu name=NVIDIA-L4 uuid=GPU-2222 util=90 memutil=55 mem_total=24000000000 mem_used=20000000000 \
+             power_mw=70000 power_limit_mw=72000 temp=70 sm_mhz=2040 mem_mhz=6251\n\
+             proc gpu=0 pid={} mem=536870912\n\
+             proc gpu=0 pid=1 mem=1000\n\
+             proc gpu=1 pid={} mem=2048\n",
+            worker.pid(),
+            worker.pid()
+        ),
+    )
+    .unwrap();
+    let agent = agent(
+        &lib,
+        &script,
+        &["--target", &format!("tts=pid:{}", worker.pid())],
+    );
+    // The first sampling round follows the agent's start.
+    let up = || {
+        agent
+            .scrape()
+            .iter()
+            .find(|x| x.name == "pipeprobe_gpu_up")
+            .map(|x| x.value)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || up() == Some(1.0)).is_some(),
+        "gpu_up; log:\n{}",
+        agent.log()
+    );
+    let s = agent.scrape();
+    for (name, gpu, want) in [
+        ("pipeprobe_gpu_utilization_ratio", "0", 0.37),
+        ("pipeprobe_gpu_utilization_ratio", "1", 0.9),
+        ("pipeprobe_gpu_memory_utilization_ratio", "1", 0.55),
+        ("pipeprobe_gpu_memory_used_bytes", "0", 10737418240.0),
+        ("pipeprobe_gpu_memory_total_bytes", "1", 24000000000.0),
+        ("pipeprobe_gpu_power_watts", "0", 250.5),
+        ("pipeprobe_gpu_power_limit_watts", "1", 72.0),
+        ("pipeprobe_gpu_temperature_celsius", "1", 70.0),
+        ("pipeprobe_gpu_sm_clock_hertz", "0", 1.755e9),
+        ("pipeprobe_gpu_memory_clock_hertz", "1", 6.251e9),
+        ("pipeprobe_gpu_energy_joules_total", "0", 123456.789),
+    ] {
+        assert_eq!(gpu_value(&s, name, gpu), Some(want), "{name}{{gpu={gpu}}}");
+    }
+    // The L4 reports no energy counter: skipped for that GPU alone, logged once.
+    assert_eq!(
+        gpu_value(&s, "pipeprobe_gpu_energy_joules_total", "1"),
+        None
+    );
+    assert_eq!(
+        agent.log().matches("\"field\":\"energy\"").count(),
+        1,
+        "{}",
+        agent.log()
+    );
+    let model = s
+        .iter()
+        .find(|x| x.name == "pipeprobe_gpu_power_watts" && x.labels["gpu"] == "0")
+        .unwrap();
+    assert_eq!(
+        (
+            model.labels["uuid"].as_str(),
+            model.labels["model"].as_str()
+        ),
+        ("GPU-1111", "NVIDIA-H100")
+    );
+    // Per-process memory, attributed to targets; processes outside any target are "other".
+    let procs: Vec<_> = s
+        .iter()
+        .filter(|x| x.name == "pipeprobe_gpu_process_memory_used_bytes")
+        .collect();
+    let get = |gpu: &str, target: &str| {
+        procs
+            .iter()
+            .find(|x| x.labels["gpu"] == gpu && x.labels["target"] == target)
+            .map(|x| x.value)
+    };
+    assert_eq!(get("0", "tts"), Some(536870912.0), "{procs:?}");
+    assert_eq!(get("0", "other"), Some(1000.0), "{procs:?}");
+    assert_eq!(get("1", "tts"), Some(2048.0), "{procs:?}");
+
+    let check = Command::new(pipeprobe_bin())
+        .args(["check", "--nvml-library", lib.to_str().unwrap()])
+        .env("PIPEPROBE_FAKE_NVML", &script)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(out.contains("driver 550.54.15, 2 GPU(s)"), "{out}");
+}
+
+#[test]
+fn no_driver_keeps_the_agent_running_and_a_later_driver_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fake_nvml(dir.path());
+    let script = dir.path().join("later.txt");
+    // No script yet: the fake answers like a node without a loaded driver.
+    let agent = agent(&lib, &script, &["--target", "x=pid:1"]);
+    let up = || {
+        agent
+            .scrape()
+            .iter()
+            .find(|s| s.name == "pipeprobe_gpu_up")
+            .map(|s| s.value)
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), || up() == Some(0.0)).is_some(),
+        "gpu_up {:?}",
+        up()
+    );
+    assert_eq!(
+        agent.value("pipeprobe_probe_attached", "probe", "sched"),
+        Some(1.0)
+    );
+    assert!(
+        agent.log().contains("NVML unavailable") && agent.log().contains("driver is not loaded"),
+        "{}",
+        agent.log()
+    );
+    // The driver "arrives": the retry with backoff (1 s, 2 s, ...) picks it up.
+    std::fs::write(
+        &script,
+        "driver 1.0\ngpu name=G uuid=GPU-9 util=5 mem_total=100 mem_used=1\n",
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(8), || up() == Some(1.0)).is_some(),
+        "driver not picked up: {}",
+        agent.log()
+    );
+    assert_eq!(
+        agent.value("pipeprobe_gpu_utilization_ratio", "gpu", "0"),
+        Some(0.05)
+    );
+    // Logged once, not at every retry.
+    assert_eq!(
+        agent.log().matches("NVML unavailable").count(),
+        1,
+        "{}",
+        agent.log()
+    );
+}
