@@ -14,6 +14,7 @@ use std::{
 
 use nvml_wrapper::{
     Nvml,
+    bitmasks::device::ThrottleReasons,
     enum_wrappers::device::{Clock, TemperatureSensor},
     enums::device::UsedGpuMemory,
     error::NvmlError,
@@ -36,6 +37,42 @@ struct GpuLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpLabels {
+    gpu: String,
+    uuid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ThrottleLabels {
+    gpu: String,
+    uuid: String,
+    model: String,
+    reason: &'static str,
+}
+
+/// Throttle reasons by NVML bit, as label values.
+const THROTTLE_REASONS: [(ThrottleReasons, &str); 9] = [
+    (ThrottleReasons::GPU_IDLE, "gpu_idle"),
+    (
+        ThrottleReasons::APPLICATIONS_CLOCKS_SETTING,
+        "applications_clocks_setting",
+    ),
+    (ThrottleReasons::SW_POWER_CAP, "sw_power_cap"),
+    (ThrottleReasons::HW_SLOWDOWN, "hw_slowdown"),
+    (ThrottleReasons::SYNC_BOOST, "sync_boost"),
+    (ThrottleReasons::SW_THERMAL_SLOWDOWN, "sw_thermal_slowdown"),
+    (ThrottleReasons::HW_THERMAL_SLOWDOWN, "hw_thermal_slowdown"),
+    (
+        ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN,
+        "hw_power_brake_slowdown",
+    ),
+    (
+        ThrottleReasons::DISPLAY_CLOCK_SETTING,
+        "display_clock_setting",
+    ),
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
     gpu: String,
     uuid: String,
@@ -48,6 +85,10 @@ struct GpuSample {
     index: u32,
     uuid: String,
     model: String,
+    /// The GPU fell off the bus or stopped answering: only its `gpu_up 0` is exported.
+    lost: bool,
+    /// Active throttle reasons.
+    throttle: Vec<&'static str>,
     utilization: Option<f64>,
     memory_utilization: Option<f64>,
     memory_used: Option<f64>,
@@ -60,6 +101,8 @@ struct GpuSample {
     energy_joules: Option<f64>,
     /// GPU memory per target name ("other" for processes outside any target).
     process_memory: HashMap<String, f64>,
+    /// SM utilisation (0-1) per target name, from NVML's per-process samples.
+    process_utilization: HashMap<String, f64>,
 }
 
 /// The last sampling round.
@@ -94,23 +137,87 @@ fn field<T>(
     }
 }
 
+/// Identity of each GPU index as last seen, to name a GPU that stopped answering.
+type Known = HashMap<u32, (String, String)>;
+
 fn sample(
     nvml: &Nvml,
     targets: &TargetSet,
     tracked: &SharedTracked,
     unsupported: &mut Unsupported,
+    known: &mut Known,
 ) -> Result<Vec<GpuSample>, NvmlError> {
     let pids = tracked.read().map(|m| m.clone()).unwrap_or_default();
+    let target_of = |pid: u32| {
+        pids.get(&pid)
+            .and_then(|id| targets.name(*id))
+            .unwrap_or("other")
+            .to_owned()
+    };
     let mut out = Vec::new();
     for index in 0..nvml.device_count()? {
-        let device = nvml.device_by_index(index)?;
+        let lost = |known: &Known, unsupported: &mut Unsupported, e: &NvmlError| {
+            if unsupported.insert((index, "lost")) {
+                tracing::warn!(gpu = index, error = %e, "GPU stopped answering; its series are dropped, the others keep sampling");
+            }
+            let (uuid, model) = known.get(&index).cloned().unwrap_or_default();
+            GpuSample {
+                index,
+                uuid,
+                model,
+                lost: true,
+                ..GpuSample::default()
+            }
+        };
+        let device = match nvml.device_by_index(index) {
+            Ok(d) => d,
+            Err(e) => {
+                out.push(lost(known, unsupported, &e));
+                continue;
+            }
+        };
+        let identity = device
+            .uuid()
+            .map(|u| (u, device.name().unwrap_or_default()));
+        let (uuid, model) = match identity {
+            Ok(id) => id,
+            Err(e) => {
+                out.push(lost(known, unsupported, &e));
+                continue;
+            }
+        };
+        known.insert(index, (uuid.clone(), model.clone()));
+        let util = match device.utilization_rates() {
+            Err(e @ NvmlError::GpuLost) => {
+                out.push(lost(known, unsupported, &e));
+                continue;
+            }
+            r => field(r, index, "utilization", unsupported),
+        };
+        if unsupported.remove(&(index, "lost")) {
+            tracing::info!(gpu = index, "GPU answers again");
+        }
         let u = &mut *unsupported;
-        let util = field(device.utilization_rates(), index, "utilization", u);
         let mem = field(device.memory_info(), index, "memory", u);
         let mut s = GpuSample {
             index,
-            uuid: device.uuid()?,
-            model: device.name().unwrap_or_default(),
+            uuid,
+            model,
+            lost: false,
+            throttle: field(
+                device.current_throttle_reasons(),
+                index,
+                "throttle_reasons",
+                u,
+            )
+            .map(|r| {
+                THROTTLE_REASONS
+                    .iter()
+                    .filter(|(bit, _)| r.contains(*bit))
+                    .map(|(_, n)| *n)
+                    .collect()
+            })
+            .unwrap_or_default(),
             utilization: util.as_ref().map(|r| f64::from(r.gpu) / 100.0),
             memory_utilization: util.as_ref().map(|r| f64::from(r.memory) / 100.0),
             memory_used: mem.as_ref().map(|m| m.used as f64),
@@ -133,6 +240,7 @@ fn sample(
             energy_joules: field(device.total_energy_consumption(), index, "energy", u)
                 .map(|mj| mj as f64 / 1e3),
             process_memory: HashMap::new(),
+            process_utilization: HashMap::new(),
         };
         for p in
             field(device.running_compute_processes(), index, "processes", u).unwrap_or_default()
@@ -140,11 +248,18 @@ fn sample(
             let UsedGpuMemory::Used(bytes) = p.used_gpu_memory else {
                 continue;
             };
-            let target = pids
-                .get(&p.pid)
-                .and_then(|id| targets.name(*id))
-                .unwrap_or("other");
-            *s.process_memory.entry(target.to_owned()).or_default() += bytes as f64;
+            *s.process_memory.entry(target_of(p.pid)).or_default() += bytes as f64;
+        }
+        for p in field(
+            device.process_utilization_stats(None),
+            index,
+            "process_utilization",
+            u,
+        )
+        .unwrap_or_default()
+        {
+            *s.process_utilization.entry(target_of(p.pid)).or_default() +=
+                f64::from(p.sm_util) / 100.0;
         }
         out.push(s);
     }
@@ -201,8 +316,9 @@ pub fn spawn(
             let driver = nvml.sys_driver_version().ok();
             tracing::info!(driver = driver.as_deref().unwrap_or("?"), gpus = nvml.device_count().unwrap_or(0), "NVML initialised");
             let mut unsupported = Unsupported::new();
+            let mut known = Known::new();
             loop {
-                match sample(&nvml, &targets, &tracked, &mut unsupported) {
+                match sample(&nvml, &targets, &tracked, &mut unsupported, &mut known) {
                     Ok(gpus) => {
                         if let Ok(mut s) = shared.lock() {
                             *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus };
@@ -270,8 +386,19 @@ impl Collector for GpuCollector {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(i64::from(state.up)).encode(up)?;
-        let g = &state.gpus;
+        let mut up = up;
+        ConstGauge::new(i64::from(state.up))
+            .encode(up.encode_family(&Vec::<(String, String)>::new())?)?;
+        for s in &state.gpus {
+            let labels = UpLabels {
+                gpu: s.index.to_string(),
+                uuid: s.uuid.clone(),
+            };
+            ConstGauge::new(i64::from(!s.lost)).encode(up.encode_family(&labels)?)?;
+        }
+        // A lost GPU keeps only its gpu_up 0: its other series go stale.
+        let g: Vec<GpuSample> = state.gpus.iter().filter(|s| !s.lost).cloned().collect();
+        let g = &g;
         gauges(
             &mut encoder,
             "pipeprobe_gpu_utilization_ratio",
@@ -349,6 +476,41 @@ impl Collector for GpuCollector {
                     model: s.model.clone(),
                 };
                 ConstCounter::new(j).encode(energy.encode_family(&labels)?)?;
+            }
+        }
+        let mut throttle = encoder.encode_descriptor(
+            "pipeprobe_gpu_throttle_reason",
+            "1 for each reason the GPU's clocks are held back right now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in g {
+            for reason in &s.throttle {
+                let labels = ThrottleLabels {
+                    gpu: s.index.to_string(),
+                    uuid: s.uuid.clone(),
+                    model: s.model.clone(),
+                    reason,
+                };
+                ConstGauge::new(1).encode(throttle.encode_family(&labels)?)?;
+            }
+        }
+        let mut util = encoder.encode_descriptor(
+            "pipeprobe_gpu_process_utilization_ratio",
+            "SM utilisation of the target's processes on the GPU, 0-1 (other: processes outside any target)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in g {
+            let mut targets: Vec<_> = s.process_utilization.iter().collect();
+            targets.sort_by(|a, b| a.0.cmp(b.0));
+            for (target, ratio) in targets {
+                let labels = ProcessLabels {
+                    gpu: s.index.to_string(),
+                    uuid: s.uuid.clone(),
+                    target: target.clone(),
+                };
+                ConstGauge::new(*ratio).encode(util.encode_family(&labels)?)?;
             }
         }
         let mut procs = encoder.encode_descriptor(

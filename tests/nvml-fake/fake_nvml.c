@@ -5,7 +5,8 @@
  *   init_error 9                       (optional: nvmlInit returns this NVML error code)
  *   gpu name=NVIDIA-H100 uuid=GPU-1 util=37 memutil=20 mem_total=85899345920 mem_used=1073741824
  *       power_mw=250000 power_limit_mw=700000 temp=61 energy_mj=123456 sm_mhz=1755 mem_mhz=2619
- *   proc gpu=0 pid=1234 mem=536870912
+ *       throttle=4 lost_after=3    (optional: throttle-reason bits; GPU_IS_LOST after 3 rounds)
+ *   proc gpu=0 pid=1234 mem=536870912 sm=40
  *
  * (one gpu/proc per line). Built by the tests with `cc -shared -fPIC`. */
 #include <stdio.h>
@@ -18,9 +19,11 @@ enum { OK = 0, INVALID_ARG = 2, NOT_SUPPORTED = 3, INSUFFICIENT_SIZE = 7, UNINIT
 struct gpu {
     char name[96], uuid[96];
     unsigned util, memutil, power_mw, power_limit_mw, temp, sm_mhz, mem_mhz;
-    unsigned long long mem_total, mem_used, energy_mj;
+    unsigned long long mem_total, mem_used, energy_mj, throttle;
+    unsigned lost_after, rounds, lost;
 };
-struct proc { unsigned gpu, pid; unsigned long long mem; };
+struct proc { unsigned gpu, pid, sm; unsigned long long mem; };
+typedef struct { unsigned pid; unsigned long long timeStamp; unsigned smUtil, memUtil, encUtil, decUtil; } nvmlProcessUtilizationSample_t;
 typedef struct { unsigned gpu, memory; } nvmlUtilization_t;
 typedef struct { unsigned version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
 typedef struct { unsigned pid; unsigned long long usedGpuMemory; unsigned gpuInstanceId, computeInstanceId; } nvmlProcessInfo_t;
@@ -64,15 +67,18 @@ static void load(void) {
             g->power_mw = num(line, "power_mw="); g->power_limit_mw = num(line, "power_limit_mw=");
             g->temp = num(line, "temp="); g->energy_mj = num(line, "energy_mj=");
             g->sm_mhz = num(line, "sm_mhz="); g->mem_mhz = num(line, "mem_mhz=");
+            g->throttle = num(line, "throttle="); g->lost_after = num(line, "lost_after=");
         } else if (!strncmp(line, "proc ", 5) && nprocs < 64) {
             struct proc *p = &procs[nprocs++];
-            p->gpu = num(line, "gpu="); p->pid = num(line, "pid="); p->mem = num(line, "mem=");
+            p->gpu = num(line, "gpu="); p->pid = num(line, "pid="); p->mem = num(line, "mem="); p->sm = num(line, "sm=");
         }
     }
     fclose(f);
 }
 
-#define DEV(d) struct gpu *g = (struct gpu *)(d); if (!initialized) return UNINITIALIZED; if (!g) return INVALID_ARG
+#define GPU_IS_LOST 15
+#define DEV(d) struct gpu *g = (struct gpu *)(d); if (!initialized) return UNINITIALIZED; if (!g) return INVALID_ARG; \
+    if (g->lost) return GPU_IS_LOST
 
 nvmlReturn_t nvmlInit_v2(void) { load(); if (init_error) return init_error; initialized = 1; return OK; }
 nvmlReturn_t nvmlInitWithFlags(unsigned flags) { (void)flags; return nvmlInit_v2(); }
@@ -88,7 +94,27 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned i, void **d) {
 nvmlReturn_t nvmlDeviceGetIndex(void *d, unsigned *i) { DEV(d); *i = (unsigned)(g - gpus); return OK; }
 nvmlReturn_t nvmlDeviceGetName(void *d, char *s, unsigned n) { DEV(d); snprintf(s, n, "%s", g->name); return OK; }
 nvmlReturn_t nvmlDeviceGetUUID(void *d, char *s, unsigned n) { DEV(d); snprintf(s, n, "%s", g->uuid); return OK; }
-nvmlReturn_t nvmlDeviceGetUtilizationRates(void *d, nvmlUtilization_t *u) { DEV(d); u->gpu = g->util; u->memory = g->memutil; return OK; }
+/* Each sampling round reads utilization once: it counts rounds for lost_after. */
+nvmlReturn_t nvmlDeviceGetUtilizationRates(void *d, nvmlUtilization_t *u) {
+    DEV(d);
+    if (g->lost_after && ++g->rounds > g->lost_after) { g->lost = 1; return GPU_IS_LOST; }
+    u->gpu = g->util; u->memory = g->memutil; return OK;
+}
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(void *d, unsigned long long *r) { DEV(d); *r = g->throttle; return OK; }
+nvmlReturn_t nvmlDeviceGetProcessUtilization(void *d, nvmlProcessUtilizationSample_t *u, unsigned *count, unsigned long long last) {
+    DEV(d); (void)last;
+    unsigned n = 0, idx = (unsigned)(g - gpus);
+    for (unsigned i = 0; i < nprocs; i++) if (procs[i].gpu == idx && procs[i].sm) n++;
+    if (!u || *count < n) { *count = n; return n ? INSUFFICIENT_SIZE : OK; }
+    unsigned k = 0;
+    for (unsigned i = 0; i < nprocs; i++) {
+        if (procs[i].gpu != idx || !procs[i].sm) continue;
+        memset(&u[k], 0, sizeof u[k]);
+        u[k].pid = procs[i].pid; u[k].timeStamp = 1; u[k].smUtil = procs[i].sm; k++;
+    }
+    *count = k;
+    return OK;
+}
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(void *d, nvmlMemory_v2_t *m) {
     DEV(d); m->total = g->mem_total; m->used = g->mem_used; m->free = g->mem_total - g->mem_used; m->reserved = 0; return OK;
 }

@@ -46,11 +46,11 @@ fn gpus_and_their_processes_are_exported_exactly() {
         format!(
             "driver 550.54.15\n\
              gpu name=NVIDIA-H100 uuid=GPU-1111 util=37 memutil=20 mem_total=85899345920 mem_used=10737418240 \
-             power_mw=250500 power_limit_mw=700000 temp=61 energy_mj=123456789 sm_mhz=1755 mem_mhz=2619\n\
+             power_mw=250500 power_limit_mw=700000 temp=61 energy_mj=123456789 sm_mhz=1755 mem_mhz=2619 throttle=12\n\
              gpu name=NVIDIA-L4 uuid=GPU-2222 util=90 memutil=55 mem_total=24000000000 mem_used=20000000000 \
              power_mw=70000 power_limit_mw=72000 temp=70 sm_mhz=2040 mem_mhz=6251\n\
-             proc gpu=0 pid={} mem=536870912\n\
-             proc gpu=0 pid=1 mem=1000\n\
+             proc gpu=0 pid={} mem=536870912 sm=40\n\
+             proc gpu=0 pid=1 mem=1000 sm=7\n\
              proc gpu=1 pid={} mem=2048\n",
             worker.pid(),
             worker.pid()
@@ -127,6 +127,27 @@ fn gpus_and_their_processes_are_exported_exactly() {
     assert_eq!(get("0", "tts"), Some(536870912.0), "{procs:?}");
     assert_eq!(get("0", "other"), Some(1000.0), "{procs:?}");
     assert_eq!(get("1", "tts"), Some(2048.0), "{procs:?}");
+    let util = |gpu: &str, target: &str| {
+        s.iter()
+            .find(|x| {
+                x.name == "pipeprobe_gpu_process_utilization_ratio"
+                    && x.labels["gpu"] == gpu
+                    && x.labels["target"] == target
+            })
+            .map(|x| x.value)
+    };
+    assert_eq!(
+        (util("0", "tts"), util("0", "other")),
+        (Some(0.4), Some(0.07))
+    );
+    // One series per active throttle reason (bits 0x4 and 0x8), none for the unthrottled GPU.
+    let mut reasons: Vec<(&str, &str)> = s
+        .iter()
+        .filter(|x| x.name == "pipeprobe_gpu_throttle_reason")
+        .map(|x| (x.labels["gpu"].as_str(), x.labels["reason"].as_str()))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, [("0", "hw_slowdown"), ("0", "sw_power_cap")]);
 
     let check = Command::new(pipeprobe_bin())
         .args(["check", "--nvml-library", lib.to_str().unwrap()])
@@ -186,5 +207,63 @@ fn no_driver_keeps_the_agent_running_and_a_later_driver_is_picked_up() {
         1,
         "{}",
         agent.log()
+    );
+}
+
+#[test]
+fn a_lost_gpu_goes_stale_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fake_nvml(dir.path());
+    let script = dir.path().join("lost.txt");
+    std::fs::write(
+        &script,
+        "driver 550\n\
+         gpu name=A uuid=GPU-LOST util=10 mem_total=100 mem_used=10 lost_after=3\n\
+         gpu name=B uuid=GPU-FINE util=20 mem_total=100 mem_used=20\n",
+    )
+    .unwrap();
+    let config = pipeprobe_tests::config_file("[gpu]\ninterval_secs = 0.1\n[targets.x]\npid = 1\n");
+    let agent = agent(
+        &lib,
+        &script,
+        &["--config", config.path().to_str().unwrap()],
+    );
+    let up = |uuid: &str| find(&agent.scrape(), "pipeprobe_gpu_up", "uuid", uuid);
+    assert!(
+        wait_until(Duration::from_secs(5), || up("GPU-LOST") == Some(0.0)).is_some(),
+        "GPU-LOST still up: {:?}\n{}",
+        up("GPU-LOST"),
+        agent.log()
+    );
+    let s = agent.scrape();
+    assert_eq!(find(&s, "pipeprobe_gpu_up", "uuid", "GPU-FINE"), Some(1.0));
+    // The node's NVML is still up; the lost GPU's other series are gone, the other GPU's stay.
+    assert!(
+        s.iter()
+            .any(|x| x.name == "pipeprobe_gpu_up" && x.labels.is_empty() && x.value == 1.0)
+    );
+    assert_eq!(
+        find(&s, "pipeprobe_gpu_utilization_ratio", "uuid", "GPU-LOST"),
+        None
+    );
+    assert_eq!(
+        find(&s, "pipeprobe_gpu_utilization_ratio", "uuid", "GPU-FINE"),
+        Some(0.2)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        agent.log().matches("GPU stopped answering").count(),
+        1,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        find(
+            &agent.scrape(),
+            "pipeprobe_gpu_utilization_ratio",
+            "uuid",
+            "GPU-FINE"
+        ),
+        Some(0.2)
     );
 }
