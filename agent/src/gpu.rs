@@ -13,10 +13,10 @@ use std::{
 };
 
 use nvml_wrapper::{
-    Nvml,
-    bitmasks::device::ThrottleReasons,
-    enum_wrappers::device::{Clock, TemperatureSensor},
-    enums::device::UsedGpuMemory,
+    EventSet, Nvml,
+    bitmasks::{device::ThrottleReasons, event::EventTypes},
+    enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor},
+    enums::{device::UsedGpuMemory, event::XidError},
     error::NvmlError,
 };
 use prometheus_client::{
@@ -34,6 +34,14 @@ struct GpuLabels {
     gpu: String,
     uuid: String,
     model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EccLabels {
+    gpu: String,
+    uuid: String,
+    model: String,
+    r#type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +107,10 @@ struct GpuSample {
     sm_clock_hertz: Option<f64>,
     memory_clock_hertz: Option<f64>,
     energy_joules: Option<f64>,
+    /// Volatile ECC error counts (corrected, uncorrected), where ECC is supported.
+    ecc: Option<(u64, u64)>,
+    /// Critical Xid events seen for this GPU since the agent started.
+    xid_errors: u64,
     /// GPU memory per target name ("other" for processes outside any target).
     process_memory: HashMap<String, f64>,
     /// SM utilisation (0-1) per target name, from NVML's per-process samples.
@@ -239,6 +251,19 @@ fn sample(
                 .map(|mhz| f64::from(mhz) * 1e6),
             energy_joules: field(device.total_energy_consumption(), index, "energy", u)
                 .map(|mj| mj as f64 / 1e3),
+            ecc: field(
+                device.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile),
+                index,
+                "ecc",
+                u,
+            )
+            .and_then(|corrected| {
+                let uncorrected = device
+                    .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+                    .ok()?;
+                Some((corrected, uncorrected))
+            }),
+            xid_errors: 0,
             process_memory: HashMap::new(),
             process_utilization: HashMap::new(),
         };
@@ -264,6 +289,55 @@ fn sample(
         out.push(s);
     }
     Ok(out)
+}
+
+/// An event set with every GPU that supports critical Xid events registered, if any does.
+fn xid_events(nvml: &Nvml) -> Option<EventSet<'_>> {
+    let mut set = nvml.create_event_set().ok()?;
+    let mut any = false;
+    for index in 0..nvml.device_count().unwrap_or(0) {
+        let Ok(device) = nvml.device_by_index(index) else {
+            continue;
+        };
+        if !device
+            .supported_event_types()
+            .is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR))
+        {
+            tracing::info!(
+                gpu = index,
+                "GPU reports no Xid events; pipeprobe_gpu_xid_errors_total stays 0 for it"
+            );
+            continue;
+        }
+        match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(s) => {
+                set = s;
+                any = true;
+            }
+            Err(e) => {
+                tracing::warn!(gpu = index, error = %e.error, "cannot register for Xid events");
+                // The failed call consumed the set: earlier registrations are lost with it.
+                set = nvml.create_event_set().ok()?;
+                any = false;
+            }
+        }
+    }
+    any.then_some(set)
+}
+
+/// Counts the Xid events NVML queued since the last round, without waiting.
+fn drain_xids(set: &EventSet<'_>, xids: &mut HashMap<String, u64>) {
+    // Bounded: a burst beyond this waits for the next round.
+    for _ in 0..1024 {
+        let Ok(event) = set.wait(0) else { return };
+        let uuid = event.device.uuid().unwrap_or_default();
+        let code = match event.event_data {
+            Some(XidError::Value(v)) => v.to_string(),
+            _ => "unknown".into(),
+        };
+        tracing::warn!(uuid = %uuid, xid = %code, "GPU Xid error");
+        *xids.entry(uuid).or_default() += 1;
+    }
 }
 
 /// Driver version and GPU count, or why NVML is unavailable (for `pipeprobe check`).
@@ -293,6 +367,8 @@ pub fn spawn(
     let spawned = std::thread::Builder::new().name("pipeprobe-nvml".into()).spawn(move || {
         let mut backoff = Duration::from_secs(1);
         let mut logged = None::<String>;
+        // Per GPU uuid; kept across reinitialisations so the counter only grows.
+        let mut xids: HashMap<String, u64> = HashMap::new();
         loop {
             let nvml = match Nvml::builder().lib_path(library.as_os_str()).init() {
                 Ok(n) => n,
@@ -317,9 +393,16 @@ pub fn spawn(
             tracing::info!(driver = driver.as_deref().unwrap_or("?"), gpus = nvml.device_count().unwrap_or(0), "NVML initialised");
             let mut unsupported = Unsupported::new();
             let mut known = Known::new();
+            let events = xid_events(&nvml);
             loop {
+                if let Some(set) = &events {
+                    drain_xids(set, &mut xids);
+                }
                 match sample(&nvml, &targets, &tracked, &mut unsupported, &mut known) {
-                    Ok(gpus) => {
+                    Ok(mut gpus) => {
+                        for g in &mut gpus {
+                            g.xid_errors = xids.get(&g.uuid).copied().unwrap_or(0);
+                        }
                         if let Ok(mut s) = shared.lock() {
                             *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus };
                         }
@@ -477,6 +560,40 @@ impl Collector for GpuCollector {
                 };
                 ConstCounter::new(j).encode(energy.encode_family(&labels)?)?;
             }
+        }
+        let mut ecc = encoder.encode_descriptor(
+            "pipeprobe_gpu_ecc_errors",
+            "Volatile ECC memory errors since the driver loaded, by type (GPUs with ECC only)",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in g {
+            let Some((corrected, uncorrected)) = s.ecc else {
+                continue;
+            };
+            for (r#type, n) in [("corrected", corrected), ("uncorrected", uncorrected)] {
+                let labels = EccLabels {
+                    gpu: s.index.to_string(),
+                    uuid: s.uuid.clone(),
+                    model: s.model.clone(),
+                    r#type,
+                };
+                ConstCounter::new(n).encode(ecc.encode_family(&labels)?)?;
+            }
+        }
+        let mut xid = encoder.encode_descriptor(
+            "pipeprobe_gpu_xid_errors",
+            "Critical Xid errors reported through NVML events since the agent started (codes in the log)",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in g {
+            let labels = GpuLabels {
+                gpu: s.index.to_string(),
+                uuid: s.uuid.clone(),
+                model: s.model.clone(),
+            };
+            ConstCounter::new(s.xid_errors).encode(xid.encode_family(&labels)?)?;
         }
         let mut throttle = encoder.encode_descriptor(
             "pipeprobe_gpu_throttle_reason",

@@ -6,7 +6,9 @@
  *   gpu name=NVIDIA-H100 uuid=GPU-1 util=37 memutil=20 mem_total=85899345920 mem_used=1073741824
  *       power_mw=250000 power_limit_mw=700000 temp=61 energy_mj=123456 sm_mhz=1755 mem_mhz=2619
  *       throttle=4 lost_after=3    (optional: throttle-reason bits; GPU_IS_LOST after 3 rounds)
+ *       ecc_corrected=5 ecc_uncorrected=1 (optional: without them ECC is "not supported")
  *   proc gpu=0 pid=1234 mem=536870912 sm=40
+ *   xid gpu=0 code=79 after=2          (a critical Xid event once the GPU has been sampled twice)
  *
  * (one gpu/proc per line). Built by the tests with `cc -shared -fPIC`. */
 #include <stdio.h>
@@ -20,8 +22,13 @@ struct gpu {
     char name[96], uuid[96];
     unsigned util, memutil, power_mw, power_limit_mw, temp, sm_mhz, mem_mhz;
     unsigned long long mem_total, mem_used, energy_mj, throttle;
-    unsigned lost_after, rounds, lost;
+    unsigned lost_after, rounds, lost, has_ecc;
+    unsigned long long ecc_corrected, ecc_uncorrected;
 };
+struct xid { unsigned gpu, code, after, delivered; };
+typedef struct { void *device; unsigned long long eventType, eventData; unsigned gpuInstanceId, computeInstanceId; } nvmlEventData_t;
+static struct xid xids[32];
+static unsigned nxids;
 struct proc { unsigned gpu, pid, sm; unsigned long long mem; };
 typedef struct { unsigned pid; unsigned long long timeStamp; unsigned smUtil, memUtil, encUtil, decUtil; } nvmlProcessUtilizationSample_t;
 typedef struct { unsigned gpu, memory; } nvmlUtilization_t;
@@ -49,7 +56,7 @@ static void str(const char *line, const char *key, char *out, size_t n) {
 }
 
 static void load(void) {
-    ngpus = nprocs = 0; init_error = 0;
+    ngpus = nprocs = nxids = 0; init_error = 0;
     const char *path = getenv("PIPEPROBE_FAKE_NVML");
     FILE *f = path ? fopen(path, "r") : NULL;
     if (!f) { init_error = 9; return; }   /* no script: behave like a node without a driver */
@@ -68,6 +75,11 @@ static void load(void) {
             g->temp = num(line, "temp="); g->energy_mj = num(line, "energy_mj=");
             g->sm_mhz = num(line, "sm_mhz="); g->mem_mhz = num(line, "mem_mhz=");
             g->throttle = num(line, "throttle="); g->lost_after = num(line, "lost_after=");
+            g->has_ecc = strstr(line, "ecc_") != NULL;
+            g->ecc_corrected = num(line, "ecc_corrected="); g->ecc_uncorrected = num(line, "ecc_uncorrected=");
+        } else if (!strncmp(line, "xid ", 4) && nxids < 32) {
+            struct xid *x = &xids[nxids++];
+            x->gpu = num(line, "gpu="); x->code = num(line, "code="); x->after = num(line, "after="); x->delivered = 0;
         } else if (!strncmp(line, "proc ", 5) && nprocs < 64) {
             struct proc *p = &procs[nprocs++];
             p->gpu = num(line, "gpu="); p->pid = num(line, "pid="); p->mem = num(line, "mem="); p->sm = num(line, "sm=");
@@ -97,7 +109,8 @@ nvmlReturn_t nvmlDeviceGetUUID(void *d, char *s, unsigned n) { DEV(d); snprintf(
 /* Each sampling round reads utilization once: it counts rounds for lost_after. */
 nvmlReturn_t nvmlDeviceGetUtilizationRates(void *d, nvmlUtilization_t *u) {
     DEV(d);
-    if (g->lost_after && ++g->rounds > g->lost_after) { g->lost = 1; return GPU_IS_LOST; }
+    g->rounds++;
+    if (g->lost_after && g->rounds > g->lost_after) { g->lost = 1; return GPU_IS_LOST; }
     u->gpu = g->util; u->memory = g->memutil; return OK;
 }
 nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(void *d, unsigned long long *r) { DEV(d); *r = g->throttle; return OK; }
@@ -140,4 +153,33 @@ nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(void *d, unsigned *count, n
     }
     *count = k;
     return OK;
+}
+
+/* Memory error type 0 = corrected, 1 = uncorrected. */
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(void *d, int type, int counter, unsigned long long *n) {
+    DEV(d); (void)counter;
+    if (!g->has_ecc) return NOT_SUPPORTED;
+    *n = type == 0 ? g->ecc_corrected : g->ecc_uncorrected;
+    return OK;
+}
+
+/* Events: one set; critical Xid (0x8) is the only type. */
+#define XID_CRITICAL 0x8ULL
+#define TIMEOUT 10
+static int event_set_token;
+nvmlReturn_t nvmlEventSetCreate(void **set) { if (!initialized) return UNINITIALIZED; *set = &event_set_token; return OK; }
+nvmlReturn_t nvmlEventSetFree(void *set) { (void)set; return OK; }
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(void *d, unsigned long long *types) { DEV(d); *types = XID_CRITICAL; return OK; }
+nvmlReturn_t nvmlDeviceRegisterEvents(void *d, unsigned long long types, void *set) { DEV(d); (void)types; (void)set; return OK; }
+nvmlReturn_t nvmlEventSetWait_v2(void *set, nvmlEventData_t *data, unsigned timeout_ms) {
+    (void)set; (void)timeout_ms;
+    for (unsigned i = 0; i < nxids; i++) {
+        struct xid *x = &xids[i];
+        if (x->delivered || x->gpu >= ngpus || gpus[x->gpu].rounds < x->after) continue;
+        x->delivered = 1;
+        memset(data, 0, sizeof *data);
+        data->device = &gpus[x->gpu]; data->eventType = XID_CRITICAL; data->eventData = x->code;
+        return OK;
+    }
+    return TIMEOUT;
 }

@@ -267,3 +267,61 @@ fn a_lost_gpu_goes_stale_alone() {
         Some(0.2)
     );
 }
+
+#[test]
+fn ecc_and_xid_errors_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fake_nvml(dir.path());
+    let script = dir.path().join("xid.txt");
+    std::fs::write(
+        &script,
+        "driver 550\n\
+         gpu name=A uuid=GPU-ECC util=10 mem_total=100 mem_used=10 ecc_corrected=5 ecc_uncorrected=1\n\
+         gpu name=B uuid=GPU-NOECC util=20 mem_total=100 mem_used=20\n\
+         xid gpu=0 code=79 after=2\n\
+         xid gpu=0 code=48 after=3\n",
+    )
+    .unwrap();
+    let config = pipeprobe_tests::config_file("[gpu]\ninterval_secs = 0.1\n[targets.x]\npid = 1\n");
+    let agent = agent(
+        &lib,
+        &script,
+        &["--config", config.path().to_str().unwrap()],
+    );
+    let xid = |uuid: &str| {
+        find(
+            &agent.scrape(),
+            "pipeprobe_gpu_xid_errors_total",
+            "uuid",
+            uuid,
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || xid("GPU-ECC") == Some(2.0)).is_some(),
+        "xid {:?}\n{}",
+        xid("GPU-ECC"),
+        agent.log()
+    );
+    assert_eq!(xid("GPU-NOECC"), Some(0.0));
+    assert!(
+        agent.log().contains("\"xid\":\"79\"") && agent.log().contains("\"xid\":\"48\""),
+        "{}",
+        agent.log()
+    );
+    let s = agent.scrape();
+    let ecc = |uuid: &str, t: &str| {
+        s.iter()
+            .find(|x| {
+                x.name == "pipeprobe_gpu_ecc_errors_total"
+                    && x.labels["uuid"] == uuid
+                    && x.labels["type"] == t
+            })
+            .map(|x| x.value)
+    };
+    assert_eq!(
+        (ecc("GPU-ECC", "corrected"), ecc("GPU-ECC", "uncorrected")),
+        (Some(5.0), Some(1.0))
+    );
+    // Without ECC support: no series, not zeros.
+    assert_eq!(ecc("GPU-NOECC", "corrected"), None);
+}
