@@ -80,6 +80,11 @@ pub fn rows(nvml: &std::path::Path) -> Vec<Row> {
         )),
     }
     rows.push(match gpu::probe(nvml.as_os_str()) {
+        Ok((driver, 0)) => row(
+            "GPU (NVML)",
+            Status::Warn,
+            format!("driver {driver} answers but reports no GPU"),
+        ),
         Ok((driver, count)) => row(
             "GPU (NVML)",
             Status::Ok,

@@ -149,8 +149,13 @@ fn field<T>(
     }
 }
 
-/// Identity of each GPU index as last seen, to name a GPU that stopped answering.
-type Known = HashMap<u32, (String, String)>;
+/// Per GPU index: identity as last seen (to name a GPU that stopped answering) and the newest
+/// process-utilisation sample timestamp read (NVML returns the samples newer than it).
+#[derive(Default)]
+struct Known {
+    identity: HashMap<u32, (String, String)>,
+    last_util_sample: HashMap<u32, u64>,
+}
 
 fn sample(
     nvml: &Nvml,
@@ -172,7 +177,7 @@ fn sample(
             if unsupported.insert((index, "lost")) {
                 tracing::warn!(gpu = index, error = %e, "GPU stopped answering; its series are dropped, the others keep sampling");
             }
-            let (uuid, model) = known.get(&index).cloned().unwrap_or_default();
+            let (uuid, model) = known.identity.get(&index).cloned().unwrap_or_default();
             GpuSample {
                 index,
                 uuid,
@@ -198,7 +203,7 @@ fn sample(
                 continue;
             }
         };
-        known.insert(index, (uuid.clone(), model.clone()));
+        known.identity.insert(index, (uuid.clone(), model.clone()));
         let util = match device.utilization_rates() {
             Err(e @ NvmlError::GpuLost) => {
                 out.push(lost(known, unsupported, &e));
@@ -275,16 +280,27 @@ fn sample(
             };
             *s.process_memory.entry(target_of(p.pid)).or_default() += bytes as f64;
         }
-        for p in field(
-            device.process_utilization_stats(None),
+        // NVML keeps several samples per process: the newest per pid is its current use.
+        let since = known.last_util_sample.get(&index).copied();
+        let samples = field(
+            device.process_utilization_stats(since),
             index,
             "process_utilization",
             u,
         )
-        .unwrap_or_default()
-        {
-            *s.process_utilization.entry(target_of(p.pid)).or_default() +=
-                f64::from(p.sm_util) / 100.0;
+        .unwrap_or_default();
+        let mut newest: HashMap<u32, (u64, u32)> = HashMap::new();
+        for p in samples {
+            let e = newest.entry(p.pid).or_insert((p.timestamp, p.sm_util));
+            if p.timestamp >= e.0 {
+                *e = (p.timestamp, p.sm_util);
+            }
+        }
+        if let Some(ts) = newest.values().map(|(ts, _)| *ts).max() {
+            known.last_util_sample.insert(index, ts);
+        }
+        for (pid, (_, sm)) in newest {
+            *s.process_utilization.entry(target_of(pid)).or_default() += f64::from(sm) / 100.0;
         }
         out.push(s);
     }
@@ -392,7 +408,7 @@ pub fn spawn(
             let driver = nvml.sys_driver_version().ok();
             tracing::info!(driver = driver.as_deref().unwrap_or("?"), gpus = nvml.device_count().unwrap_or(0), "NVML initialised");
             let mut unsupported = Unsupported::new();
-            let mut known = Known::new();
+            let mut known = Known::default();
             let events = xid_events(&nvml);
             loop {
                 if let Some(set) = &events {
@@ -402,6 +418,22 @@ pub fn spawn(
                     Ok(mut gpus) => {
                         for g in &mut gpus {
                             g.xid_errors = xids.get(&g.uuid).copied().unwrap_or(0);
+                        }
+                        if gpus.is_empty() {
+                            if logged.as_deref() != Some("no GPU") {
+                                tracing::warn!("NVML answers but reports no GPU on this node; GPU metrics off");
+                                logged = Some("no GPU".into());
+                            }
+                            if let Ok(mut s) = shared.lock() {
+                                *s = GpuState {
+                                    up: false,
+                                    reason: Some("the driver reports no GPU".into()),
+                                    driver: driver.clone(),
+                                    gpus,
+                                };
+                            }
+                            std::thread::sleep(interval);
+                            continue;
                         }
                         if let Ok(mut s) = shared.lock() {
                             *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus };

@@ -325,3 +325,38 @@ fn ecc_and_xid_errors_are_counted() {
     // Without ECC support: no series, not zeros.
     assert_eq!(ecc("GPU-NOECC", "corrected"), None);
 }
+
+#[test]
+fn a_driver_without_gpus_is_gpu_up_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = fake_nvml(dir.path());
+    let script = dir.path().join("none.txt");
+    std::fs::write(&script, "driver 550\n").unwrap();
+    let agent = agent(&lib, &script, &["--target", "x=pid:1"]);
+    let up = || {
+        agent
+            .scrape()
+            .iter()
+            .find(|s| s.name == "pipeprobe_gpu_up")
+            .map(|s| s.value)
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), || agent
+            .log()
+            .contains("reports no GPU"))
+        .is_some(),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(up(), Some(0.0));
+    let check = Command::new(pipeprobe_bin())
+        .args(["check", "--nvml-library", lib.to_str().unwrap()])
+        .env("PIPEPROBE_FAKE_NVML", &script)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("driver 550 answers but reports no GPU"),
+        "{out}"
+    );
+}
