@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -19,6 +20,8 @@ enum Command {
     Test(test::Options),
     /// Set up, build, and run the agent against the bundled synthetic pipeline.
     Demo(demo::Options),
+    /// Measure what the probes cost the workloads they watch (root; writes docs/benchmarks.md).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +29,6 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run(),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
     }
 }

@@ -147,6 +147,13 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         count: u32,
     },
+    /// A tight loop of cheap syscalls (getppid) for SECS; prints `OPS_PER_SEC n`.
+    SyscallLoop {
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
     /// For SECS: connections to its own listener with data, and connects to a closed port.
     Flood {
         #[arg(long, default_value_t = 5.0)]
@@ -572,6 +579,23 @@ fn main() -> anyhow::Result<()> {
                 line.clear();
                 reader.read_line(&mut line)?;
             }
+        }
+        Cmd::SyscallLoop { secs, delay_ms } => {
+            thread::sleep(Duration::from_millis(delay_ms));
+            let start = Instant::now();
+            let end = start + Duration::from_secs_f64(secs);
+            let mut ops = 0u64;
+            while Instant::now() < end {
+                for _ in 0..1000 {
+                    // SAFETY: getppid has no preconditions; it is the cheapest real syscall.
+                    std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+                }
+                ops += 1000;
+            }
+            println!(
+                "OPS_PER_SEC {:.0}",
+                ops as f64 / start.elapsed().as_secs_f64()
+            );
         }
         Cmd::Flood { secs } => {
             let listener = TcpListener::bind("127.0.0.1:0")?;
