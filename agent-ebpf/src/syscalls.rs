@@ -66,7 +66,13 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
         nr,
         target,
     };
-    if SYSCALL_PENDING.insert(&(ids as u32), &start, 0).is_err() {
+    let tid = ids as u32;
+    // A thread's slot is reused in place from one syscall to the next (no insert and delete
+    // per syscall); it is removed when the thread exits (`forget`).
+    if let Some(slot) = SYSCALL_PENDING.get_ptr_mut(&tid) {
+        // SAFETY: only this thread writes its own slot.
+        unsafe { *slot = start };
+    } else if SYSCALL_PENDING.insert(&tid, &start, 0).is_err() {
         count_lost(lost::SYSCALL_PENDING_FULL);
     }
     0
@@ -75,11 +81,18 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: copied out before the entry is removed.
-    let Some(start) = (unsafe { SYSCALL_PENDING.get(&tid).copied() }) else {
+    let Some(slot) = SYSCALL_PENDING.get_ptr_mut(&tid) else {
         return 0;
     };
-    let _ = SYSCALL_PENDING.remove(&tid);
+    // SAFETY: only this thread touches its own slot; copied out, then marked consumed.
+    let start = unsafe {
+        let start = *slot;
+        (*slot).ts_ns = 0;
+        start
+    };
+    if start.ts_ns == 0 {
+        return 0;
+    }
     // SAFETY: no preconditions.
     let delta = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.ts_ns);
     // TP_PROTO(struct pt_regs *regs, long ret)
