@@ -244,6 +244,19 @@ impl Agent {
     }
 }
 
+/// Value of the sample `name` whose labels include every `(key, value)` of `labels`.
+pub fn find_labels(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
+        })
+        .map(|s| s.value)
+}
+
 pub fn find(samples: &[Sample], name: &str, key: &str, value: &str) -> Option<f64> {
     samples
         .iter()

@@ -2,7 +2,7 @@
 //! tests/nvml-fake (no GPU exists on CI machines), with values scripted per test.
 use std::{path::Path, process::Command, time::Duration};
 
-use pipeprobe_tests::{Agent, Proc, find, pipeprobe_bin, wait_until};
+use pipeprobe_tests::{Agent, Proc, find, find_labels, pipeprobe_bin, wait_until};
 
 /// Builds the fake NVML library into `dir`.
 fn fake_nvml(dir: &Path) -> std::path::PathBuf {
@@ -29,6 +29,16 @@ fn agent(lib: &Path, script: &Path, args: &[&str]) -> Agent {
     let mut all = vec!["--nvml-library", lib.to_str().unwrap()];
     all.extend_from_slice(args);
     Agent::start_with(cmd, &all)
+}
+
+/// `pipeprobe check --nvml-library LIB` with the fake scripted by `script`: its stdout.
+fn check(lib: &Path, script: &Path) -> String {
+    let out = Command::new(pipeprobe_bin())
+        .args(["check", "--nvml-library", lib.to_str().unwrap()])
+        .env("PIPEPROBE_FAKE_NVML", script)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn gpu_value(s: &[pipeprobe_tests::Sample], name: &str, gpu: &str) -> Option<f64> {
@@ -119,22 +129,21 @@ fn gpus_and_their_processes_are_exported_exactly() {
         .filter(|x| x.name == "pipeprobe_gpu_process_memory_used_bytes")
         .collect();
     let get = |gpu: &str, target: &str| {
-        procs
-            .iter()
-            .find(|x| x.labels["gpu"] == gpu && x.labels["target"] == target)
-            .map(|x| x.value)
+        find_labels(
+            &s,
+            "pipeprobe_gpu_process_memory_used_bytes",
+            &[("gpu", gpu), ("target", target)],
+        )
     };
     assert_eq!(get("0", "tts"), Some(536870912.0), "{procs:?}");
     assert_eq!(get("0", "other"), Some(1000.0), "{procs:?}");
     assert_eq!(get("1", "tts"), Some(2048.0), "{procs:?}");
     let util = |gpu: &str, target: &str| {
-        s.iter()
-            .find(|x| {
-                x.name == "pipeprobe_gpu_process_utilization_ratio"
-                    && x.labels["gpu"] == gpu
-                    && x.labels["target"] == target
-            })
-            .map(|x| x.value)
+        find_labels(
+            &s,
+            "pipeprobe_gpu_process_utilization_ratio",
+            &[("gpu", gpu), ("target", target)],
+        )
     };
     assert_eq!(
         (util("0", "tts"), util("0", "other")),
@@ -149,12 +158,7 @@ fn gpus_and_their_processes_are_exported_exactly() {
     reasons.sort();
     assert_eq!(reasons, [("0", "hw_slowdown"), ("0", "sw_power_cap")]);
 
-    let check = Command::new(pipeprobe_bin())
-        .args(["check", "--nvml-library", lib.to_str().unwrap()])
-        .env("PIPEPROBE_FAKE_NVML", &script)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&check.stdout);
+    let out = check(&lib, &script);
     assert!(out.contains("driver 550.54.15, 2 GPU(s)"), "{out}");
 }
 
@@ -310,13 +314,11 @@ fn ecc_and_xid_errors_are_counted() {
     );
     let s = agent.scrape();
     let ecc = |uuid: &str, t: &str| {
-        s.iter()
-            .find(|x| {
-                x.name == "pipeprobe_gpu_ecc_errors_total"
-                    && x.labels["uuid"] == uuid
-                    && x.labels["type"] == t
-            })
-            .map(|x| x.value)
+        find_labels(
+            &s,
+            "pipeprobe_gpu_ecc_errors_total",
+            &[("uuid", uuid), ("type", t)],
+        )
     };
     assert_eq!(
         (ecc("GPU-ECC", "corrected"), ecc("GPU-ECC", "uncorrected")),
@@ -349,12 +351,7 @@ fn a_driver_without_gpus_is_gpu_up_0() {
         agent.log()
     );
     assert_eq!(up(), Some(0.0));
-    let check = Command::new(pipeprobe_bin())
-        .args(["check", "--nvml-library", lib.to_str().unwrap()])
-        .env("PIPEPROBE_FAKE_NVML", &script)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&check.stdout);
+    let out = check(&lib, &script);
     assert!(
         out.contains("driver 550 answers but reports no GPU"),
         "{out}"
