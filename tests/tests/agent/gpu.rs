@@ -41,6 +41,15 @@ fn check(lib: &Path, script: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The node-level `pipeprobe_gpu_up` (the series without labels; per-GPU ones carry uuid).
+fn node_gpu_up(agent: &Agent) -> Option<f64> {
+    agent
+        .scrape()
+        .iter()
+        .find(|x| x.name == "pipeprobe_gpu_up" && x.labels.is_empty())
+        .map(|x| x.value)
+}
+
 fn gpu_value(s: &[pipeprobe_tests::Sample], name: &str, gpu: &str) -> Option<f64> {
     find(s, name, "gpu", gpu)
 }
@@ -73,13 +82,7 @@ fn gpus_and_their_processes_are_exported_exactly() {
         &["--target", &format!("tts=pid:{}", worker.pid())],
     );
     // The first sampling round follows the agent's start.
-    let up = || {
-        agent
-            .scrape()
-            .iter()
-            .find(|x| x.name == "pipeprobe_gpu_up")
-            .map(|x| x.value)
-    };
+    let up = || node_gpu_up(&agent);
     assert!(
         wait_until(Duration::from_secs(5), || up() == Some(1.0)).is_some(),
         "gpu_up; log:\n{}",
@@ -169,13 +172,7 @@ fn no_driver_keeps_the_agent_running_and_a_later_driver_is_picked_up() {
     let script = dir.path().join("later.txt");
     // No script yet: the fake answers like a node without a loaded driver.
     let agent = agent(&lib, &script, &["--target", "x=pid:1"]);
-    let up = || {
-        agent
-            .scrape()
-            .iter()
-            .find(|s| s.name == "pipeprobe_gpu_up")
-            .map(|s| s.value)
-    };
+    let up = || node_gpu_up(&agent);
     assert!(
         wait_until(Duration::from_secs(3), || up() == Some(0.0)).is_some(),
         "gpu_up {:?}",
@@ -335,13 +332,7 @@ fn a_driver_without_gpus_is_gpu_up_0() {
     let script = dir.path().join("none.txt");
     std::fs::write(&script, "driver 550\n").unwrap();
     let agent = agent(&lib, &script, &["--target", "x=pid:1"]);
-    let up = || {
-        agent
-            .scrape()
-            .iter()
-            .find(|s| s.name == "pipeprobe_gpu_up")
-            .map(|s| s.value)
-    };
+    let up = || node_gpu_up(&agent);
     assert!(
         wait_until(Duration::from_secs(3), || agent
             .log()
