@@ -78,14 +78,27 @@ impl Proc {
     }
 
     /// Reads stdout lines until one starts with `prefix`; returns the rest of that line.
+    ///
+    /// Reads a byte at a time: a buffered reader dropped between calls would swallow lines
+    /// the workload printed together (back-to-back connects print two lines in one write
+    /// window), and the next call would then wait for a line that already went by.
     pub fn read_line_starting(&mut self, prefix: &str) -> String {
         let out = self.0.stdout.as_mut().expect("stdout piped");
-        let mut reader = BufReader::new(out);
-        let mut line = String::new();
         loop {
-            line.clear();
-            let n = reader.read_line(&mut line).expect("read workload stdout");
-            assert!(n > 0, "workload ended before printing `{prefix}`");
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            loop {
+                let n = std::io::Read::read(out, &mut byte).expect("read workload stdout");
+                assert!(
+                    n > 0 || !line.is_empty(),
+                    "workload ended before printing `{prefix}`"
+                );
+                if n == 0 || byte[0] == b'\n' {
+                    break;
+                }
+                line.push(byte[0]);
+            }
+            let line = String::from_utf8_lossy(&line);
             if let Some(rest) = line.strip_prefix(prefix) {
                 return rest.trim().to_owned();
             }
