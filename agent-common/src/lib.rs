@@ -6,6 +6,7 @@
 
 pub mod hist;
 pub mod lost;
+pub mod python;
 pub mod sched;
 pub mod stacks;
 pub mod syscalls;
@@ -35,4 +36,6 @@ mod pod {
     unsafe impl aya::Pod for crate::stacks::StackKey {}
     unsafe impl aya::Pod for crate::stacks::Blocked {}
     unsafe impl aya::Pod for crate::tcp::PeerStats {}
+    unsafe impl aya::Pod for crate::python::PyProc {}
+    unsafe impl aya::Pod for crate::python::PyStack {}
 }

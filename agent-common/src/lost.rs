@@ -22,8 +22,10 @@ pub const TCP_PEERS_FULL: u32 = 7;
 pub const STACK_MISSING: u32 = 8;
 /// A CPU sample with a new stack key did not fit in the sample map.
 pub const SAMPLES_FULL: u32 = 9;
+/// A Python stack could not be walked (unreadable thread state) or stored (map full).
+pub const PYTHON_STACK_MISSING: u32 = 10;
 /// Size of the `LOST` array.
-pub const COUNT: u32 = 10;
+pub const COUNT: u32 = 11;
 
 /// Label value for each reason, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -37,4 +39,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "tcp_peers_full",
     "stack_missing",
     "samples_full",
+    "python_stack_missing",
 ];

@@ -40,6 +40,8 @@ pub struct Blocked {
     pub kernel_stack: i32,
     /// Syscall number + 1 in syscall mode, else 0.
     pub syscall: u32,
+    /// Key of the Python stack in `PY_STACKS`, or 0 when the thread runs no Python.
+    pub python_stack: u64,
 }
 
 #[repr(C)]
@@ -51,4 +53,6 @@ pub struct StackKey {
     pub kernel_stack: i32,
     /// Syscall number + 1 in syscall mode (the leaf frame), else 0.
     pub syscall: u32,
+    /// Key of the Python stack in `PY_STACKS`, or 0 when the thread runs no Python.
+    pub python_stack: u64,
 }

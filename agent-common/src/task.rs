@@ -10,5 +10,8 @@ pub const GLOBAL_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
 /// Global holding the offset of the task state (`__state` since 5.14, `state` before).
 pub const GLOBAL_STATE_OFFSET: &str = "TASK_STATE_OFFSET";
 
+/// Global holding the offset of the saved thread pointer (`thread.fsbase`), 0 where unknown.
+pub const GLOBAL_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
+
 /// `TASK_RUNNING`: a task switched out in this state was preempted and is still runnable.
 pub const TASK_RUNNING: u32 = 0;

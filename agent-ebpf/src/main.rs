@@ -13,6 +13,8 @@ mod aggregate;
 #[cfg(target_arch = "bpf")]
 mod lost;
 #[cfg(target_arch = "bpf")]
+mod python;
+#[cfg(target_arch = "bpf")]
 mod sched;
 #[cfg(target_arch = "bpf")]
 mod stacks;

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, PerfEventContext, tracing::StackIdContext},
 };
 
-use crate::{aggregate::atomic_add, lost::count as count_lost, targets::target_of, task};
+use crate::{aggregate::atomic_add, lost::count as count_lost, python, targets::target_of, task};
 
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_MAX, 0);
@@ -97,7 +97,8 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     let Some(cfg) = capture(MODE_CPU) else {
         return 0;
     };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let ids = bpf_get_current_pid_tgid();
+    let tgid = (ids >> 32) as u32;
     if !selected(&cfg, tgid) {
         return 0;
     }
@@ -109,6 +110,7 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
             user_stack,
             kernel_stack,
             syscall: 0,
+            python_stack: python::stack(tgid, ids as u32),
         },
         1,
     );
@@ -144,6 +146,7 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
             user_stack,
             kernel_stack,
             syscall: 0,
+            python_stack: python::stack(tgid, ids as u32),
         };
         if BLOCKED.insert(&(ids as u32), &b, 0).is_err() {
             count_lost(lost::SAMPLES_FULL);
@@ -160,6 +163,7 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 user_stack: b.user_stack,
                 kernel_stack: b.kernel_stack,
                 syscall: b.syscall,
+                python_stack: b.python_stack,
             };
             add_weight(&key, blocked);
         }
@@ -190,6 +194,7 @@ pub fn syscall_enter_stack(ctx: BtfTracePointContext) -> i32 {
         user_stack,
         kernel_stack: -1,
         syscall: (nr as u32).wrapping_add(1),
+        python_stack: python::stack(tgid, ids as u32),
     };
     if BLOCKED.insert(&(ids as u32), &b, 0).is_err() {
         count_lost(lost::SAMPLES_FULL);
@@ -216,6 +221,7 @@ pub fn syscall_exit_stack(_ctx: BtfTracePointContext) -> i32 {
             user_stack: b.user_stack,
             kernel_stack: -1,
             syscall: b.syscall,
+            python_stack: b.python_stack,
         };
         add_weight(&key, took);
     }

@@ -253,6 +253,7 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         processes = tracker.tracked().len(),
         "initial scan done"
     );
+    let tracked_pids = tracker.shared();
     tokio::spawn(tracker.run(events, config.rescan_interval));
 
     // The control API owns the kernel object from here (the profiler attaches per capture);
@@ -261,7 +262,13 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         Ok(socket) => {
             let profiler = match kernel {
                 Some(mut k) if on_profile => match stacks::CaptureMaps::take(&mut k) {
-                    Ok(maps) => Ok(stacks::Profiler::new(k, maps, targets.clone())),
+                    Ok(maps) => Ok(stacks::Profiler::new(
+                        k,
+                        maps,
+                        targets.clone(),
+                        tracked_pids,
+                        agent_metrics.python_unwind_unsupported.clone(),
+                    )),
                     Err(e) => Err((Some(k), e.to_string())),
                 },
                 Some(k) => Err((Some(k), "the profile probe is not attached".to_owned())),

@@ -221,6 +221,9 @@ pub struct TaskOffsets {
     pub pid: u32,
     pub tgid: u32,
     pub state: u32,
+    /// The thread pointer register saved in the task (`thread.fsbase`, x86_64), or 0 where this
+    /// kernel has none: only walking CPython 3.10 stacks needs it.
+    pub fsbase: u32,
 }
 
 impl TaskOffsets {
@@ -230,6 +233,10 @@ impl TaskOffsets {
             tgid: btf.member_offset("task_struct", &["tgid"])?,
             // Renamed in 5.14.
             state: btf.member_offset("task_struct", &["__state", "state"])?,
+            fsbase: btf
+                .member_offset("task_struct", &["thread"])
+                .and_then(|t| Ok(t + btf.member_offset("thread_struct", &["fsbase"])?))
+                .unwrap_or(0),
         })
     }
 }

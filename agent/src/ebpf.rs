@@ -83,6 +83,7 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
         .override_global(task::GLOBAL_PID_OFFSET, &offsets.pid, true)
         .override_global(task::GLOBAL_TGID_OFFSET, &offsets.tgid, true)
         .override_global(task::GLOBAL_STATE_OFFSET, &offsets.state, true)
+        .override_global(task::GLOBAL_FSBASE_OFFSET, &offsets.fsbase, true)
         .override_global(
             agent_common::syscalls::GLOBAL_TRACE_ALL,
             &all_syscalls,

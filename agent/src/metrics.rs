@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use agent_common::hist::{Log2Hist, SLOTS, slot_upper_us};
 use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, NoLabelSet},
-    metrics::{MetricType, family::Family, gauge::Gauge},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 
@@ -29,6 +29,8 @@ struct BuildLabels {
 pub struct AgentMetrics {
     pub target_processes: Family<TargetLabels, Gauge>,
     pub probe_attached: Family<ProbeLabels, Gauge>,
+    /// Python processes whose stacks a capture could not walk (version, stripped interpreter).
+    pub python_unwind_unsupported: Counter,
 }
 
 /// Everything `/metrics` serves.
@@ -61,6 +63,11 @@ impl Metrics {
             "pipeprobe_probe_attached",
             "1 if the probe family is attached, 0 if not (reason in the log and in `pipeprobe check`)",
             agent.probe_attached.clone(),
+        );
+        registry.register(
+            "pipeprobe_python_unwind_unsupported",
+            "Python processes of flamegraph captures whose Python frames could not be walked (unsupported version or stripped interpreter); their frames are native only",
+            agent.python_unwind_unsupported.clone(),
         );
         Self {
             registry,

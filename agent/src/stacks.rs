@@ -6,10 +6,17 @@
 //! stack) keys are read once, symbolized with blazesym (ELF and DWARF symbols through
 //! /proc/PID/map_files, so binaries of containers and deleted files work; perf maps for JIT
 //! frames such as CPython's `-X perf`; /proc/kallsyms for the kernel), folded and cleared.
+//!
+//! Python processes of the subject also get their Python frames, walked in the kernel on each
+//! sample (`python.rs`). They replace the interpreter's native frames, which a frame-pointer
+//! walk cannot get through anyway: the stack reads root, Python frames, then the native frames
+//! the innermost Python function runs (the interpreter function executing it, C extensions,
+//! their libraries), then the kernel's.
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use agent_common::{
     NO_TARGET,
+    python::{PyProc, PyStack},
     stacks::{Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, StackKey},
 };
 use aya::{
@@ -34,7 +41,9 @@ use thiserror::Error;
 use crate::{
     ebpf::Kernel,
     probes::{Family, Hook, ProgramSpec},
+    python::{CodeReader, Finder, Interpreter},
     targets::TargetSet,
+    tracker::SharedTracked,
 };
 
 pub const FAMILY: Family = Family {
@@ -128,6 +137,8 @@ pub struct CaptureMaps {
     samples: BpfHashMap<MapData, StackKey, u64>,
     stacks: StackTraceMap<MapData>,
     blocked: BpfHashMap<MapData, u32, Blocked>,
+    py_procs: BpfHashMap<MapData, u32, PyProc>,
+    py_stacks: BpfHashMap<MapData, u64, PyStack>,
 }
 
 impl CaptureMaps {
@@ -137,6 +148,8 @@ impl CaptureMaps {
             samples: kernel.take_map("STACK_WEIGHTS")?,
             stacks: kernel.take_map("STACKS")?,
             blocked: kernel.take_map("BLOCKED")?,
+            py_procs: kernel.take_map("PY_PROCS")?,
+            py_stacks: kernel.take_map("PY_STACKS")?,
         })
     }
 }
@@ -144,31 +157,72 @@ impl CaptureMaps {
 pub struct Profiler {
     kernel: Kernel,
     targets: Arc<TargetSet>,
-    config: Array<MapData, CaptureConfig>,
-    samples: BpfHashMap<MapData, StackKey, u64>,
-    stacks: StackTraceMap<MapData>,
-    blocked: BpfHashMap<MapData, u32, Blocked>,
+    tracked: SharedTracked,
+    maps: CaptureMaps,
     /// Mappings of the profiled process, taken at start, for when it exits mid-capture.
     snapshots: HashMap<u32, Mappings>,
+    finder: Finder,
+    /// Python processes of the running capture.
+    pythons: HashMap<u32, Interpreter>,
+    /// Said about the running capture before it ends (Python processes it cannot unwind).
+    notes: Vec<String>,
+    python_unsupported: prometheus_client::metrics::counter::Counter,
 }
 
 impl Profiler {
     /// The kernel object moves in because the program is attached per capture.
-    pub fn new(kernel: Kernel, maps: CaptureMaps, targets: Arc<TargetSet>) -> Self {
-        let CaptureMaps {
-            config,
-            samples,
-            stacks,
-            blocked,
-        } = maps;
+    pub fn new(
+        kernel: Kernel,
+        maps: CaptureMaps,
+        targets: Arc<TargetSet>,
+        tracked: SharedTracked,
+        python_unsupported: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Self {
             kernel,
             targets,
-            config,
-            samples,
-            stacks,
-            blocked,
+            tracked,
+            maps,
             snapshots: HashMap::new(),
+            finder: Finder::default(),
+            pythons: HashMap::new(),
+            notes: Vec::new(),
+            python_unsupported,
+        }
+    }
+
+    /// The processes `cfg` selects now.
+    fn subject_pids(&self, cfg: &CaptureConfig) -> Vec<u32> {
+        if cfg.pid != 0 {
+            return vec![cfg.pid];
+        }
+        let tracked = self.tracked.read().unwrap_or_else(|e| e.into_inner());
+        tracked
+            .iter()
+            .filter(|(_, t)| **t == cfg.target)
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
+    /// Finds the Python interpreters of the subject and hands them to the kernel side.
+    fn find_pythons(&mut self, cfg: &CaptureConfig) {
+        for pid in self.subject_pids(cfg) {
+            match self.finder.inspect(pid) {
+                Ok(Some(interp)) => {
+                    if let Err(e) = self.maps.py_procs.insert(pid, interp.proc, 0) {
+                        self.notes.push(format!(
+                            "Python frames of process {pid} are not walked: {e}"
+                        ));
+                        continue;
+                    }
+                    self.pythons.insert(pid, interp);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.python_unsupported.inc();
+                    self.notes.push(e.to_string());
+                }
+            }
         }
     }
 
@@ -234,11 +288,14 @@ impl Profiler {
     pub fn start(&mut self, cfg: CaptureConfig, hz: u64) -> Result<Links, CaptureError> {
         self.reset()?;
         self.snapshots.clear();
+        self.pythons.clear();
+        self.notes.clear();
         if cfg.pid != 0 {
             self.snapshots
                 .insert(cfg.pid, Mappings::read(cfg.pid, true));
         }
-        self.config.set(0, cfg, 0)?;
+        self.find_pythons(&cfg);
+        self.maps.config.set(0, cfg, 0)?;
         if cfg.mode != MODE_CPU {
             let attached = if cfg.mode == MODE_OFFCPU {
                 self.tp_btf(OFFCPU_PROGRAM).attach().map(Links::Offcpu)
@@ -254,7 +311,7 @@ impl Profiler {
                     })
             };
             return attached.map_err(|source| {
-                let _ = self.config.set(0, CaptureConfig::default(), 0);
+                let _ = self.maps.config.set(0, CaptureConfig::default(), 0);
                 CaptureError::AttachSwitch(Box::new(source))
             });
         }
@@ -298,70 +355,120 @@ impl Profiler {
                 let _ = self.tp_btf(SYSCALL_EXIT_PROGRAM).detach(exit);
             }
         }
-        let _ = self.config.set(0, CaptureConfig::default(), 0);
+        let _ = self.maps.config.set(0, CaptureConfig::default(), 0);
     }
 
     fn reset(&mut self) -> Result<(), CaptureError> {
-        let keys: Vec<StackKey> = self.samples.keys().filter_map(Result::ok).collect();
+        let m = &mut self.maps;
+        let keys: Vec<StackKey> = m.samples.keys().filter_map(Result::ok).collect();
         for k in keys {
-            let _ = self.samples.remove(&k);
+            let _ = m.samples.remove(&k);
         }
-        let ids: Vec<u32> = self.stacks.stack_ids().filter_map(Result::ok).collect();
+        let ids: Vec<u32> = m.stacks.stack_ids().filter_map(Result::ok).collect();
         for id in ids {
-            let _ = self.stacks.remove(&id);
+            let _ = m.stacks.remove(&id);
         }
         // Threads still blocked when the last capture ended would otherwise be weighted from
         // their old timestamp.
-        let tids: Vec<u32> = self.blocked.keys().filter_map(Result::ok).collect();
+        let tids: Vec<u32> = m.blocked.keys().filter_map(Result::ok).collect();
         for tid in tids {
-            let _ = self.blocked.remove(&tid);
+            let _ = m.blocked.remove(&tid);
+        }
+        let pids: Vec<u32> = m.py_procs.keys().filter_map(Result::ok).collect();
+        for pid in pids {
+            let _ = m.py_procs.remove(&pid);
+        }
+        let keys: Vec<u64> = m.py_stacks.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = m.py_stacks.remove(&k);
         }
         Ok(())
     }
 
     /// Reads, symbolizes and folds what the capture counted, then clears the maps.
     pub fn collect(&mut self) -> Result<Capture, CaptureError> {
-        let counts: Vec<(StackKey, u64)> = self.samples.iter().filter_map(Result::ok).collect();
+        let m = &self.maps;
+        let counts: Vec<(StackKey, u64)> = m.samples.iter().filter_map(Result::ok).collect();
         let stack = |id: i32| -> Vec<u64> {
             if id < 0 {
                 return Vec::new();
             }
-            self.stacks
+            m.stacks
                 .get(&(id as u32), 0)
                 .map(|t| t.frames().iter().map(|f| f.ip).rev().collect())
                 .unwrap_or_default()
         };
+        let python = |key: u64, tgid: u32| -> Vec<u64> {
+            let Some(interp) = self.pythons.get(&tgid).filter(|_| key != 0) else {
+                return Vec::new();
+            };
+            m.py_stacks
+                .get(&key, 0)
+                .map(|s| {
+                    let n = (s.len as usize).min(s.frames.len());
+                    s.frames[..n]
+                        .iter()
+                        .rev()
+                        .filter_map(|e| interp.frame_code(*e))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let raw: Vec<Raw> = counts
             .iter()
-            .map(|(k, c)| {
-                (
-                    k.tgid,
-                    stack(k.user_stack),
-                    stack(k.kernel_stack),
-                    k.syscall,
-                    *c,
-                )
+            .map(|(k, c)| Raw {
+                tgid: k.tgid,
+                user: stack(k.user_stack),
+                kernel: stack(k.kernel_stack),
+                python: python(k.python_stack, k.tgid),
+                syscall: k.syscall,
+                weight: *c,
             })
             .collect();
         self.reset()?;
         let snapshots = std::mem::take(&mut self.snapshots);
-        Ok(fold(raw, &snapshots))
+        let pythons = std::mem::take(&mut self.pythons);
+        let mut capture = fold(raw, &snapshots, &pythons);
+        capture.notes.splice(0..0, self.notes.drain(..));
+        Ok(capture)
     }
 }
 
-/// `(tgid, user ips root-first, kernel ips root-first, syscall nr + 1 or 0, weight)`.
-type Raw = (u32, Vec<u64>, Vec<u64>, u32, u64);
+/// One counted stack as the kernel gave it; frames root first.
+struct Raw {
+    tgid: u32,
+    user: Vec<u64>,
+    kernel: Vec<u64>,
+    /// Code-object addresses of the Python frames.
+    python: Vec<u64>,
+    /// Syscall number + 1 in syscall mode, else 0.
+    syscall: u32,
+    weight: u64,
+}
 
-/// Symbolizes and folds raw stacks;
-/// `snapshots` hold the mappings of processes taken at capture start.
-fn fold(raw: Vec<Raw>, snapshots: &HashMap<u32, Mappings>) -> Capture {
+/// Where the native frames worth keeping start when Python frames stand for the interpreter:
+/// at the innermost interpreter frame (the C function running the innermost Python code),
+/// or at the root when the walk never reached the interpreter.
+fn native_start(user: &[u64], interp: &Interpreter) -> usize {
+    user.iter()
+        .rposition(|ip| interp.contains(*ip))
+        .unwrap_or(0)
+}
+
+/// Symbolizes and folds raw stacks; `snapshots` hold the mappings of processes taken at
+/// capture start, `pythons` the Python processes whose Python frames were walked.
+fn fold(
+    raw: Vec<Raw>,
+    snapshots: &HashMap<u32, Mappings>,
+    pythons: &HashMap<u32, Interpreter>,
+) -> Capture {
     let symbolizer = Symbolizer::new();
     let mut names: HashMap<(u32, u64), String> = HashMap::new();
     let mut by_pid: HashMap<u32, Vec<u64>> = HashMap::new();
     let mut kernel_ips: Vec<u64> = Vec::new();
-    for (tgid, user, kernel, _, _) in &raw {
-        by_pid.entry(*tgid).or_default().extend(user);
-        kernel_ips.extend(kernel);
+    for r in &raw {
+        by_pid.entry(r.tgid).or_default().extend(&r.user);
+        kernel_ips.extend(&r.kernel);
     }
     let mut notes = Vec::new();
     for (pid, mut ips) in by_pid {
@@ -417,20 +524,30 @@ fn fold(raw: Vec<Raw>, snapshots: &HashMap<u32, Mappings>) -> Capture {
         names.insert((0, *ip), format!("{name}_[k]"));
     }
 
+    let mut code_readers: HashMap<u32, CodeReader> = HashMap::new();
     let mut folded: HashMap<String, u64> = HashMap::new();
     let mut samples = 0;
-    for (tgid, user, kernel, syscall, count) in raw {
+    for r in raw {
+        let tgid = r.tgid;
         let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm"))
             .map(|c| c.trim().to_owned())
             .unwrap_or_else(|_| "[exited]".into());
         let mut frames = vec![sanitize(&comm), tgid.to_string()];
-        frames.extend(user.iter().map(|ip| sanitize(&names[&(tgid, *ip)])));
-        if syscall != 0 {
-            frames.push(format!("syscall:{}", crate::syscalls::name(syscall - 1)));
+        let mut native = &r.user[..];
+        if let (false, Some(interp)) = (r.python.is_empty(), pythons.get(&tgid)) {
+            let reader = code_readers
+                .entry(tgid)
+                .or_insert_with(|| CodeReader::new(tgid, interp.minor));
+            frames.extend(r.python.iter().map(|c| sanitize(&reader.name(*c))));
+            native = &native[native_start(native, interp)..];
         }
-        frames.extend(kernel.iter().map(|ip| sanitize(&names[&(0, *ip)])));
-        *folded.entry(frames.join(";")).or_default() += count;
-        samples += count;
+        frames.extend(native.iter().map(|ip| sanitize(&names[&(tgid, *ip)])));
+        if r.syscall != 0 {
+            frames.push(format!("syscall:{}", crate::syscalls::name(r.syscall - 1)));
+        }
+        frames.extend(r.kernel.iter().map(|ip| sanitize(&names[&(0, *ip)])));
+        *folded.entry(frames.join(";")).or_default() += r.weight;
+        samples += r.weight;
     }
     let mut stacks: Vec<(String, u64)> = folded.into_iter().collect();
     stacks.sort();
@@ -587,10 +704,15 @@ mod tests {
         // A stack made of this test's own code address symbolizes to a real name.
         let ip = folds_own_process_stacks as *const () as usize as u64;
         let me = std::process::id();
-        let c = fold(
-            vec![(me, vec![ip], vec![], 0, 3), (me, vec![ip], vec![], 0, 2)],
-            &HashMap::new(),
-        );
+        let raw = |weight| Raw {
+            tgid: me,
+            user: vec![ip],
+            kernel: vec![],
+            python: vec![],
+            syscall: 0,
+            weight,
+        };
+        let c = fold(vec![raw(3), raw(2)], &HashMap::new(), &HashMap::new());
         assert_eq!(c.samples, 5);
         assert_eq!(c.stacks.len(), 1);
         let (stack, count) = &c.stacks[0];

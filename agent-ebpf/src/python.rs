@@ -1,0 +1,164 @@
+//! CPython stacks: the sampled thread's Python frames, walked from the interpreter's own
+//! structures (as py-spy and the OpenTelemetry eBPF profiler do), so Python function names
+//! appear without `-X perf` and without frame pointers in the interpreter.
+//!
+//! The walk only reads: `_PyRuntime` -> main interpreter -> its thread list, matched against
+//! the sampled thread -> frame chain. Each step is one `bpf_probe_read_user`, so a frame being
+//! torn down under us gives a short or odd stack, never a fault. Stacks are deduplicated by a
+//! hash of their code-object addresses into `PY_STACKS`, whose key goes into the sample key:
+//! identical Python stacks cost one entry however often they are sampled.
+use agent_common::{
+    lost,
+    python::{ABSENT, PY_FRAMES_MAX, PY_PROCS_MAX, PY_STACKS_MAX, PY_THREADS_MAX, PyProc, PyStack},
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel, generated},
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+
+use crate::lost::count as count_lost;
+
+/// Python processes of the running capture, by tgid (filled by user space at capture start).
+#[map]
+static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(PY_PROCS_MAX, 0);
+
+/// Walked stacks by the hash of their frames.
+#[map]
+static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(PY_STACKS_MAX, 0);
+
+/// Per-CPU room to build a stack in: a `PyStack` does not fit on the 512-byte BPF stack.
+#[map]
+static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// `offsetof(task_struct, thread) + offsetof(thread_struct, fsbase)`, set by the loader; 0 where
+/// unknown. CPython 3.10 names its threads by `pthread_self()`, which is the thread pointer.
+#[unsafe(no_mangle)]
+static TASK_FSBASE_OFFSET: u32 = 0;
+
+/// Reads a user-space word; 0 when unreadable (the helper zeroes its destination on failure).
+/// No branch on the result: each branch in the frame loop would multiply the states the
+/// verifier walks through its iterations.
+#[inline(always)]
+fn read_ptr(addr: u64) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: writes 8 bytes into `v`; bpf_probe_read_user tolerates any source address.
+    unsafe {
+        generated::bpf_probe_read_user((&raw mut v).cast(), 8, addr as *const core::ffi::c_void)
+    };
+    v
+}
+
+#[inline(always)]
+fn read_byte(addr: u64) -> u64 {
+    let mut v: u8 = 0;
+    // SAFETY: as in read_ptr, one byte.
+    unsafe {
+        generated::bpf_probe_read_user((&raw mut v).cast(), 1, addr as *const core::ffi::c_void)
+    };
+    u64::from(v)
+}
+
+/// The identity CPython's thread list holds for the current thread.
+#[inline(always)]
+fn current_thread_id(p: &PyProc, tid: u32) -> u64 {
+    if p.offsets.thread_is_pthread == 0 {
+        return u64::from(tid);
+    }
+    // SAFETY: volatile read of a global the loader initialised.
+    let off = unsafe { core::ptr::read_volatile(&TASK_FSBASE_OFFSET) };
+    if off == 0 {
+        return 0;
+    }
+    // SAFETY: the current task pointer is valid; the read is checked.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        bpf_probe_read_kernel(task.wrapping_add(off as usize) as *const u64).unwrap_or(0)
+    }
+}
+
+/// The current thread's `PyThreadState`, or 0.
+#[inline(always)]
+fn thread_state(p: &PyProc, tid: u32) -> u64 {
+    let want = current_thread_id(p, tid);
+    if want == 0 {
+        return 0;
+    }
+    let o = &p.offsets;
+    let interp = read_ptr(p.runtime + u64::from(o.runtime_interp_head));
+    if interp == 0 {
+        return 0;
+    }
+    let mut ts = read_ptr(interp + u64::from(o.interp_threads_head));
+    for _ in 0..PY_THREADS_MAX {
+        if ts == 0 {
+            return 0;
+        }
+        if read_ptr(ts + u64::from(o.tstate_thread)) == want {
+            return ts;
+        }
+        ts = read_ptr(ts + u64::from(o.tstate_next));
+    }
+    0
+}
+
+/// Walks the current thread's Python frames and returns their `PY_STACKS` key, or 0 when the
+/// process runs no known Python or the thread runs no Python code.
+#[inline(always)]
+pub fn stack(tgid: u32, tid: u32) -> u64 {
+    // SAFETY: copied out of the map value at once.
+    let Some(p) = (unsafe { PY_PROCS.get(&tgid).copied() }) else {
+        return 0;
+    };
+    let ts = thread_state(&p, tid);
+    if ts == 0 {
+        return 0;
+    }
+    let o = &p.offsets;
+    let mut frame = read_ptr(ts + u64::from(o.tstate_frame));
+    if o.cframe_current != ABSENT {
+        frame = read_ptr(frame + u64::from(o.cframe_current));
+    }
+    let Some(out) = PY_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch value, only this program on this CPU uses it now.
+    let out = unsafe { &mut *out };
+    // One path per iteration (only the end of the chain branches), or verification time grows
+    // with the square of the depth: frames are indexed by the loop counter, and the `owner` byte
+    // travels in the top byte of each entry for user space to drop C-stack shim frames (user
+    // addresses fit in 56 bits). Versions without `owner` read a byte that user space ignores.
+    let mut len = 0usize;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..PY_FRAMES_MAX {
+        if frame == 0 {
+            break;
+        }
+        let owner = read_byte(frame + u64::from(o.frame_owner));
+        let entry = read_ptr(frame + u64::from(o.frame_code)) | (owner << 56);
+        if let Some(slot) = out.frames.get_mut(i) {
+            *slot = entry;
+        }
+        len = i + 1;
+        // FNV-1a over the entries, a word at a time: only deduplicates stacks.
+        hash = (hash ^ entry).wrapping_mul(0x0100_0000_01b3);
+        frame = read_ptr(frame + u64::from(o.frame_previous));
+    }
+    if len == 0 {
+        return 0;
+    }
+    out.len = len as u32;
+    // Zero is "no Python stack" in the sample key.
+    let key = hash | 1;
+    if PY_STACKS.get_ptr(&key).is_none()
+        && PY_STACKS
+            .insert(&key, &*out, u64::from(BPF_NOEXIST))
+            .is_err()
+        && PY_STACKS.get_ptr(&key).is_none()
+    {
+        count_lost(lost::PYTHON_STACK_MISSING);
+        return 0;
+    }
+    key
+}
