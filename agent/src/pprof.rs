@@ -56,6 +56,8 @@ pub struct Location {
 pub struct Line {
     #[prost(uint64, tag = "1")]
     pub function_id: u64,
+    #[prost(int64, tag = "2")]
+    pub line: i64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -66,6 +68,18 @@ pub struct Function {
     pub name: i64,
     #[prost(int64, tag = "3")]
     pub system_name: i64,
+    #[prost(int64, tag = "4")]
+    pub filename: i64,
+    #[prost(int64, tag = "5")]
+    pub start_line: i64,
+}
+
+/// `(function, file, line)` of a frame named `function (file:line)`, as Python frames are.
+fn source_of(frame: &str) -> Option<(&str, &str, i64)> {
+    let body = frame.strip_suffix(')')?;
+    let (function, place) = body.rsplit_once(" (")?;
+    let (file, line) = place.rsplit_once(':')?;
+    Some((function, file, line.parse().ok()?))
 }
 
 #[derive(Default)]
@@ -92,15 +106,25 @@ impl Builder {
             return *id;
         }
         let id = self.profile.location.len() as u64 + 1;
-        let name = self.string(frame);
+        // Python frames carry their source: pprof shows the function name alone, with the file
+        // and line where tools expect them.
+        let (name, filename, line) = match source_of(frame) {
+            Some((function, file, line)) => (self.string(function), self.string(file), line),
+            None => (self.string(frame), 0, 0),
+        };
         self.profile.function.push(Function {
             id,
             name,
             system_name: name,
+            filename,
+            start_line: line,
         });
         self.profile.location.push(Location {
             id,
-            line: vec![Line { function_id: id }],
+            line: vec![Line {
+                function_id: id,
+                line,
+            }],
         });
         self.locations.insert(frame.to_owned(), id);
         id
@@ -211,5 +235,30 @@ mod tests {
         assert_eq!(first.value, vec![30, 300_000_000]);
         // Shared frames are one location.
         assert_eq!(p.location.len(), 5);
+    }
+
+    #[test]
+    fn python_frames_carry_file_and_line() {
+        assert_eq!(
+            source_of("Model.forward (torch/nn/module.py:1501)"),
+            Some(("Model.forward", "torch/nn/module.py", 1501))
+        );
+        assert_eq!(source_of("std::vector<int>::push_back(int const&)"), None);
+        assert_eq!(source_of("[unknown] libz.so+0x10"), None);
+        let gz = from_folded(
+            "python3;7;main (app.py:3);hot_a (app.py:10) 5\n",
+            Weights::CpuSamples { hz: 99 },
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut raw)
+            .unwrap();
+        let p = Profile::decode(&raw[..]).unwrap();
+        let leaf = &p.function[(p.sample[0].location_id[0] - 1) as usize];
+        assert_eq!(p.string_table[leaf.name as usize], "hot_a");
+        assert_eq!(p.string_table[leaf.filename as usize], "app.py");
+        assert_eq!(leaf.start_line, 10);
     }
 }

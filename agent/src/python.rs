@@ -191,7 +191,12 @@ fn minor_from_name(file: &str) -> Option<u32> {
 /// What the symbols of one interpreter file say, cached by inode across captures.
 #[derive(Debug, Clone, Copy)]
 struct FileFacts {
-    runtime_offset: u64,
+    /// Virtual address of `_PyRuntime` in the file; it may live in .bss, which has no file
+    /// offset, so it is placed through `anchor`.
+    runtime_vaddr: u64,
+    /// A code symbol's (virtual address, file offset): where its mapping lies in the process
+    /// gives the load bias of the whole file.
+    anchor: (u64, u64),
     /// From `Py_Version` (3.11+), the authority over the file name.
     minor: Option<u32>,
 }
@@ -217,6 +222,13 @@ impl Finder {
             return Ok(None);
         };
         let module = module_of(first);
+        // Py_Version, which could overrule the name, only exists from 3.11 on.
+        if name_minor < 11 && !SUPPORTED.contains(&name_minor) {
+            return Err(PythonError::Unsupported {
+                pid,
+                minor: name_minor,
+            });
+        }
         let of_file: Vec<&MapLine> = maps
             .iter()
             .filter(|m| m.path == first.path && m.inode == first.inode)
@@ -232,10 +244,12 @@ impl Finder {
         };
         let minor = facts.minor.unwrap_or(name_minor);
         let offsets = offsets(minor).ok_or(PythonError::Unsupported { pid, minor })?;
+        let (anchor_vaddr, anchor_offset) = facts.anchor;
         let runtime = of_file
             .iter()
-            .find(|m| (m.offset..m.offset + (m.hi - m.lo)).contains(&facts.runtime_offset))
-            .map(|m| m.lo + facts.runtime_offset - m.offset)
+            .find(|m| (m.offset..m.offset + (m.hi - m.lo)).contains(&anchor_offset))
+            .map(|m| (m.lo + anchor_offset - m.offset).wrapping_sub(anchor_vaddr))
+            .map(|bias| bias.wrapping_add(facts.runtime_vaddr))
             .ok_or_else(|| PythonError::NoRuntime {
                 pid,
                 module: module.clone(),
@@ -257,19 +271,28 @@ fn file_facts(pid: u32, m: &MapLine, module: &str) -> Result<FileFacts, PythonEr
     let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.lo, m.hi);
     let inspector = Inspector::new();
     let found = inspector
-        .lookup(&Source::Elf(Elf::new(&path)), &["_PyRuntime", "Py_Version"])
+        .lookup(
+            &Source::Elf(Elf::new(&path)),
+            &["_PyRuntime", "Py_Version", "Py_Initialize"],
+        )
         .map_err(|e| PythonError::Symbols {
             pid,
             module: module.to_owned(),
             reason: e.to_string(),
         })?;
-    let runtime_offset = found
+    let no_runtime = || PythonError::NoRuntime {
+        pid,
+        module: module.to_owned(),
+    };
+    let runtime_vaddr = found
         .first()
-        .and_then(|syms| syms.iter().find_map(|s| s.file_offset))
-        .ok_or_else(|| PythonError::NoRuntime {
-            pid,
-            module: module.to_owned(),
-        })?;
+        .and_then(|syms| syms.first())
+        .map(|s| s.addr)
+        .ok_or_else(no_runtime)?;
+    let anchor = found
+        .get(2)
+        .and_then(|syms| syms.iter().find_map(|s| Some((s.addr, s.file_offset?))))
+        .ok_or_else(no_runtime)?;
     // Py_Version is PY_VERSION_HEX in read-only data: 0x030C01F0 is 3.12.1 final.
     let minor = found
         .get(1)
@@ -282,7 +305,8 @@ fn file_facts(pid: u32, m: &MapLine, module: &str) -> Result<FileFacts, PythonEr
             (hex >> 24 == 3).then_some((hex >> 16) & 0xff)
         });
     Ok(FileFacts {
-        runtime_offset,
+        runtime_vaddr,
+        anchor,
         minor,
     })
 }

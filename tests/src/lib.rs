@@ -31,6 +31,21 @@ pub fn pipeprobe_bin() -> PathBuf {
     path
 }
 
+/// A reference tool that `cargo xtask setup` installed in its Python venv (target/py-tools).
+pub fn py_tool(name: &str) -> PathBuf {
+    let path = bin_dir()
+        .parent()
+        .expect("target dir")
+        .join("py-tools/bin")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo xtask setup` (it installs the Python reference tools)",
+        path.display()
+    );
+    path
+}
+
 /// The workload binary of this crate, built by cargo for the integration tests.
 pub fn workload_bin() -> PathBuf {
     bin_dir().join("workload")

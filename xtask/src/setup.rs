@@ -17,6 +17,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "content negotiation test"),
     ("util-linux", "setpriv and unshare for privilege tests"),
     (
+        "python3-venv",
+        "the venv that holds the Python reference tools (py-spy)",
+    ),
+    (
         "golang-go",
         "`go tool pprof`, the reference reader of pprof output",
     ),
@@ -26,6 +30,7 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     apt(PACKAGES)?;
     bpf_linker()?;
+    python_tools()?;
     eprintln!("setup: all prerequisites present");
     Ok(())
 }
@@ -130,4 +135,42 @@ fn bpf_linker() -> anyhow::Result<()> {
     .context(format!(
         "building bpf-linker against LLVM {LLVM} failed (needs llvm-{LLVM}-dev)"
     ))
+}
+
+/// Python packages the tests run as references, pinned, in a venv under target/ (cached with
+/// the build, and never touching the system's Python).
+const PY_TOOLS: &[(&str, &str)] = &[(
+    "py-spy==0.4.3",
+    "the reference Python profiler the Python flamegraph tests compare against",
+)];
+
+/// Where `python_tools` installs; the tests look for their tools there too.
+fn py_tools_dir() -> std::path::PathBuf {
+    xtask::root().join("target").join("py-tools")
+}
+
+fn python_tools() -> anyhow::Result<()> {
+    let venv = py_tools_dir();
+    let pip = venv.join("bin").join("pip");
+    let stamp = venv.join("installed.txt");
+    let wanted: Vec<&str> = PY_TOOLS.iter().map(|(p, _)| *p).collect();
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted.join("\n")) {
+        return Ok(());
+    }
+    if !pip.exists() {
+        exec(Command::new("python3").args(["-m", "venv"]).arg(&venv)).context(
+            "creating a Python venv for the test tools failed: install python3 with its venv module",
+        )?;
+    }
+    for (p, why) in PY_TOOLS {
+        eprintln!("setup: installing {p} ({why})");
+    }
+    exec(
+        Command::new(&pip)
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .args(&wanted),
+    )
+    .with_context(|| format!("pip could not install {} from PyPI", wanted.join(" ")))?;
+    std::fs::write(&stamp, wanted.join("\n"))?;
+    Ok(())
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod flamegraph;
 mod gpu;
+mod python;
 mod sched;
 mod syscalls;
 mod targets;

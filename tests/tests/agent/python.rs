@@ -1,0 +1,356 @@
+//! Python frames in flamegraphs, for every CPython 3.10-3.13 installed here (pyenv, and the
+//! distribution's own), against workloads whose answer is known (tests/python/work.py) and
+//! against py-spy sampling the same process at the same time.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use pipeprobe_tests::{Agent, Proc, py_tool};
+
+fn work_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/work.py")
+}
+
+/// `(minor version, interpreter)` of every CPython 3.10-3.13 found: pyenv's builds (libpython
+/// shared) and the system's (/usr/bin/python3.N, interpreter linked into the executable).
+fn interpreters() -> Vec<(u32, PathBuf)> {
+    let pyenv =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let mut found = Vec::new();
+    for minor in 10..=13u32 {
+        let mut versions: Vec<PathBuf> = std::fs::read_dir(pyenv.join("versions"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("3.{minor}.")))
+            })
+            .map(|p| p.join(format!("bin/python3.{minor}")))
+            .filter(|p| p.exists())
+            .collect();
+        versions.sort();
+        found.extend(versions.into_iter().map(|p| (minor, p)));
+        let system = PathBuf::from(format!("/usr/bin/python3.{minor}"));
+        if system.exists() {
+            found.push((minor, system));
+        }
+    }
+    assert!(
+        !found.is_empty(),
+        "no CPython 3.10-3.13 found (pyenv under $PYENV_ROOT or /usr/bin/python3.N)"
+    );
+    found
+}
+
+/// Starts `work.py MODE` under `python` (with `extra` interpreter flags), once it runs.
+fn start(python: &Path, extra: &[&str], mode: &str) -> Proc {
+    let mut p = Proc::spawn(
+        Command::new(python)
+            .args(extra)
+            .arg(work_py())
+            .arg(mode)
+            .stdout(Stdio::piped()),
+    );
+    p.read_line_starting("READY");
+    p
+}
+
+/// Weight of the stacks holding a Python frame of `function` (frames are `function (file:line)`,
+/// as in pipeprobe's and py-spy's output alike).
+fn weight(folded: &str, function: &str) -> u64 {
+    let prefix = format!("{function} (");
+    folded
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(stack, _)| stack.split(';').any(|f| f.starts_with(&prefix)))
+        .filter_map(|(_, n)| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
+fn total(folded: &str) -> u64 {
+    folded
+        .lines()
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+        .sum()
+}
+
+fn capture(agent: &Agent, pid: u32, extra: &[&str], out: &Path) -> String {
+    let pid = pid.to_string();
+    let mut args = vec!["--pid", &pid, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = agent.flamegraph(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_to_string(out).unwrap_or_default()
+}
+
+#[test]
+fn python_names_and_weights_agree_with_the_workload_and_py_spy_in_every_cpython() {
+    let dir = tempfile::tempdir().unwrap();
+    let py_spy = py_tool("py-spy");
+    for (minor, python) in interpreters() {
+        // 3.12+ also writes perf maps with -X perf: the Python frames must not depend on it
+        // either way, so the newer ones run with it, the older ones cannot.
+        let extra: &[&str] = if minor >= 12 { &["-X", "perf"] } else { &[] };
+        let p = start(&python, extra, "hot");
+        let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+        let spy_out = dir.path().join(format!("py-spy-{minor}.txt"));
+        let spy = Command::new(&py_spy)
+            .args([
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "499",
+                "--duration",
+                "5",
+            ])
+            .args(["--nonblocking", "--pid", &p.pid().to_string(), "--output"])
+            .arg(&spy_out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("py-spy runs");
+        let ours = capture(
+            &agent,
+            p.pid(),
+            // Both at 499 Hz: ~2000 samples each keep the sampling noise of the ratio near 5%.
+            &["--duration", "4s", "--hz", "499"],
+            &dir.path().join(format!("ours-{minor}.folded")),
+        );
+        let spy = spy.wait_with_output().unwrap();
+        assert!(
+            spy.status.success(),
+            "py-spy failed: {}",
+            String::from_utf8_lossy(&spy.stderr)
+        );
+        let theirs = std::fs::read_to_string(&spy_out).unwrap();
+        let ratio = |f: &str| weight(f, "hot_a") as f64 / weight(f, "hot_b").max(1) as f64;
+        let (r_ours, r_spy) = (ratio(&ours), ratio(&theirs));
+        eprintln!(
+            "{}: pipeprobe hot_a/hot_b {r_ours:.2} ({} samples), py-spy {r_spy:.2}",
+            python.display(),
+            total(&ours)
+        );
+        // Pure Python: nearly every sample is inside hot_a or hot_b, all under main().
+        let both = weight(&ours, "hot_a") + weight(&ours, "hot_b");
+        assert!(
+            both as f64 >= 0.9 * total(&ours) as f64 && weight(&ours, "main") >= both,
+            "{}: Python frames missing from most samples:\n{ours}",
+            python.display()
+        );
+        assert!(
+            (2.1..=3.9).contains(&r_ours),
+            "{}: hot_a/hot_b {r_ours} is not within 30% of the known 3x:\n{ours}",
+            python.display()
+        );
+        assert!(
+            (r_ours / r_spy - 1.0).abs() <= 0.3,
+            "{}: pipeprobe {r_ours} vs py-spy {r_spy}",
+            python.display()
+        );
+    }
+}
+
+#[test]
+fn each_python_thread_keeps_its_own_stack() {
+    let (_, python) = interpreters().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&python, &[], "threads");
+    let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+    let folded = capture(
+        &agent,
+        p.pid(),
+        &["--duration", "2s"],
+        &dir.path().join("threads.folded"),
+    );
+    let (one, two, all) = (
+        weight(&folded, "thread_one"),
+        weight(&folded, "thread_two"),
+        total(&folded),
+    );
+    eprintln!("thread_one {one}, thread_two {two}, all {all}");
+    // Two spinning threads share the GIL: each gets a fair part of the samples.
+    assert!(
+        one as f64 > 0.25 * all as f64 && two as f64 > 0.25 * all as f64,
+        "{folded}"
+    );
+    for line in folded.lines() {
+        assert!(
+            !(line.contains("thread_one (") && line.contains("thread_two (")),
+            "two threads' frames in one stack: {line}"
+        );
+        if line.contains("thread_one (") || line.contains("thread_two (") {
+            assert!(
+                line.contains("Thread.run (") && !line.contains("main ("),
+                "a worker thread's stack under another root: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn native_frames_of_a_c_extension_sit_under_the_python_caller() {
+    let (minor, python) = interpreters().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&python, &[], "zlib");
+    let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+    let folded = capture(
+        &agent,
+        p.pid(),
+        &["--duration", "2s"],
+        &dir.path().join("zlib.folded"),
+    );
+    let compress = weight(&folded, "compress_big");
+    // zlib's own frames (its exported functions, or its static ones by module+offset).
+    let in_libz: u64 = folded
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(s, _)| {
+            let frames: Vec<&str> = s.split(';').collect();
+            frames
+                .iter()
+                .position(|f| f.starts_with("compress_big ("))
+                .is_some_and(|i| {
+                    frames[i + 1..].iter().any(|f| {
+                        f.contains("libz.so") || f.contains("deflate") || f.contains("adler32")
+                    })
+                })
+        })
+        .filter_map(|(_, n)| n.parse::<u64>().ok())
+        .sum();
+    eprintln!(
+        "3.{minor}: compress_big {compress}, in libz under it {in_libz}, all {}",
+        total(&folded)
+    );
+    assert!(compress as f64 > 0.8 * total(&folded) as f64, "{folded}");
+    assert!(in_libz as f64 > 0.5 * compress as f64, "{folded}");
+}
+
+#[test]
+fn offcpu_python_sleeps_are_weighted_by_their_time() {
+    let (_, python) = interpreters().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&python, &[], "sleep");
+    let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+    let folded = capture(
+        &agent,
+        p.pid(),
+        &[
+            "--duration",
+            "3s",
+            "--mode",
+            "offcpu",
+            "--min-duration",
+            "10ms",
+        ],
+        &dir.path().join("sleep.folded"),
+    );
+    let (nap, twitch) = (weight(&folded, "nap"), weight(&folded, "twitch"));
+    eprintln!(
+        "nap {} ms, twitch {} ms",
+        nap / 1_000_000,
+        twitch / 1_000_000
+    );
+    // Each loop naps 200 ms then twitches 20 x 1 ms: ~90% of 3 s is in naps, counted only
+    // when a nap ended inside the capture.
+    assert!(
+        (2_200_000_000..=3_000_000_000).contains(&nap),
+        "nap weighted {nap} ns:\n{folded}"
+    );
+    assert_eq!(twitch, 0, "1 ms sleeps are under --min-duration:\n{folded}");
+    assert!(
+        folded
+            .lines()
+            .any(|l| l.contains("nap (") && l.contains("_[k]")),
+        "kernel frames under the Python frame:\n{folded}"
+    );
+}
+
+#[test]
+fn pprof_output_names_python_functions_for_go_tool_pprof() {
+    let (_, python) = interpreters().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&python, &[], "hot");
+    let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+    let pb = dir.path().join("hot.pb.gz");
+    capture(&agent, p.pid(), &["--duration", "2s"], &pb);
+    let top = Command::new("go")
+        .args(["tool", "pprof", "-top", "-cum", "-nodecount=30"])
+        .arg(&pb)
+        .env("HOME", dir.path())
+        .output()
+        .expect("go (golang-go) is needed: run `cargo xtask setup`");
+    let report = String::from_utf8_lossy(&top.stdout);
+    eprintln!("{report}");
+    // Function names alone: the file and line are in the Function and Line records.
+    for f in ["hot_a", "hot_b", "spin", "main"] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.trim_end().ends_with(&format!(" {f}"))),
+            "{f} missing from go tool pprof -top:\n{report}"
+        );
+    }
+    // ... and `-list` finds their source lines by file and line.
+    let list = Command::new("go")
+        .args(["tool", "pprof", "-traces"])
+        .arg(&pb)
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let traces = String::from_utf8_lossy(&list.stdout);
+    assert!(traces.contains("hot_a"), "{traces}");
+}
+
+#[test]
+fn an_unsupported_python_falls_back_to_native_frames_and_says_so() {
+    let pyenv =
+        std::env::var_os("PYENV_ROOT").map_or_else(|| PathBuf::from("/root/.pyenv"), PathBuf::from);
+    let Some(old) = std::fs::read_dir(pyenv.join("versions"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("3.9."))
+        })
+        .map(|p| p.join("bin/python3.9"))
+    else {
+        panic!("the unsupported-version test needs a CPython 3.9 (pyenv install 3.9)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&old, &[], "hot");
+    let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+    let out = dir.path().join("old.folded");
+    let o = agent.flamegraph(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--duration",
+        "1s",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("runs Python 3.9, which pipeprobe cannot unwind"),
+        "{stderr}"
+    );
+    let folded = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        total(&folded) > 50 && folded.contains("python3.9"),
+        "{folded}"
+    );
+    let counted = agent
+        .scrape()
+        .iter()
+        .find(|s| s.name == "pipeprobe_python_unwind_unsupported_total")
+        .map(|s| s.value);
+    assert_eq!(counted, Some(1.0));
+}
