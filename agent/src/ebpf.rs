@@ -9,7 +9,7 @@ use crate::{
 };
 
 /// The programs of `agent-ebpf`, built by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pipeprobe-ebpf"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pipeprobe-ebpf"));
 
 #[derive(Debug, Error)]
 pub enum LoadError {

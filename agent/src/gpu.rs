@@ -125,6 +125,8 @@ pub struct GpuState {
     pub reason: Option<String>,
     pub driver: Option<String>,
     gpus: Vec<GpuSample>,
+    /// How long the last sampling round of every GPU took: a slow driver shows here first.
+    round_secs: Option<f64>,
 }
 
 pub type SharedGpu = Arc<Mutex<GpuState>>;
@@ -414,7 +416,10 @@ pub fn spawn(
                 if let Some(set) = &events {
                     drain_xids(set, &mut xids);
                 }
-                match sample(&nvml, &targets, &tracked, &mut unsupported, &mut known) {
+                let started = std::time::Instant::now();
+                let sampled = sample(&nvml, &targets, &tracked, &mut unsupported, &mut known);
+                let round_secs = Some(started.elapsed().as_secs_f64());
+                match sampled {
                     Ok(mut gpus) => {
                         for g in &mut gpus {
                             g.xid_errors = xids.get(&g.uuid).copied().unwrap_or(0);
@@ -430,13 +435,14 @@ pub fn spawn(
                                     reason: Some("the driver reports no GPU".into()),
                                     driver: driver.clone(),
                                     gpus,
+                                    round_secs,
                                 };
                             }
                             std::thread::sleep(interval);
                             continue;
                         }
                         if let Ok(mut s) = shared.lock() {
-                            *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus };
+                            *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus, round_secs };
                         }
                     }
                     Err(e) => {
@@ -510,6 +516,15 @@ impl Collector for GpuCollector {
                 uuid: s.uuid.clone(),
             };
             ConstGauge::new(i64::from(!s.lost)).encode(up.encode_family(&labels)?)?;
+        }
+        if let Some(secs) = state.round_secs {
+            let mut m = encoder.encode_descriptor(
+                "pipeprobe_gpu_sample_duration_seconds",
+                "How long the last NVML sampling round of all GPUs took",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(secs).encode(m.encode_family(&Vec::<(String, String)>::new())?)?;
         }
         // A lost GPU keeps only its gpu_up 0: its other series go stale.
         let g: Vec<GpuSample> = state.gpus.iter().filter(|s| !s.lost).cloned().collect();

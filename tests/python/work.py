@@ -4,8 +4,11 @@
     work.py threads  two threads, each spinning in its own function
     work.py zlib     compress_big compresses a large buffer with zlib, over and over
     work.py sleep    nap sleeps 200 ms per call, twitch 1 ms
+    work.py bench SECS DELAY_MS
+                     the hot loop for SECS after DELAY_MS, then prints OPS_PER_SEC (rounds/s)
+                     and exits (cargo xtask bench)
 
-Prints READY once running; runs until killed.
+Prints READY once running; runs until killed (but bench).
 """
 import random
 import sys
@@ -74,6 +77,17 @@ def main():
         print("READY", flush=True)
         while True:
             compress_big(data)
+    elif mode == "bench":
+        secs, delay = float(sys.argv[2]), float(sys.argv[3]) / 1000
+        time.sleep(delay)
+        start = time.monotonic()
+        rounds = 0
+        while time.monotonic() - start < secs:
+            hot_a(1)
+            hot_b(1)
+            rounds += 1
+        print(f"OPS_PER_SEC {rounds / (time.monotonic() - start):.1f}", flush=True)
+        return
     elif mode == "sleep":
         print("READY", flush=True)
         while True:

@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod bench;
+
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
@@ -53,12 +55,16 @@ enum Cmd {
     },
     /// The synthetic pipeline: starts the three stages and drives requests through them.
     Pipeline {
-        /// Requests per second sent to stt.
+        /// Requests per second sent to stt; 0 sends the next one as soon as the last returns
+        /// and prints the throughput at the end (`OPS_PER_SEC n`, the benchmark).
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
         /// Stop after this many seconds (default: run until killed).
         #[arg(long)]
         secs: Option<f64>,
+        /// Wait this long after the stages start before sending.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// One pipeline stage (started by `pipeline`).
     Stage {
@@ -158,6 +164,35 @@ enum Cmd {
     Flood {
         #[arg(long, default_value_t = 5.0)]
         secs: f64,
+    },
+    /// Benchmark: pipe ping-pong between two threads on CPU 1; prints `OPS_PER_SEC n`.
+    Pingpong {
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Benchmark: loopback TCP request/response with a connection per 8 requests.
+    TcpRr {
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Benchmark: fixed units of computation on CPU 1.
+    CpuLoop {
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// 40 distinct syscalls once each, then sleeps SECS (series for the scrape benchmark).
+    SyscallMix {
+        #[arg(long, default_value_t = 60.0)]
+        secs: f64,
+        /// Only there for a cmdline selector to tell the processes apart.
+        #[arg(long, default_value = "")]
+        tag: String,
     },
 }
 
@@ -333,7 +368,7 @@ fn serve(name: &str, next: Option<&str>, conn: TcpStream) -> anyhow::Result<()> 
     }
 }
 
-fn pipeline(rate: f64, secs: Option<f64>) -> anyhow::Result<()> {
+fn pipeline(rate: f64, secs: Option<f64>, delay_ms: u64) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut next: Option<String> = None;
     let mut children = Vec::new();
@@ -359,9 +394,15 @@ fn pipeline(rate: f64, secs: Option<f64>) -> anyhow::Result<()> {
     conn.set_nodelay(true)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut writer = conn;
+    thread::sleep(Duration::from_millis(delay_ms));
     let start = Instant::now();
-    let period = Duration::from_secs_f64(1.0 / rate.max(0.1));
+    let period = if rate > 0.0 {
+        Duration::from_secs_f64(1.0 / rate)
+    } else {
+        Duration::ZERO
+    };
     let mut line = String::new();
+    let mut done = 0u64;
     for id in 0u64.. {
         if secs.is_some_and(|s| start.elapsed().as_secs_f64() >= s) {
             break;
@@ -370,9 +411,16 @@ fn pipeline(rate: f64, secs: Option<f64>) -> anyhow::Result<()> {
         writeln!(writer, "{id}")?;
         line.clear();
         reader.read_line(&mut line)?;
+        done += 1;
         if let Some(rest) = period.checked_sub(t0.elapsed()) {
             thread::sleep(rest);
         }
+    }
+    if rate <= 0.0 {
+        println!(
+            "OPS_PER_SEC {:.1}",
+            done as f64 / start.elapsed().as_secs_f64()
+        );
     }
     for mut c in children {
         let _ = c.kill();
@@ -428,7 +476,11 @@ fn main() -> anyhow::Result<()> {
             }
             thread::sleep(Duration::from_secs_f64(hold_secs));
         }
-        Cmd::Pipeline { rate, secs } => pipeline(rate, secs)?,
+        Cmd::Pipeline {
+            rate,
+            secs,
+            delay_ms,
+        } => pipeline(rate, secs, delay_ms)?,
         Cmd::Stage { name, next } => stage(&name, next.as_deref())?,
         Cmd::Nanosleep {
             ms,
@@ -592,6 +644,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 ops += 1000;
             }
+            println!("OPS {ops}");
             println!(
                 "OPS_PER_SEC {:.0}",
                 ops as f64 / start.elapsed().as_secs_f64()
@@ -608,6 +661,10 @@ fn main() -> anyhow::Result<()> {
                 let _ = TcpStream::connect(closed);
             }
         }
+        Cmd::Pingpong { secs, delay_ms } => bench::pingpong(secs, delay_ms)?,
+        Cmd::TcpRr { secs, delay_ms } => bench::tcp_rr(secs, delay_ms)?,
+        Cmd::CpuLoop { secs, delay_ms } => bench::cpu_loop(secs, delay_ms)?,
+        Cmd::SyscallMix { secs, .. } => bench::syscall_mix(secs)?,
         Cmd::Dataloader => {
             die_with_parent();
             loop {

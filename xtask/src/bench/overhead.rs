@@ -1,0 +1,343 @@
+//! What the probes cost the workloads they watch, against the floor (empty programs on the
+//! same hooks) and the reference tool for the same measurement, in alternating runs.
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::Context as _;
+
+use super::tools::{Agent, Tool, bin, median, ops_per_sec};
+
+/// The workload waits this long before measuring: the tool under test attaches meanwhile.
+const DELAY_MS: u64 = 2000;
+
+/// Probe families (`[probes] disable` names) other than `keep` are disabled.
+const FAMILIES: [&str; 5] = ["sched", "syscalls", "tcp", "tcp_rtt", "profile"];
+
+#[derive(Clone, Copy)]
+pub enum Variant {
+    None,
+    /// Empty programs on these hooks (the `floor` tool).
+    Floor(&'static [&'static str]),
+    /// The agent with only these probe families (empty: all of them).
+    Agent(&'static [&'static str]),
+    /// The agent capturing a flamegraph of the workload during the whole run.
+    Capture {
+        mode: &'static str,
+        hz: u64,
+    },
+    /// A reference tool; `{pid}` in its arguments is the workload's pid.
+    Reference(&'static str, &'static [&'static str]),
+}
+
+impl Variant {
+    pub fn name(&self) -> String {
+        match self {
+            Variant::None => "no tracing".into(),
+            Variant::Floor(hooks) => format!("floor: empty programs on {}", hooks.join(", ")),
+            Variant::Agent([]) => "pipeprobe, all probes".into(),
+            Variant::Agent(f) => format!("pipeprobe, {} alone", f.join(" + ")),
+            Variant::Capture { mode, hz } => {
+                format!("pipeprobe flamegraph --mode {mode} --hz {hz}")
+            }
+            Variant::Reference(tool, args) => {
+                format!("{tool} {}", args.join(" ").replace("{pid}", "PID"))
+            }
+        }
+    }
+}
+
+pub struct Scenario {
+    pub key: &'static str,
+    pub title: &'static str,
+    pub about: &'static str,
+    pub unit: &'static str,
+    /// The workload's command line after the binary: `{secs}` and `{delay}` are filled in.
+    pub workload: &'static [&'static str],
+    /// Runs under this interpreter (work.py) instead of the workload binary.
+    pub python: bool,
+    pub variants: Vec<Variant>,
+}
+
+pub fn scenarios() -> Vec<Scenario> {
+    use Variant::*;
+    vec![
+        Scenario {
+            key: "syscall",
+            title: "Syscall-heavy",
+            about: "A tight `getppid` loop on CPU 1 (`workload syscall-loop`).",
+            unit: "syscalls/s",
+            workload: &["syscall-loop"],
+            python: false,
+            variants: vec![
+                None,
+                Floor(&["sys_enter", "sys_exit"]),
+                Agent(&["syscalls"]),
+                Agent(&[]),
+                Reference("syscount", &["-L", "-p", "{pid}"]),
+            ],
+        },
+        Scenario {
+            key: "ctxswitch",
+            title: "Context-switch-heavy",
+            about: "Two threads on CPU 1 passing a byte over pipes (`workload pingpong`): two \
+                    wake-ups and two switches per round trip.",
+            unit: "round trips/s",
+            workload: &["pingpong"],
+            python: false,
+            variants: vec![
+                None,
+                Floor(&["sched_switch", "sched_wakeup", "sched_wakeup_new"]),
+                Agent(&["sched"]),
+                Agent(&[]),
+                Reference("runqlat", &["-p", "{pid}", "60"]),
+                Capture {
+                    mode: "offcpu",
+                    hz: 99,
+                },
+                Reference("offcputime", &["-p", "{pid}", "60"]),
+            ],
+        },
+        Scenario {
+            key: "tcp",
+            title: "TCP-heavy",
+            about: "Loopback request/response, a new connection per 8 exchanges of 64 bytes \
+                    (`workload tcp-rr`).",
+            unit: "exchanges/s",
+            workload: &["tcp-rr"],
+            python: false,
+            variants: vec![
+                None,
+                Floor(&[
+                    "sock/inet_sock_set_state",
+                    "tcp/tcp_probe",
+                    "tcp/tcp_rcv_space_adjust",
+                    "tcp/tcp_retransmit_skb",
+                ]),
+                Agent(&["tcp", "tcp_rtt"]),
+                Agent(&[]),
+                Reference("tcpstates", &[]),
+            ],
+        },
+        Scenario {
+            key: "cpu",
+            title: "CPU-bound (sampling)",
+            about: "Fixed units of computation on CPU 1 (`workload cpu-loop`), sampled at 99 Hz \
+                    with stacks.",
+            unit: "work units/s",
+            workload: &["cpu-loop"],
+            python: false,
+            variants: vec![
+                None,
+                Floor(&["cpu-clock:99"]),
+                Capture {
+                    mode: "cpu",
+                    hz: 99,
+                },
+                Reference(
+                    "perf",
+                    &["record", "-F", "99", "-g", "-o", "/dev/null", "-p", "{pid}"],
+                ),
+            ],
+        },
+        Scenario {
+            key: "python",
+            title: "Python (sampling with Python frames)",
+            about: "The pure-Python hot loop of tests/python/work.py under CPython 3.12, \
+                    profiled with Python frames at 19 and 99 Hz by pipeprobe and py-spy.",
+            unit: "rounds/s",
+            workload: &["bench", "{secs}", "{delay}"],
+            python: true,
+            variants: vec![
+                None,
+                Capture {
+                    mode: "cpu",
+                    hz: 19,
+                },
+                Reference(
+                    "py-spy",
+                    &[
+                        "record",
+                        "-r",
+                        "19",
+                        "-n",
+                        "-o",
+                        "/dev/null",
+                        "-f",
+                        "raw",
+                        "-p",
+                        "{pid}",
+                    ],
+                ),
+                Capture {
+                    mode: "cpu",
+                    hz: 99,
+                },
+                Reference(
+                    "py-spy",
+                    &[
+                        "record",
+                        "-r",
+                        "99",
+                        "-n",
+                        "-o",
+                        "/dev/null",
+                        "-f",
+                        "raw",
+                        "-p",
+                        "{pid}",
+                    ],
+                ),
+            ],
+        },
+        Scenario {
+            key: "pipeline",
+            title: "Synthetic pipeline (the demo's)",
+            about: "stt -> mt -> tts over loopback TCP, each request sent when the last returned \
+                    (`workload pipeline --rate 0`): CPU work, sleeps, file and socket syscalls.",
+            unit: "requests/s",
+            workload: &["pipeline", "--rate", "0"],
+            python: false,
+            variants: vec![None, Agent(&[])],
+        },
+    ]
+}
+
+/// CPython 3.12 of pyenv, the Python benchmark's interpreter.
+pub fn python() -> Option<std::path::PathBuf> {
+    let root = std::env::var_os("PYENV_ROOT").map_or_else(|| "/root/.pyenv".into(), Into::into);
+    let versions: std::path::PathBuf = root;
+    let mut found: Vec<_> = std::fs::read_dir(versions.join("versions"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("3.12."))
+        })
+        .map(|p| p.join("bin/python3.12"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn start(v: &Variant, pid: u32, secs: f64, dir: &Path) -> anyhow::Result<(Tool, Option<Agent>)> {
+    let config = |keep: &[&str]| {
+        let disable: Vec<String> = FAMILIES
+            .iter()
+            .filter(|f| !keep.is_empty() && !keep.contains(f))
+            .map(|f| format!("\"{f}\""))
+            .collect();
+        format!(
+            "[probes]\ndisable = [{}]\n[gpu]\nenabled = false\n[targets.bench]\npid = {pid}\n",
+            disable.join(", ")
+        )
+    };
+    Ok(match v {
+        Variant::None => (Tool::none(), None),
+        Variant::Floor(hooks) => {
+            let mut child = Command::new(bin("floor"))
+                .args(*hooks)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting the floor tool")?;
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+                &mut line,
+            )?;
+            anyhow::ensure!(line.starts_with("ATTACHED"), "floor said {line:?}");
+            (Tool(Some(child)), None)
+        }
+        Variant::Agent(keep) => (Tool::none(), Some(Agent::start(dir, &config(keep), &[])?)),
+        Variant::Capture { mode, hz } => {
+            let agent = Agent::start(dir, &config(&["profile"]), &[])?;
+            let duration = format!("{}s", (DELAY_MS as f64 / 1000.0 + secs + 1.0).ceil());
+            let out = dir.join("capture.folded");
+            let client = Tool::spawn(&mut agent.flamegraph(&[
+                "--pid",
+                &pid.to_string(),
+                "--mode",
+                mode,
+                "--hz",
+                &hz.to_string(),
+                "--duration",
+                &duration,
+                "--out",
+                out.to_str().expect("utf-8 path"),
+            ]))?;
+            (client, Some(agent))
+        }
+        Variant::Reference(tool, args) => {
+            let path = if *tool == "py-spy" {
+                xtask::root().join("target/py-tools/bin/py-spy")
+            } else {
+                tool.into()
+            };
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| a.replace("{pid}", &pid.to_string()))
+                .collect();
+            (Tool::spawn(Command::new(path).args(&args))?, None)
+        }
+    })
+}
+
+/// One run of `s` under `v`: the workload's rate.
+pub fn run_once(s: &Scenario, v: &Variant, secs: f64, dir: &Path) -> anyhow::Result<f64> {
+    let args: Vec<String> = s
+        .workload
+        .iter()
+        .map(|a| {
+            a.replace("{secs}", &secs.to_string())
+                .replace("{delay}", &DELAY_MS.to_string())
+        })
+        .collect();
+    let mut cmd = if s.python {
+        let mut c = Command::new(
+            python().context("CPython 3.12 (pyenv) is needed for the Python benchmark")?,
+        );
+        c.arg(xtask::root().join("tests/python/work.py"))
+            .args(&args);
+        c
+    } else {
+        let mut c = Command::new(bin("workload"));
+        c.args(&args).args([
+            "--secs",
+            &secs.to_string(),
+            "--delay-ms",
+            &DELAY_MS.to_string(),
+        ]);
+        c
+    };
+    let child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", xtask::show(&cmd)))?;
+    let held = start(v, child.id(), secs, dir)?;
+    let ops = ops_per_sec(child);
+    drop(held);
+    ops
+}
+
+/// Per variant: the rates of every round, in round order.
+pub struct Results {
+    pub rates: Vec<Vec<f64>>,
+}
+
+impl Results {
+    /// Median over rounds of each round's loss against that round's untraced run.
+    pub fn overhead(&self, i: usize) -> f64 {
+        median(
+            self.rates[i]
+                .iter()
+                .zip(&self.rates[0])
+                .map(|(x, base)| 1.0 - x / base)
+                .collect(),
+        )
+    }
+}
