@@ -4,8 +4,6 @@
 pub const MAX_NR: u32 = 512;
 /// (target, syscall) pairs the kernel aggregates; beyond, new pairs are counted as lost.
 pub const STATS_MAX: u32 = 8192;
-/// Threads of tracked processes inside a syscall at once.
-pub const PENDING_MAX: u32 = 16_384;
 
 /// Global: 1 to trace every syscall, 0 to trace only those set in the `SYSCALL_FILTER` array.
 pub const GLOBAL_TRACE_ALL: &str = "SYSCALLS_TRACE_ALL";

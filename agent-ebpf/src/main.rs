@@ -27,6 +27,8 @@ mod targets;
 #[cfg(target_arch = "bpf")]
 mod task;
 #[cfg(target_arch = "bpf")]
+mod task_storage;
+#[cfg(target_arch = "bpf")]
 mod tcp;
 
 #[cfg(target_arch = "bpf")]

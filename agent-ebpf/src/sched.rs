@@ -1,43 +1,49 @@
 //! Run-queue delay: time from becoming runnable (wakeup, wakeup of a new task, or preemption while
 //! runnable) to running, per target, as per-CPU log2 histograms. Nothing per event leaves the
 //! kernel; user space reads `RUNQ_HIST` on scrape.
+//!
+//! The runnable-since timestamp lives in the task itself (task storage): these programs run on
+//! every wakeup and switch of the host, and a hash insert plus lookup plus delete per wakeup cost
+//! about ten times what the tracepoints themselves do (`cargo xtask bench`, context-switch
+//! workload).
 use agent_common::{
     MAX_TARGETS,
     hist::{Log2Hist, slot_for_ns},
     lost,
-    sched::{RUNQ_PENDING_MAX, RunqStart},
+    sched::RunqStart,
     task::TASK_RUNNING,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuArray},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 
-use crate::{lost::count as count_lost, targets::target_of, task};
+use crate::{lost::count as count_lost, targets::target_of, task, task_storage::TaskStorage};
 
-/// Tracked threads that are runnable but not running yet: tid -> when and which target.
-#[map]
-static RUNQ_PENDING: HashMap<u32, RunqStart> = HashMap::with_max_entries(RUNQ_PENDING_MAX, 0);
+/// Of tracked threads that are runnable but not running yet: since when, and their target
+/// (`ts_ns` 0: not waiting).
+#[btf_map]
+static RUNQ_SINCE: TaskStorage<RunqStart> = TaskStorage::new();
 
 /// One histogram per target id.
 #[map]
 static RUNQ_HIST: PerCpuArray<Log2Hist> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
 
 #[inline(always)]
-fn enqueue(tid: u32, target: u32) {
-    if tid == 0 {
-        return;
-    }
-    let start = RunqStart {
-        // SAFETY: no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        target,
-        _pad: 0,
-    };
-    if RUNQ_PENDING.insert(&tid, &start, 0).is_err() {
-        count_lost(lost::RUNQ_PENDING_FULL);
+fn enqueue(task: *const u8, target: u32) {
+    match RUNQ_SINCE.get_or_create(task) {
+        // SAFETY: the task's own storage; only the CPU switching or waking it writes it.
+        Some(since) => unsafe {
+            *since = RunqStart {
+                // SAFETY: no preconditions.
+                ts_ns: bpf_ktime_get_ns(),
+                target,
+                _pad: 0,
+            }
+        },
+        None => count_lost(lost::RUNQ_PENDING_FULL),
     }
 }
 
@@ -47,7 +53,10 @@ fn wakeup(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some(target) = target_of(task::tgid(task)?) else {
         return Ok(());
     };
-    enqueue(task::pid(task)?, target);
+    // The idle task never waits on a run queue.
+    if task::pid(task)? != 0 {
+        enqueue(task, target);
+    }
     Ok(())
 }
 
@@ -82,17 +91,23 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let prev_ids = bpf_get_current_pid_tgid();
     if let Some(target) = target_of((prev_ids >> 32) as u32) {
         // An involuntary preemption leaves prev on the run queue whatever its state says.
-        if preempt & 0xff != 0 || task::state(prev)? == TASK_RUNNING {
-            enqueue(prev_ids as u32, target);
+        if prev_ids as u32 != 0 && (preempt & 0xff != 0 || task::state(prev)? == TASK_RUNNING) {
+            enqueue(prev, target);
         }
     }
 
-    let next_pid = task::pid(next)?;
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(start) = (unsafe { RUNQ_PENDING.get(&next_pid).copied() }) else {
+    let Some(since) = RUNQ_SINCE.get(next) else {
         return Ok(());
     };
-    let _ = RUNQ_PENDING.remove(&next_pid);
+    // SAFETY: the task's own storage, read and cleared by the CPU switching it in.
+    let start = unsafe {
+        let start = *since;
+        (*since).ts_ns = 0;
+        start
+    };
+    if start.ts_ns == 0 {
+        return Ok(());
+    }
     // SAFETY: no preconditions.
     let delta = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.ts_ns);
     if let Some(hist) = RUNQ_HIST.get_ptr_mut(start.target) {

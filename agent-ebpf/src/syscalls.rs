@@ -1,15 +1,17 @@
 //! Syscall latency per (target, syscall) as log2 histograms plus error counts, aggregated in the
 //! kernel. sys_enter/sys_exit fire for every syscall on the host: an untracked thread costs one
-//! map lookup in each.
+//! map lookup on entry and a look at its task's storage on exit. The syscall in flight is kept
+//! in the thread's own task storage: no per-thread hash entry to look up twice per syscall, to
+//! run out of, or to clean up after a thread exits inside exit().
 use agent_common::{
     hist::Log2Hist,
     lost,
-    syscalls::{MAX_NR, PENDING_MAX, STATS_MAX, SyscallKey, SyscallStart, SyscallStats},
+    syscalls::{MAX_NR, STATS_MAX, SyscallKey, SyscallStart, SyscallStats},
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_task_btf},
+    macros::{btf_map, btf_tracepoint, map},
     maps::{Array, HashMap},
     programs::BtfTracePointContext,
 };
@@ -18,6 +20,7 @@ use crate::{
     aggregate::{atomic_add, record},
     lost::count as count_lost,
     targets::target_of,
+    task_storage::TaskStorage,
 };
 
 /// Set by the loader: 1 traces every syscall, 0 only those marked in `SYSCALL_FILTER`.
@@ -27,19 +30,19 @@ static SYSCALLS_TRACE_ALL: u32 = 1;
 #[map]
 static SYSCALL_FILTER: Array<u8> = Array::with_max_entries(MAX_NR, 0);
 
-/// Threads inside a traced syscall: tid -> start.
-#[map]
-static SYSCALL_PENDING: HashMap<u32, SyscallStart> = HashMap::with_max_entries(PENDING_MAX, 0);
+/// The traced syscall a thread is in (`ts_ns` 0: none).
+#[btf_map]
+static SYSCALL_SINCE: TaskStorage<SyscallStart> = TaskStorage::new();
 
 /// Shared across CPUs and updated with atomic adds: per-CPU copies of up to 8192 histograms
 /// would cost megabytes per CPU.
 #[map]
 static SYSCALL_STATS: HashMap<SyscallKey, SyscallStats> = HashMap::with_max_entries(STATS_MAX, 0);
 
-/// Drops what a thread that exits inside a syscall (exit, exit_group) leaves behind.
 #[inline(always)]
-pub fn forget(tid: u32) {
-    let _ = SYSCALL_PENDING.remove(&tid);
+fn current_task() -> *const u8 {
+    // SAFETY: no preconditions; the result is a trusted task pointer for task storage.
+    unsafe { bpf_get_current_task_btf() as *const u8 }
 }
 
 #[btf_tracepoint(function = "sys_enter")]
@@ -66,22 +69,17 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
         nr,
         target,
     };
-    let tid = ids as u32;
-    // A thread's slot is reused in place from one syscall to the next (no insert and delete
-    // per syscall); it is removed when the thread exits (`forget`).
-    if let Some(slot) = SYSCALL_PENDING.get_ptr_mut(&tid) {
-        // SAFETY: only this thread writes its own slot.
-        unsafe { *slot = start };
-    } else if SYSCALL_PENDING.insert(&tid, &start, 0).is_err() {
-        count_lost(lost::SYSCALL_PENDING_FULL);
+    match SYSCALL_SINCE.get_or_create(current_task()) {
+        // SAFETY: only this thread writes its own storage.
+        Some(slot) => unsafe { *slot = start },
+        None => count_lost(lost::SYSCALL_PENDING_FULL),
     }
     0
 }
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(slot) = SYSCALL_PENDING.get_ptr_mut(&tid) else {
+    let Some(slot) = SYSCALL_SINCE.get(current_task()) else {
         return 0;
     };
     // SAFETY: only this thread touches its own slot; copied out, then marked consumed.

@@ -100,8 +100,6 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     let Some(target) = target_of(tgid) else {
         return 0;
     };
-    // exit() never returns through sys_exit.
-    crate::syscalls::forget(pid);
     // Only the thread group leader's exit ends the process (threads exit through here too).
     if pid == tgid {
         let _ = TRACKED.remove(&tgid);

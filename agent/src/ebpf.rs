@@ -80,6 +80,9 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
+        // Task storage (the sched and syscalls probes' per-thread state) has no aya wrapper;
+        // user space never opens it, the kernel creates it all the same.
+        .allow_unsupported_maps()
         .override_global(task::GLOBAL_PID_OFFSET, &offsets.pid, true)
         .override_global(task::GLOBAL_TGID_OFFSET, &offsets.tgid, true)
         .override_global(task::GLOBAL_STATE_OFFSET, &offsets.state, true)

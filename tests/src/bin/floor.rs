@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     let btf = Btf::from_sys_fs().context("kernel BTF")?;
     let mut bpf = EbpfLoader::new()
         .btf(Some(&btf))
+        .allow_unsupported_maps()
         .load(pipeprobe::ebpf::OBJECT)
         .context("loading the eBPF object")?;
     for hook in &hooks {
