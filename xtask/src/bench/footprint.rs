@@ -78,6 +78,55 @@ pub fn footprint(dir: &Path, n: usize, secs: f64) -> anyhow::Result<Footprint> {
     })
 }
 
+/// The agent's peak RSS (VmHWM) after a 10 s capture, at 99 Hz, of `n` Python processes running
+/// the hot loop: what naming their frames and holding their stacks costs. Returns (before,
+/// peak) in bytes and the samples captured.
+pub fn python_targets(dir: &Path, python: &Path, n: usize) -> anyhow::Result<(u64, u64, u64)> {
+    let mut procs = Vec::new();
+    for _ in 0..n {
+        procs.push(
+            Command::new(python)
+                .arg(xtask::root().join("tests/python/work.py"))
+                .arg("hot")
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    let _procs = Fleet(procs);
+    let agent = Agent::start(
+        dir,
+        "[gpu]\nenabled = false\n[targets.py]\ncmdline = \"work.py hot\"\n",
+        &[],
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (before, _) = usage(agent.pid())?;
+    let out = dir.join("python-targets.folded");
+    let o = agent
+        .flamegraph(&[
+            "--target",
+            "py",
+            "--duration",
+            "10s",
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ])
+        .output()?;
+    if !o.status.success() {
+        bail!("flamegraph failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmHWM")?;
+    let samples = std::fs::read_to_string(&out)?
+        .lines()
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    Ok((before, hwm_kb * 1024, samples))
+}
+
 pub struct Scrape {
     pub series: usize,
     pub bytes: usize,
