@@ -8,6 +8,7 @@ pub mod hist;
 pub mod lost;
 pub mod python;
 pub mod sched;
+pub mod spans;
 pub mod stacks;
 pub mod syscalls;
 pub mod targets;
@@ -38,4 +39,5 @@ mod pod {
     unsafe impl aya::Pod for crate::tcp::PeerStats {}
     unsafe impl aya::Pod for crate::python::PyProc {}
     unsafe impl aya::Pod for crate::python::PyStack {}
+    unsafe impl aya::Pod for crate::spans::ThreadState {}
 }

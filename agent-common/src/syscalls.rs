@@ -24,7 +24,7 @@ pub struct SyscallStats {
 }
 
 #[repr(C)]
-#[derive(Copy, Clone, Debug)]
+#[derive(Copy, Clone, Debug, Default)]
 pub struct SyscallStart {
     pub ts_ns: u64,
     pub nr: u32,

@@ -30,6 +30,8 @@ mod task;
 mod task_storage;
 #[cfg(target_arch = "bpf")]
 mod tcp;
+#[cfg(target_arch = "bpf")]
+mod thread;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -10,41 +10,34 @@ use agent_common::{
     MAX_TARGETS,
     hist::{Log2Hist, slot_for_ns},
     lost,
-    sched::RunqStart,
     task::TASK_RUNNING,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{btf_map, btf_tracepoint, map},
+    macros::{btf_tracepoint, map},
     maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 
-use crate::{lost::count as count_lost, targets::target_of, task, task_storage::TaskStorage};
-
-/// Of tracked threads that are runnable but not running yet: since when, and their target
-/// (`ts_ns` 0: not waiting).
-#[btf_map]
-static RUNQ_SINCE: TaskStorage<RunqStart> = TaskStorage::new();
+use crate::{lost::count as count_lost, targets::target_of, task, thread};
 
 /// One histogram per target id.
 #[map]
 static RUNQ_HIST: PerCpuArray<Log2Hist> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
 
+/// Marks `task` runnable since `now`; if it was blocked, its blocked time ends here.
 #[inline(always)]
-fn enqueue(task: *const u8, target: u32) {
-    match RUNQ_SINCE.get_or_create(task) {
-        // SAFETY: the task's own storage; only the CPU switching or waking it writes it.
-        Some(since) => unsafe {
-            *since = RunqStart {
-                // SAFETY: no preconditions.
-                ts_ns: bpf_ktime_get_ns(),
-                target,
-                _pad: 0,
-            }
-        },
-        None => count_lost(lost::RUNQ_PENDING_FULL),
+fn enqueue(task: *const u8, target: u32, now: u64) {
+    let Some(t) = thread::state(task) else {
+        count_lost(lost::RUNQ_PENDING_FULL);
+        return;
+    };
+    if t.runq.blocked_ns != 0 {
+        t.totals.blocked_ns += now.saturating_sub(t.runq.blocked_ns);
+        t.runq.blocked_ns = 0;
     }
+    t.runq.ts_ns = now;
+    t.runq.target = target;
 }
 
 fn wakeup(ctx: &BtfTracePointContext) -> Result<(), i64> {
@@ -55,7 +48,8 @@ fn wakeup(ctx: &BtfTracePointContext) -> Result<(), i64> {
     };
     // The idle task never waits on a run queue.
     if task::pid(task)? != 0 {
-        enqueue(task, target);
+        // SAFETY: no preconditions.
+        enqueue(task, target, unsafe { bpf_ktime_get_ns() });
     }
     Ok(())
 }
@@ -86,30 +80,32 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
 
     // The tracepoint runs in prev's context, so prev's ids come from the helper.
     let prev_ids = bpf_get_current_pid_tgid();
-    if let Some(target) = target_of((prev_ids >> 32) as u32) {
+    if let Some(target) = target_of((prev_ids >> 32) as u32)
+        && prev_ids as u32 != 0
+    {
         // An involuntary preemption leaves prev on the run queue whatever its state says.
-        if prev_ids as u32 != 0 && (preempt & 0xff != 0 || task::state(prev)? == TASK_RUNNING) {
-            enqueue(prev, target);
+        if preempt & 0xff != 0 || task::state(prev)? == TASK_RUNNING {
+            enqueue(prev, target, now);
+        } else if let Some(t) = thread::state(prev) {
+            // Blocking: off CPU until its wakeup.
+            t.runq.blocked_ns = now;
         }
     }
 
-    let Some(since) = RUNQ_SINCE.get(next) else {
+    let Some(t) = thread::existing(next) else {
         return Ok(());
     };
-    // SAFETY: the task's own storage, read and cleared by the CPU switching it in.
-    let start = unsafe {
-        let start = *since;
-        (*since).ts_ns = 0;
-        start
-    };
+    let start = t.runq;
     if start.ts_ns == 0 {
         return Ok(());
     }
-    // SAFETY: no preconditions.
-    let delta = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.ts_ns);
+    t.runq.ts_ns = 0;
+    let delta = now.saturating_sub(start.ts_ns);
     if let Some(hist) = RUNQ_HIST.get_ptr_mut(start.target) {
         // SAFETY: per-CPU value; programs on one CPU do not run concurrently.
         let hist = unsafe { &mut *hist };
@@ -118,5 +114,6 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
         hist.sum_ns += delta;
     }
+    t.totals.runq_ns += delta;
     Ok(())
 }

@@ -10,8 +10,8 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_current_task_btf},
-    macros::{btf_map, btf_tracepoint, map},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map},
     maps::{Array, HashMap},
     programs::BtfTracePointContext,
 };
@@ -20,7 +20,7 @@ use crate::{
     aggregate::{atomic_add, record},
     lost::count as count_lost,
     targets::target_of,
-    task_storage::TaskStorage,
+    thread,
 };
 
 /// Set by the loader: 1 traces every syscall, 0 only those marked in `SYSCALL_FILTER`.
@@ -30,20 +30,10 @@ static SYSCALLS_TRACE_ALL: u32 = 1;
 #[map]
 static SYSCALL_FILTER: Array<u8> = Array::with_max_entries(MAX_NR, 0);
 
-/// The traced syscall a thread is in (`ts_ns` 0: none).
-#[btf_map]
-static SYSCALL_SINCE: TaskStorage<SyscallStart> = TaskStorage::new();
-
 /// Shared across CPUs and updated with atomic adds: per-CPU copies of up to 8192 histograms
 /// would cost megabytes per CPU.
 #[map]
 static SYSCALL_STATS: HashMap<SyscallKey, SyscallStats> = HashMap::with_max_entries(STATS_MAX, 0);
-
-#[inline(always)]
-fn current_task() -> *const u8 {
-    // SAFETY: no preconditions; the result is a trusted task pointer for task storage.
-    unsafe { bpf_get_current_task_btf() as *const u8 }
-}
 
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
@@ -69,9 +59,8 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
         nr,
         target,
     };
-    match SYSCALL_SINCE.get_or_create(current_task()) {
-        // SAFETY: only this thread writes its own storage.
-        Some(slot) => unsafe { *slot = start },
+    match thread::state(thread::current()) {
+        Some(t) => t.syscall = start,
         None => count_lost(lost::SYSCALL_PENDING_FULL),
     }
     0
@@ -79,20 +68,18 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
-    let Some(slot) = SYSCALL_SINCE.get(current_task()) else {
+    let Some(t) = thread::existing(thread::current()) else {
         return 0;
     };
-    // SAFETY: only this thread touches its own slot; copied out, then marked consumed.
-    let start = unsafe {
-        let start = *slot;
-        (*slot).ts_ns = 0;
-        start
-    };
+    let start = t.syscall;
     if start.ts_ns == 0 {
         return 0;
     }
+    t.syscall.ts_ns = 0;
     // SAFETY: no preconditions.
     let delta = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.ts_ns);
+    t.totals.syscall_ns += delta;
+    t.totals.syscalls += 1;
     // TP_PROTO(struct pt_regs *regs, long ret)
     let ret: i64 = ctx.arg(1);
     let key = SyscallKey {

@@ -16,7 +16,7 @@ use crate::{
     lost::{LostCollector, UserLost},
     metrics::{AgentMetrics, Metrics, ProbeLabels},
     probes::{self, ProbeError, ProbeStatus},
-    sched, stacks,
+    sched, spans, stacks,
     syscalls::{self, Selection},
     targets::TargetSet,
     tcp, tracefs,
@@ -79,6 +79,8 @@ struct Started {
     tracked: Option<BpfHashMap<MapData, u32, u32>>,
     events: Option<RingBuf<MapData>>,
     lost: Option<PerCpuArray<MapData, u64>>,
+    /// Task storage of per-thread state (aya has no wrapper for it).
+    threads: Option<aya::maps::Map>,
     collectors: Vec<Box<dyn Collector>>,
     statuses: Vec<ProbeStatus>,
 }
@@ -174,10 +176,15 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let events = on(tracker::FAMILY.name)
         .then(|| optional(kernel.take_map(tracker::EVENTS_MAP)))
         .flatten();
+    // The per-thread state the span history samples: written by the sched and syscalls programs.
+    let threads = (on(sched::FAMILY.name) || on(syscalls::FAMILY.name))
+        .then(|| kernel.bpf.take_map("THREAD"))
+        .flatten();
     Started {
         tracked: optional(kernel.take_map(tracker::TRACKED_MAP)),
         events,
         lost: optional(kernel.take_map("LOST")),
+        threads,
         kernel: Some(kernel),
         collectors,
         statuses,
@@ -212,6 +219,7 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         tracked,
         events,
         lost,
+        threads,
         collectors,
         statuses,
     } = start_probes(&config, &targets);
@@ -255,6 +263,15 @@ async fn serve(config: Config) -> Result<(), AgentError> {
     );
     let tracked_pids = tracker.shared();
     tokio::spawn(tracker.run(events, config.rescan_interval));
+    if config.spans.enabled {
+        spans::start(
+            &config.spans,
+            metrics.registry_mut(),
+            threads,
+            tracked_pids.clone(),
+        )
+        .await;
+    }
 
     // The control API owns the kernel object from here (the profiler attaches per capture);
     // whichever task holds it keeps every program attached until the agent stops.

@@ -141,6 +141,18 @@ struct FileGpu {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct FileOtlp {
+    enabled: Option<bool>,
+    grpc_listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    forward_to: Option<String>,
+    max_request_bytes: Option<usize>,
+    max_span_names: Option<usize>,
+    history_secs: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct FileTcp {
     #[serde(default)]
     per_peer: bool,
@@ -163,6 +175,8 @@ struct FileConfig {
     tcp: FileTcp,
     #[serde(default)]
     gpu: FileGpu,
+    #[serde(default)]
+    otlp: FileOtlp,
     #[serde(default)]
     targets: BTreeMap<String, FileTarget>,
 }
@@ -189,6 +203,8 @@ pub struct Config {
     pub gpu_enabled: bool,
     pub nvml_library: PathBuf,
     pub gpu_interval: Duration,
+    /// OTLP span intake, enrichment and forwarding (`[otlp]`).
+    pub spans: crate::spans::SpansConfig,
 }
 
 /// Checks that `key`'s `value` lies in `min..=max`.
@@ -361,6 +377,45 @@ impl Config {
         let gpu_interval = file.gpu.interval_secs.unwrap_or(1.0);
         in_range(&where_, "gpu.interval_secs", gpu_interval, 0.05, 3600.0)?;
 
+        let defaults = crate::spans::SpansConfig::default();
+        let max_request_bytes = file
+            .otlp
+            .max_request_bytes
+            .unwrap_or(defaults.max_request_bytes);
+        in_range(
+            &where_,
+            "otlp.max_request_bytes",
+            max_request_bytes,
+            1024,
+            64 << 20,
+        )?;
+        let max_span_names = file.otlp.max_span_names.unwrap_or(defaults.max_span_names);
+        in_range(&where_, "otlp.max_span_names", max_span_names, 1, 10_000)?;
+        let history = file
+            .otlp
+            .history_secs
+            .unwrap_or(defaults.history.as_secs_f64());
+        in_range(&where_, "otlp.history_secs", history, 1.0, 600.0)?;
+        if let Some(url) = &file.otlp.forward_to
+            && crate::spans::forward::parse_endpoint(url).is_none()
+        {
+            return Err(ConfigError::Parse {
+                path: where_.clone().into(),
+                message: format!(
+                    "otlp.forward_to = {url:?}: expected http://HOST:PORT[/PATH] of an OTLP/HTTP backend"
+                ),
+            });
+        }
+        let spans = crate::spans::SpansConfig {
+            enabled: file.otlp.enabled.unwrap_or(true),
+            grpc_listen: file.otlp.grpc_listen.unwrap_or(defaults.grpc_listen),
+            http_listen: file.otlp.http_listen.unwrap_or(defaults.http_listen),
+            forward_to: file.otlp.forward_to,
+            max_request_bytes,
+            max_span_names,
+            history: Duration::from_secs_f64(history),
+        };
+
         Ok(Config {
             control_socket: file
                 .control_socket
@@ -382,6 +437,7 @@ impl Config {
                 .nvml_library
                 .unwrap_or_else(|| crate::gpu::DEFAULT_LIBRARY.into()),
             gpu_interval: Duration::from_secs_f64(gpu_interval),
+            spans,
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod pprof;
 pub mod probes;
 pub mod python;
 pub mod sched;
+pub mod spans;
 pub mod stacks;
 pub mod syscalls;
 pub mod targets;

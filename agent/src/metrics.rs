@@ -75,6 +75,11 @@ impl Metrics {
         }
     }
 
+    /// For parts that register their own metric families (spans).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn register_collector(&mut self, c: Box<dyn prometheus_client::collector::Collector>) {
         self.registry.register_collector(c);
     }

@@ -256,6 +256,23 @@ impl Agent {
             .expect("pipeprobe flamegraph runs")
     }
 
+    /// Where the agent's OTLP receiver for `protocol` (grpc, http) listens, from its log.
+    pub fn otlp_addr(&self, protocol: &str) -> SocketAddr {
+        let mut found = None;
+        wait_until(Duration::from_secs(5), || {
+            found = self.log.lock().expect("log lock").iter().find_map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                let f = v.get("fields")?;
+                (f.get("message")?.as_str()? == "OTLP receiver listening"
+                    && f.get("protocol")?.as_str()? == protocol)
+                    .then(|| f.get("addr")?.as_str()?.parse().ok())
+                    .flatten()
+            });
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no OTLP {protocol} receiver in the log:\n{}", self.log()))
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
     }
@@ -264,6 +281,20 @@ impl Agent {
         let body = pipeprobe::top::fetch(&format!("http://{}/metrics", self.addr))
             .unwrap_or_else(|e| panic!("scrape failed: {e}; log:\n{}", self.log()));
         parse(&body)
+    }
+
+    /// The raw /metrics text in the OpenMetrics format (exemplars included).
+    pub fn scrape_text_openmetrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(self.addr).expect("connect to /metrics");
+        write!(
+            c,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text; version=1.0.0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write request");
+        let mut out = String::new();
+        c.read_to_string(&mut out).expect("read /metrics");
+        out
     }
 
     /// Value of the sample `name` with label `key=value`.

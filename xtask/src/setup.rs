@@ -139,10 +139,24 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 /// Python packages the tests run as references, pinned, in a venv under target/ (cached with
 /// the build, and never touching the system's Python).
-const PY_TOOLS: &[(&str, &str)] = &[(
-    "py-spy==0.4.3",
-    "the reference Python profiler the Python flamegraph tests compare against",
-)];
+const PY_TOOLS: &[(&str, &str)] = &[
+    (
+        "py-spy==0.4.3",
+        "the reference Python profiler the Python flamegraph tests compare against",
+    ),
+    (
+        "opentelemetry-sdk==1.39.1",
+        "the real OpenTelemetry SDK the span tests export with",
+    ),
+    (
+        "opentelemetry-exporter-otlp-proto-http==1.39.1",
+        "its OTLP/HTTP exporter",
+    ),
+    (
+        "opentelemetry-exporter-otlp-proto-grpc==1.39.1",
+        "its OTLP/gRPC exporter",
+    ),
+];
 
 /// Where `python_tools` installs; the tests look for their tools there too.
 fn py_tools_dir() -> std::path::PathBuf {

@@ -6,6 +6,7 @@ mod flamegraph;
 mod gpu;
 mod python;
 mod sched;
+mod spans;
 mod syscalls;
 mod targets;
 mod tcp;

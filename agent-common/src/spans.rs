@@ -1,0 +1,28 @@
+//! Per-thread state kept in the thread's own task storage: what the sched and syscalls probes
+//! need between two events, and the running totals that span enrichment looks back into.
+//!
+//! The kernel adds to the totals as events happen (nothing per event leaves it); user space
+//! samples them every few milliseconds into a bounded history (looking a thread's storage up by
+//! its pidfd), so the share of any past window can be read off after a span ends (spans arrive
+//! in batches, after the fact).
+use crate::{sched::RunqStart, syscalls::SyscallStart};
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThreadTotals {
+    /// Time runnable but not running (wakeup or preemption to switch-in).
+    pub runq_ns: u64,
+    /// Time blocked: switched out while not runnable, until woken.
+    pub blocked_ns: u64,
+    /// Time inside traced syscalls, and how many ended.
+    pub syscall_ns: u64,
+    pub syscalls: u64,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct ThreadState {
+    pub runq: RunqStart,
+    pub syscall: SyscallStart,
+    pub totals: ThreadTotals,
+}

@@ -1,0 +1,214 @@
+//! Turns received spans into metrics and enriched spans: each span of a sampled process gets
+//! what its thread (or its process) went through during the span's window.
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{AnyValue, KeyValue, any_value::Value},
+};
+use tokio::sync::mpsc;
+
+use super::{
+    SpanMetrics,
+    history::{Breakdown, SharedHistory, TICK, monotonic_ns, realtime_ns},
+};
+
+/// Most distinct span names per service (and services) with their own series.
+pub struct Caps {
+    pub span_names: usize,
+    pub services: usize,
+}
+
+/// Keeps the first `cap` names of each service; later ones become `other`.
+#[derive(Default)]
+struct NameCap {
+    services: HashMap<String, HashSet<String>>,
+}
+
+impl NameCap {
+    fn labels(&mut self, caps: &Caps, service: &str, span: &str) -> (String, String) {
+        let service = if self.services.contains_key(service) || self.services.len() < caps.services
+        {
+            service.to_owned()
+        } else {
+            "other".to_owned()
+        };
+        let names = self.services.entry(service.clone()).or_default();
+        let span = if names.contains(span) || names.len() < caps.span_names {
+            names.insert(span.to_owned());
+            span.to_owned()
+        } else {
+            "other".to_owned()
+        };
+        (service, span)
+    }
+}
+
+fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+}
+
+fn attr_u32(attrs: &[KeyValue], key: &str) -> Option<u32> {
+    match attr(attrs, key)? {
+        Value::IntValue(v) => u32::try_from(*v).ok(),
+        Value::StringValue(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn double(key: &str, v: f64) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(Value::DoubleValue(v)),
+        }),
+        ..KeyValue::default()
+    }
+}
+
+fn int(key: &str, v: u64) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(Value::IntValue(v as i64)),
+        }),
+        ..KeyValue::default()
+    }
+}
+
+/// The attributes a breakdown adds to its span.
+fn attributes(b: &Breakdown, per_thread: bool) -> Vec<KeyValue> {
+    vec![
+        double("pipeprobe.runqueue_delay_ms", b.runq_ns as f64 / 1e6),
+        double("pipeprobe.offcpu_ms", b.blocked_ns as f64 / 1e6),
+        double("pipeprobe.syscall_ms", b.syscall_ns as f64 / 1e6),
+        int("pipeprobe.syscalls", b.syscalls),
+        KeyValue {
+            key: "pipeprobe.scope".to_owned(),
+            value: Some(AnyValue {
+                value: Some(Value::StringValue(
+                    if per_thread { "thread" } else { "process" }.to_owned(),
+                )),
+            }),
+            ..KeyValue::default()
+        },
+    ]
+}
+
+/// Processes queued requests until the queue closes.
+pub async fn run(
+    mut queue: mpsc::Receiver<ExportTraceServiceRequest>,
+    history: Option<SharedHistory>,
+    metrics: SpanMetrics,
+    caps: Caps,
+    forward: Option<mpsc::Sender<ExportTraceServiceRequest>>,
+) {
+    let mut names = NameCap::default();
+    while let Some(mut req) = queue.recv().await {
+        // Both clocks read together: spans carry wall-clock times, the history monotonic ones.
+        let offset = realtime_ns().saturating_sub(monotonic_ns());
+        let to_mono = |unix: u64| unix.saturating_sub(offset);
+        // A window is complete once the sampler has passed its end by a tick; a span that
+        // ended "just now" waits that long (bounded: late spans are taken as they are).
+        let latest = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .map(|s| to_mono(s.end_time_unix_nano))
+            .max()
+            .unwrap_or(0);
+        if let Some(h) = &history {
+            for _ in 0..20 {
+                let done = h.lock().map(|h| h.sampled_to).unwrap_or(u64::MAX);
+                if done >= latest + TICK.as_nanos() as u64 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        for rs in &mut req.resource_spans {
+            let res = rs
+                .resource
+                .as_ref()
+                .map(|r| &r.attributes[..])
+                .unwrap_or(&[]);
+            let service = match attr(res, "service.name") {
+                Some(Value::StringValue(s)) => s.clone(),
+                _ => "unknown_service".to_owned(),
+            };
+            let pid = attr_u32(res, "process.pid");
+            for ss in &mut rs.scope_spans {
+                for span in &mut ss.spans {
+                    metrics.received.inc();
+                    let (service_l, span_l) = names.labels(&caps, &service, &span.name);
+                    let secs = span
+                        .end_time_unix_nano
+                        .saturating_sub(span.start_time_unix_nano)
+                        as f64
+                        / 1e9;
+                    let trace_id: String =
+                        span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+                    metrics.observe_duration(&service_l, &span_l, secs, trace_id);
+                    let (Some(pid), Some(h)) = (pid, &history) else {
+                        continue;
+                    };
+                    let tid = attr_u32(&span.attributes, "thread.id");
+                    let (start, end) = (
+                        to_mono(span.start_time_unix_nano),
+                        to_mono(span.end_time_unix_nano),
+                    );
+                    let b = h.lock().ok().and_then(|h| {
+                        let per_thread = tid.and_then(|t| {
+                            h.window(pid, Some(t), start, end)
+                                .filter(|b| b.threads == 1)
+                        });
+                        match per_thread {
+                            Some(b) => Some((b, true)),
+                            None => h.window(pid, None, start, end).map(|b| (b, false)),
+                        }
+                    });
+                    let Some((b, per_thread)) = b else { continue };
+                    metrics.observe_breakdown(&service_l, &span_l, &b);
+                    span.attributes.extend(attributes(&b, per_thread));
+                }
+            }
+        }
+        if let Some(f) = &forward {
+            let n: usize = req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            if f.try_send(req).is_err() {
+                metrics.dropped_n("forward_queue_full", n as u64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_names_past_the_cap_fold_into_other() {
+        let caps = Caps {
+            span_names: 2,
+            services: 1,
+        };
+        let mut c = NameCap::default();
+        assert_eq!(c.labels(&caps, "tts", "a"), ("tts".into(), "a".into()));
+        assert_eq!(c.labels(&caps, "tts", "b"), ("tts".into(), "b".into()));
+        assert_eq!(c.labels(&caps, "tts", "c"), ("tts".into(), "other".into()));
+        assert_eq!(c.labels(&caps, "tts", "a"), ("tts".into(), "a".into()));
+        assert_eq!(c.labels(&caps, "stt", "x").0, "other");
+    }
+}

@@ -1,0 +1,359 @@
+//! The look-back history of per-thread totals (see the module docs of `spans`).
+//!
+//! A sampler thread reads every tracked thread's `ThreadState` from its task storage (looked up
+//! by the thread's pidfd) every `TICK` and keeps, per thread, the points where its totals
+//! changed, for `window`. Totals include the episode in progress (blocked since, runnable since,
+//! in a syscall since), so they grow continuously, not in steps when an episode ends; between
+//! two ticks they are interpolated, so the value at any instant is known to within one tick.
+use std::{
+    collections::{HashMap, VecDeque},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent_common::spans::{ThreadState, ThreadTotals};
+
+use crate::tracker::SharedTracked;
+
+/// How often totals are sampled: the precision of a span's breakdown at each of its ends.
+pub const TICK: Duration = Duration::from_millis(10);
+/// How often the threads of tracked processes are listed again: a thread's history starts
+/// at most this long after it does.
+const RESCAN: Duration = Duration::from_millis(250);
+/// Threads sampled at most (each costs one map lookup per tick and a pidfd).
+pub const MAX_THREADS: usize = 4096;
+
+/// Nanoseconds of CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    clock(libc::CLOCK_MONOTONIC)
+}
+
+/// Nanoseconds since the Unix epoch, the clock of OTLP timestamps.
+pub fn realtime_ns() -> u64 {
+    clock(libc::CLOCK_REALTIME)
+}
+
+fn clock(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A change of a thread's totals: `before` at `t0` (the previous tick), `after` at `t1`.
+#[derive(Debug, Clone, Copy)]
+struct Change {
+    t0: u64,
+    before: ThreadTotals,
+    t1: u64,
+    after: ThreadTotals,
+}
+
+#[derive(Debug, Default)]
+struct Thread {
+    tgid: u32,
+    pidfd: Option<OwnedFd>,
+    /// Monotonic time of the first sample: the totals before it are not history.
+    since: Option<u64>,
+    last: ThreadTotals,
+    changes: VecDeque<Change>,
+}
+
+impl Thread {
+    /// Totals at monotonic time `t`, interpolated within the tick where they changed.
+    fn at(&self, t: u64) -> ThreadTotals {
+        let Some(i) = self.changes.iter().position(|c| c.t1 > t) else {
+            return self.last;
+        };
+        let c = &self.changes[i];
+        if t <= c.t0 {
+            return c.before;
+        }
+        let f = (t - c.t0) as f64 / (c.t1 - c.t0).max(1) as f64;
+        let lerp = |a: u64, b: u64| a + ((b.saturating_sub(a)) as f64 * f) as u64;
+        ThreadTotals {
+            runq_ns: lerp(c.before.runq_ns, c.after.runq_ns),
+            blocked_ns: lerp(c.before.blocked_ns, c.after.blocked_ns),
+            syscall_ns: lerp(c.before.syscall_ns, c.after.syscall_ns),
+            syscalls: lerp(c.before.syscalls, c.after.syscalls),
+        }
+    }
+}
+
+/// What happened to a thread or process during a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Breakdown {
+    pub runq_ns: u64,
+    pub blocked_ns: u64,
+    pub syscall_ns: u64,
+    pub syscalls: u64,
+    /// Threads it covers.
+    pub threads: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct History {
+    threads: HashMap<u32, Thread>,
+    /// Monotonic time of the last sample: windows ending later are not complete yet.
+    pub sampled_to: u64,
+    /// Monotonic time of the oldest data kept.
+    kept_from: u64,
+}
+
+impl History {
+    /// Totals of thread `tid` (if given and known) or of all threads of `pid` over the
+    /// monotonic window [start, end]; None when the process is not sampled or the window
+    /// starts before the history does.
+    pub fn window(&self, pid: u32, tid: Option<u32>, start: u64, end: u64) -> Option<Breakdown> {
+        if start < self.kept_from {
+            return None;
+        }
+        let mut b = Breakdown::default();
+        let one = tid.filter(|t| self.threads.get(t).is_some_and(|th| th.tgid == pid));
+        for (t, th) in &self.threads {
+            if th.tgid != pid || one.is_some_and(|o| o != *t) {
+                continue;
+            }
+            // Sampled only since after the window began: its share is unknown, and a guess
+            // would be wrong, so the span goes unenriched rather than misattributed.
+            if th.since.is_none_or(|since| since > start) {
+                return None;
+            }
+            let (a, z) = (th.at(start), th.at(end));
+            b.runq_ns += z.runq_ns.saturating_sub(a.runq_ns);
+            b.blocked_ns += z.blocked_ns.saturating_sub(a.blocked_ns);
+            b.syscall_ns += z.syscall_ns.saturating_sub(a.syscall_ns);
+            b.syscalls += z.syscalls.saturating_sub(a.syscalls);
+            b.threads += 1;
+        }
+        (b.threads > 0).then_some(b)
+    }
+
+    /// Whether `pid` has sampled threads.
+    pub fn knows(&self, pid: u32) -> bool {
+        self.threads.values().any(|t| t.tgid == pid)
+    }
+}
+
+pub type SharedHistory = Arc<Mutex<History>>;
+
+/// The thread's totals as of `now`, counting the episode in progress (blocked, waiting on a
+/// run queue, inside a syscall) up to `now`: the kernel adds an episode only when it ends, and
+/// a 1.5 s sleep landing in one tick would otherwise be spread over that tick.
+fn totals_at(state: &ThreadState, now: u64) -> ThreadTotals {
+    let open = |since: u64| {
+        if since != 0 {
+            now.saturating_sub(since)
+        } else {
+            0
+        }
+    };
+    let mut t = state.totals;
+    t.blocked_ns += open(state.runq.blocked_ns);
+    t.runq_ns += open(state.runq.ts_ns);
+    t.syscall_ns += open(state.syscall.ts_ns);
+    t
+}
+
+/// Looks up a thread's state in the task-storage map by its pidfd.
+fn lookup(map_fd: RawFd, pidfd: RawFd) -> Option<ThreadState> {
+    let key: u32 = pidfd as u32;
+    let mut value = ThreadState::default();
+    // bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = Attr {
+        map_fd: map_fd as u32,
+        _pad: 0,
+        key: &raw const key as u64,
+        value: &raw mut value as u64,
+        flags: 0,
+    };
+    // SAFETY: BPF_MAP_LOOKUP_ELEM reads the key and writes one value of the map's value size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            1, // BPF_MAP_LOOKUP_ELEM
+            &raw const attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    (r == 0).then_some(value)
+}
+
+fn pidfd_open(tid: u32, thread: bool) -> Option<OwnedFd> {
+    // PIDFD_THREAD (Linux 6.9) opens a pidfd for a thread that does not lead its group.
+    let flags = if thread { libc::O_EXCL } else { 0 };
+    // SAFETY: plain syscall; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, flags) };
+    // SAFETY: fresh fd.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Samples every tracked thread's totals until the process ends. `map` keeps the task storage
+/// map open; `window` bounds what is kept.
+pub fn spawn(
+    map: aya::maps::Map,
+    tracked: SharedTracked,
+    window: Duration,
+) -> std::io::Result<SharedHistory> {
+    let shared = SharedHistory::default();
+    let history = shared.clone();
+    std::thread::Builder::new()
+        .name("pipeprobe-spans".into())
+        .spawn(move || {
+            let aya::maps::Map::Unsupported(data) = &map else {
+                tracing::warn!("the THREAD map is not task storage; span breakdowns are off");
+                return;
+            };
+            let map_fd = std::os::fd::AsFd::as_fd(data.fd()).as_raw_fd();
+            let mut last_scan = 0u64;
+            let mut prev_tick = monotonic_ns();
+            loop {
+                std::thread::sleep(TICK);
+                let now = monotonic_ns();
+                let Ok(mut h) = history.lock() else { return };
+                if now.saturating_sub(last_scan) >= RESCAN.as_nanos() as u64 {
+                    rescan(&mut h, &tracked);
+                    last_scan = now;
+                }
+                for th in h.threads.values_mut() {
+                    let Some(fd) = &th.pidfd else { continue };
+                    let Some(state) = lookup(map_fd, fd.as_raw_fd()) else {
+                        continue;
+                    };
+                    let totals = totals_at(&state, monotonic_ns());
+                    if th.since.is_none() {
+                        // The first look is the baseline, whatever happened before it.
+                        th.since = Some(now);
+                        th.last = totals;
+                    } else if totals != th.last {
+                        th.changes.push_back(Change {
+                            t0: prev_tick,
+                            before: th.last,
+                            t1: now,
+                            after: totals,
+                        });
+                        th.last = totals;
+                    }
+                    let horizon = now.saturating_sub(window.as_nanos() as u64);
+                    while th.changes.front().is_some_and(|c| c.t1 < horizon) {
+                        th.changes.pop_front();
+                    }
+                }
+                h.sampled_to = now;
+                if h.kept_from == 0 {
+                    h.kept_from = now;
+                }
+                h.kept_from = h
+                    .kept_from
+                    .max(now.saturating_sub(window.as_nanos() as u64));
+                prev_tick = now;
+            }
+        })?;
+    Ok(shared)
+}
+
+/// Brings the sampled threads in line with the tracked processes' current threads.
+fn rescan(h: &mut History, tracked: &SharedTracked) {
+    let pids: Vec<u32> = tracked
+        .read()
+        .map(|t| t.keys().copied().collect())
+        .unwrap_or_default();
+    let mut alive = std::collections::HashSet::new();
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for tid in dir
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            alive.insert(tid);
+            if h.threads.contains_key(&tid) || h.threads.len() >= MAX_THREADS {
+                continue;
+            }
+            h.threads.insert(
+                tid,
+                Thread {
+                    tgid: pid,
+                    pidfd: pidfd_open(tid, tid != pid),
+                    ..Thread::default()
+                },
+            );
+        }
+    }
+    // Gone threads keep their history for the window (their spans may still arrive), without
+    // their pidfd.
+    let horizon = h.kept_from;
+    h.threads.retain(|tid, th| {
+        if !alive.contains(tid) {
+            th.pidfd = None;
+        }
+        alive.contains(tid) || th.changes.back().is_some_and(|c| c.t1 >= horizon)
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(runq: u64) -> ThreadTotals {
+        ThreadTotals {
+            runq_ns: runq,
+            ..ThreadTotals::default()
+        }
+    }
+
+    #[test]
+    fn values_are_interpolated_within_the_changing_tick() {
+        let th = Thread {
+            tgid: 7,
+            pidfd: None,
+            since: Some(20),
+            last: totals(300),
+            changes: VecDeque::from(vec![
+                Change {
+                    t0: 100,
+                    before: totals(0),
+                    t1: 110,
+                    after: totals(100),
+                },
+                Change {
+                    t0: 200,
+                    before: totals(100),
+                    t1: 210,
+                    after: totals(300),
+                },
+            ]),
+        };
+        assert_eq!(th.at(50).runq_ns, 0);
+        assert_eq!(th.at(105).runq_ns, 50);
+        assert_eq!(th.at(150).runq_ns, 100);
+        assert_eq!(th.at(205).runq_ns, 200);
+        assert_eq!(th.at(500).runq_ns, 300);
+        let mut h = History {
+            kept_from: 10,
+            sampled_to: 600,
+            ..History::default()
+        };
+        h.threads.insert(8, th);
+        let b = h.window(7, Some(8), 150, 500).unwrap();
+        assert_eq!((b.runq_ns, b.threads), (200, 1));
+        // Before the history starts, before the thread was first seen, or for another
+        // process: unknown.
+        assert!(h.window(7, None, 5, 500).is_none());
+        assert!(h.window(7, None, 15, 500).is_none());
+        assert!(h.window(9, None, 150, 500).is_none());
+    }
+}

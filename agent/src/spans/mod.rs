@@ -1,0 +1,284 @@
+//! OpenTelemetry spans of the pipeline, tied to what the kernel saw while each one ran.
+//!
+//! # Design
+//! Services export spans to the node's agent with their standard OTLP exporter (`otlp.rs`:
+//! gRPC on 4317, HTTP/protobuf on 4318, loopback by default). A span names its process by the
+//! `process.pid` resource attribute (the SDKs' process detector) and, optionally, its thread by
+//! `thread.id` (the OS thread id: `threading.get_native_id()` in Python).
+//!
+//! Spans arrive in batches, seconds after they end, so the breakdown of a span's window has to
+//! be read from history. The kernel keeps per-thread running totals (run-queue time, blocked
+//! time, syscall time and count) in each thread's task storage, updated by the sched and
+//! syscalls programs on the events they already handle: no extra map lookup, nothing per event
+//! to user space. `history.rs` samples those totals every 10 ms for the tracked threads and keeps
+//! their change points for a bounded window (default 30 s); the share of any window is the
+//! difference of the totals at its two ends, each known to within one sampling tick. Cost: one
+//! map lookup per tracked thread per tick, and memory proportional to how often totals change,
+//! capped by the window and `history::MAX_THREADS`.
+//!
+//! `enrich.rs` turns each span into `pipeprobe_span_*` histograms per (service, span) (span
+//! names capped, the rest folded into `other`; durations carry the trace id as an exemplar)
+//! and adds `pipeprobe.*` attributes; `forward.rs` sends the enriched spans on to a backend.
+//! Every queue is bounded and every drop counted in `pipeprobe_spans_dropped_total{reason}`:
+//! the intake never waits on processing, processing never waits on the backend.
+pub mod enrich;
+pub mod forward;
+pub mod history;
+pub mod otlp;
+
+use std::{net::SocketAddr, time::Duration};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        exemplar::HistogramWithExemplars,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::tracker::SharedTracked;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanLabels {
+    pub service: String,
+    pub span: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabels {
+    pub trace_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: String,
+}
+
+type Hist = Family<SpanLabels, Histogram, fn() -> Histogram>;
+
+fn buckets() -> Histogram {
+    // 100 us to ~52 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+fn exemplar_buckets() -> HistogramWithExemplars<TraceLabels> {
+    HistogramWithExemplars::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// The span metrics, shared by intake, processing and forwarding.
+#[derive(Clone)]
+pub struct SpanMetrics {
+    duration: Family<
+        SpanLabels,
+        HistogramWithExemplars<TraceLabels>,
+        fn() -> HistogramWithExemplars<TraceLabels>,
+    >,
+    runq: Hist,
+    offcpu: Hist,
+    syscall: Hist,
+    pub received: Counter,
+    pub forwarded: Counter,
+    dropped: Family<ReasonLabels, Counter>,
+    rejected: Family<ProtocolLabels, Counter>,
+}
+
+impl SpanMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            duration: Family::new_with_constructor(exemplar_buckets),
+            runq: Family::new_with_constructor(buckets),
+            offcpu: Family::new_with_constructor(buckets),
+            syscall: Family::new_with_constructor(buckets),
+            received: Counter::default(),
+            forwarded: Counter::default(),
+            dropped: Family::default(),
+            rejected: Family::default(),
+        };
+        registry.register(
+            "pipeprobe_span_duration_seconds",
+            "Duration of the pipeline's spans received over OTLP, per service and span name; exemplars carry the trace id",
+            m.duration.clone(),
+        );
+        registry.register(
+            "pipeprobe_span_runqueue_delay_seconds",
+            "Run-queue delay of the span's thread (or process) during the span",
+            m.runq.clone(),
+        );
+        registry.register(
+            "pipeprobe_span_offcpu_seconds",
+            "Time the span's thread (or process) was blocked off CPU during the span",
+            m.offcpu.clone(),
+        );
+        registry.register(
+            "pipeprobe_span_syscall_seconds",
+            "Time the span's thread (or process) spent in syscalls during the span",
+            m.syscall.clone(),
+        );
+        registry.register(
+            "pipeprobe_spans_received",
+            "Spans received over OTLP",
+            m.received.clone(),
+        );
+        registry.register(
+            "pipeprobe_spans_forwarded",
+            "Enriched spans accepted by the configured backend",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "pipeprobe_spans_dropped",
+            "Spans dropped: intake_queue_full, forward_queue_full, backend_unreachable, backend_error",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "pipeprobe_otlp_rejected_requests",
+            "OTLP requests refused as malformed or oversize, per protocol (http, grpc)",
+            m.rejected.clone(),
+        );
+        m
+    }
+
+    fn observe_duration(&self, service: &str, span: &str, secs: f64, trace_id: String) {
+        self.duration
+            .get_or_create(&SpanLabels {
+                service: service.to_owned(),
+                span: span.to_owned(),
+            })
+            .observe(secs, Some(TraceLabels { trace_id }), None);
+    }
+
+    fn observe_breakdown(&self, service: &str, span: &str, b: &history::Breakdown) {
+        let l = SpanLabels {
+            service: service.to_owned(),
+            span: span.to_owned(),
+        };
+        self.runq.get_or_create(&l).observe(b.runq_ns as f64 / 1e9);
+        self.offcpu
+            .get_or_create(&l)
+            .observe(b.blocked_ns as f64 / 1e9);
+        self.syscall
+            .get_or_create(&l)
+            .observe(b.syscall_ns as f64 / 1e9);
+    }
+
+    fn dropped(&self, reason: &str) {
+        self.dropped_n(reason, 1);
+    }
+
+    fn dropped_n(&self, reason: &str, n: u64) {
+        self.dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    fn rejected(&self, protocol: &str) {
+        self.rejected
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// `[otlp]` settings.
+#[derive(Debug, Clone)]
+pub struct SpansConfig {
+    pub enabled: bool,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    /// `http://HOST:PORT[/PATH]` of an OTLP/HTTP backend for the enriched spans.
+    pub forward_to: Option<String>,
+    pub max_request_bytes: usize,
+    pub max_span_names: usize,
+    pub history: Duration,
+}
+
+impl Default for SpansConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 4317)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 4318)),
+            forward_to: None,
+            max_request_bytes: 4 << 20,
+            max_span_names: 100,
+            history: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Requests waiting to be processed, and enriched requests waiting to be forwarded.
+const QUEUE: usize = 256;
+
+/// Binds the receivers and starts processing. A receiver whose port cannot be bound is logged
+/// and left out: the rest of the agent runs. `thread_map` is the kernel's per-thread state (None
+/// when the sched and syscalls probes did not load: spans are then counted and forwarded, not
+/// enriched).
+pub async fn start(
+    cfg: &SpansConfig,
+    registry: &mut Registry,
+    thread_map: Option<aya::maps::Map>,
+    tracked: SharedTracked,
+) {
+    let metrics = SpanMetrics::new(registry);
+    let history = thread_map.and_then(|m| match history::spawn(m, tracked, cfg.history) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("cannot start the span history sampler: {e}; spans are not enriched");
+            None
+        }
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+    let forward = cfg.forward_to.as_deref().and_then(|url| {
+        let Some((addr, path)) = forward::parse_endpoint(url) else {
+            tracing::warn!(
+                url,
+                "otlp.forward_to must be http://HOST:PORT[/PATH]; not forwarding"
+            );
+            return None;
+        };
+        let (ftx, frx) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(forward::run(frx, addr, path, metrics.clone()));
+        Some(ftx)
+    });
+    let caps = enrich::Caps {
+        span_names: cfg.max_span_names,
+        services: 64,
+    };
+    tokio::spawn(enrich::run(rx, history, metrics.clone(), caps, forward));
+    let intake = otlp::Intake {
+        queue: tx,
+        max_bytes: cfg.max_request_bytes,
+        metrics,
+    };
+    for (proto, addr, router) in [
+        ("grpc", cfg.grpc_listen, otlp::grpc_router(intake.clone())),
+        ("http", cfg.http_listen, otlp::http_router(intake.clone())),
+    ] {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().unwrap_or(addr);
+                tracing::info!(protocol = proto, addr = %bound, "OTLP receiver listening");
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(l, router).await {
+                        tracing::warn!(protocol = proto, "OTLP receiver stopped: {e}");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(
+                protocol = proto,
+                %addr,
+                "cannot listen for OTLP: {e}; spans over {proto} are off, everything else runs"
+            ),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! OTLP trace intake: HTTP/protobuf (`POST /v1/traces`) and gRPC (`TraceService/Export`), on
+//! their own listeners, never the metrics port. Requests are size-limited before and after
+//! decompression, decoded, and handed to the processing queue without waiting: a full queue
+//! answers "retry later" (HTTP 503, gRPC UNAVAILABLE) and is counted, a malformed request gets
+//! HTTP 400 or gRPC INVALID_ARGUMENT with the decoder's reason.
+//!
+//! gRPC is served by hand on axum's HTTP/2 (one unary method needs no framework): the 5-byte
+//! message framing, and grpc-status in the trailers, or in the headers for errors.
+use std::{
+    io::Read as _,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use super::SpanMetrics;
+
+/// What the receivers share.
+#[derive(Clone)]
+pub struct Intake {
+    pub queue: mpsc::Sender<ExportTraceServiceRequest>,
+    pub max_bytes: usize,
+    pub metrics: SpanMetrics,
+}
+
+#[derive(Debug)]
+enum Reject {
+    /// The payload is not what OTLP says (reason for the client).
+    Invalid(String),
+    /// The intake queue is full: the client should retry.
+    Busy,
+}
+
+impl Intake {
+    /// Decodes (after gunzip when `gzip`) and queues one request.
+    fn take(&self, body: &[u8], gzip: bool) -> Result<(), Reject> {
+        let raw;
+        let bytes = if gzip {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(body)
+                .take(self.max_bytes as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| Reject::Invalid(format!("bad gzip body: {e}")))?;
+            if out.len() > self.max_bytes {
+                return Err(Reject::Invalid(format!(
+                    "request larger than {} bytes once decompressed",
+                    self.max_bytes
+                )));
+            }
+            raw = out;
+            &raw[..]
+        } else {
+            body
+        };
+        let req = ExportTraceServiceRequest::decode(bytes)
+            .map_err(|e| Reject::Invalid(format!("not an OTLP ExportTraceServiceRequest: {e}")))?;
+        self.queue.try_send(req).map_err(|_| {
+            self.metrics.dropped("intake_queue_full");
+            Reject::Busy
+        })
+    }
+
+    fn rejected(&self, kind: &'static str) {
+        self.metrics.rejected(kind);
+    }
+}
+
+fn gzip(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"))
+}
+
+fn too_large(max: usize) -> String {
+    format!("request larger than otlp.max_request_bytes ({max} bytes)")
+}
+
+async fn http_export(
+    State(intake): State<Intake>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Ok(body) = body else {
+        intake.rejected("http");
+        return (StatusCode::BAD_REQUEST, too_large(intake.max_bytes) + "\n").into_response();
+    };
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ctype.starts_with("application/x-protobuf") {
+        intake.rejected("http");
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type {ctype:?}: this receiver takes OTLP/HTTP protobuf (application/x-protobuf)\n"),
+        )
+            .into_response();
+    }
+    match intake.take(&body, gzip(&headers, "content-encoding")) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        )
+            .into_response(),
+        Err(Reject::Invalid(why)) => {
+            intake.rejected("http");
+            (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response()
+        }
+        Err(Reject::Busy) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "span intake queue full, retry later\n",
+        )
+            .into_response(),
+    }
+}
+
+/// gRPC status codes used here.
+const GRPC_OK: &str = "0";
+const GRPC_INVALID_ARGUMENT: &str = "3";
+const GRPC_UNAVAILABLE: &str = "14";
+
+/// A trailers-only gRPC answer: the status in the headers, no message.
+fn grpc_error(code: &'static str, message: &str) -> Response {
+    let mut r = Response::new(Body::empty());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static(code));
+    // grpc-message is percent-encoded; keep it to printable ASCII.
+    let msg: String = message
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&msg.replace('%', "%25")) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
+/// One gRPC message, then the OK trailers.
+struct GrpcOk {
+    data: Option<Bytes>,
+    trailers_sent: bool,
+}
+
+impl http_body::Body for GrpcOk {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(d))));
+        }
+        if self.trailers_sent {
+            return Poll::Ready(None);
+        }
+        self.trailers_sent = true;
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static(GRPC_OK));
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(t))))
+    }
+}
+
+async fn grpc_export(
+    State(intake): State<Intake>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Ok(body) = body else {
+        intake.rejected("grpc");
+        return grpc_error(GRPC_INVALID_ARGUMENT, &too_large(intake.max_bytes));
+    };
+    if body.len() < 5 {
+        intake.rejected("grpc");
+        return grpc_error(
+            GRPC_INVALID_ARGUMENT,
+            "gRPC message shorter than its 5-byte prefix",
+        );
+    }
+    let compressed = body[0] == 1;
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    if len > intake.max_bytes {
+        intake.rejected("grpc");
+        return grpc_error(GRPC_INVALID_ARGUMENT, &too_large(intake.max_bytes));
+    }
+    if body.len() != 5 + len {
+        intake.rejected("grpc");
+        return grpc_error(
+            GRPC_INVALID_ARGUMENT,
+            "gRPC frame length does not match the body",
+        );
+    }
+    if compressed && !gzip(&headers, "grpc-encoding") {
+        intake.rejected("grpc");
+        return grpc_error(
+            GRPC_INVALID_ARGUMENT,
+            "compressed message without grpc-encoding gzip",
+        );
+    }
+    match intake.take(&body[5..], compressed) {
+        Ok(()) => {
+            let msg = ExportTraceServiceResponse::default().encode_to_vec();
+            let mut framed = Vec::with_capacity(5 + msg.len());
+            framed.push(0);
+            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&msg);
+            let mut r = Response::new(Body::new(GrpcOk {
+                data: Some(framed.into()),
+                trailers_sent: false,
+            }));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            r
+        }
+        Err(Reject::Invalid(why)) => {
+            intake.rejected("grpc");
+            grpc_error(GRPC_INVALID_ARGUMENT, &why)
+        }
+        Err(Reject::Busy) => grpc_error(GRPC_UNAVAILABLE, "span intake queue full, retry later"),
+    }
+}
+
+/// The OTLP/HTTP router.
+pub fn http_router(intake: Intake) -> Router {
+    let limit = intake.max_bytes;
+    Router::new()
+        .route("/v1/traces", post(http_export))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(intake)
+}
+
+/// The OTLP/gRPC router (HTTP/2 only, as gRPC is).
+pub fn grpc_router(intake: Intake) -> Router {
+    // The body limit counts the 5-byte prefix.
+    let limit = intake.max_bytes + 5;
+    Router::new()
+        .route(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            post(grpc_export),
+        )
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(intake)
+}

@@ -1,0 +1,100 @@
+"""Sends real OpenTelemetry spans to pipeprobe with the OpenTelemetry Python SDK and its OTLP
+exporters, from workloads whose kernel-side answer is known.
+
+    spans.py SCENARIO --protocol http|grpc --endpoint URL --service NAME
+
+Scenarios (each prints `TRACE <hex trace id>` per span, then exits):
+    breakdown  one 300 ms span `synthesize` on the main thread, pinned with 3 busy threads to
+               one CPU: 100 ms asleep, then ~200 ms of work competing for the CPU
+    quiet      one ~100 ms span `transcribe` of work alone on an idle CPU
+    foreign    one span claiming process.pid 999999 (a process the agent does not know)
+    burst N    N short spans `tick`
+The busy work is hashlib on large buffers, which releases the GIL: threads compete for the
+CPU, not for the interpreter lock.
+"""
+import argparse
+import hashlib
+import os
+import sys
+import threading
+import time
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import ProcessResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+BUF = b"\x5a" * (4 << 20)
+
+
+def work(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        hashlib.sha256(BUF).digest()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario")
+    p.add_argument("count", nargs="?", type=int, default=1)
+    p.add_argument("--protocol", required=True)
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--cpu", type=int, default=1)
+    a = p.parse_args()
+
+    attrs = {"service.name": a.service}
+    resource = Resource.create(attrs).merge(ProcessResourceDetector().detect())
+    if a.scenario == "foreign":
+        resource = resource.merge(Resource({"process.pid": 999999}))
+    if a.protocol == "http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=a.endpoint, timeout=5)
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=a.endpoint, insecure=True, timeout=5)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("pipeprobe-tests")
+
+    # Threads created from here inherit the main thread's CPU.
+    os.sched_setaffinity(0, {a.cpu})
+    # The agent lists a process's threads once a second: let it see this one first.
+    time.sleep(1.5)
+
+    def span(name, body):
+        with tracer.start_as_current_span(name) as s:
+            s.set_attribute("thread.id", threading.get_native_id())
+            body()
+            print("TRACE %032x" % s.get_span_context().trace_id, flush=True)
+
+    if a.scenario == "breakdown":
+        stop = threading.Event()
+
+        def busy():
+            while not stop.is_set():
+                hashlib.sha256(BUF).digest()
+
+        def body():
+            time.sleep(0.1)
+            for _ in range(3):
+                threading.Thread(target=busy, daemon=True).start()
+            work(0.2)
+
+        span("synthesize", body)
+        stop.set()
+    elif a.scenario == "quiet":
+        span("transcribe", lambda: work(0.1))
+    elif a.scenario == "foreign":
+        span("translate", lambda: time.sleep(0.01))
+    elif a.scenario == "burst":
+        for _ in range(a.count):
+            span("tick", lambda: None)
+    else:
+        sys.exit("unknown scenario " + a.scenario)
+    provider.shutdown()
+
+
+main()

@@ -1,0 +1,342 @@
+//! OTLP spans from the real OpenTelemetry Python SDK, over gRPC and HTTP, enriched with what the
+//! kernel saw during each span and forwarded to a stub backend.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest, common::v1::any_value::Value, trace::v1::Span,
+};
+use pipeprobe_tests::{Agent, config_file, py_tool, wait_until};
+use prost::Message as _;
+
+/// An OTLP/HTTP backend that keeps every span it is sent.
+struct Backend {
+    addr: SocketAddr,
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+impl Backend {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let keep = spans.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let Some(body) = read_request(&mut c) else {
+                    continue;
+                };
+                if let Ok(req) = ExportTraceServiceRequest::decode(&body[..]) {
+                    let mut s = keep.lock().unwrap();
+                    for rs in req.resource_spans {
+                        for ss in rs.scope_spans {
+                            s.extend(ss.spans);
+                        }
+                    }
+                }
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        Self { addr, spans }
+    }
+
+    fn span(&self, name: &str) -> Option<Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+    }
+}
+
+/// Reads one HTTP/1.1 request; its body.
+fn read_request(c: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    while buf.len() < head_end + len {
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(buf[head_end..head_end + len].to_vec())
+}
+
+fn attr(span: &Span, key: &str) -> Option<f64> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::DoubleValue(d) => Some(*d),
+            Value::IntValue(i) => Some(*i as f64),
+            _ => None,
+        })
+}
+
+fn spans_py() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/spans.py")
+}
+
+/// Runs spans.py SCENARIO with the SDK's exporter for `protocol`; its stdout.
+fn send(scenario: &[&str], protocol: &str, endpoint: &str, service: &str, cpu: u32) -> String {
+    let o = Command::new(py_tool("python3"))
+        .arg(spans_py())
+        .args(scenario)
+        .args([
+            "--protocol",
+            protocol,
+            "--endpoint",
+            endpoint,
+            "--service",
+            service,
+        ])
+        .args(["--cpu", &cpu.to_string()])
+        .output()
+        .expect("python runs");
+    assert!(
+        o.status.success(),
+        "spans.py {scenario:?} over {protocol} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn agent_with(backend: &str, extra: &str) -> (Agent, tempfile::NamedTempFile) {
+    let cfg = config_file(&format!(
+        "[otlp]\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nforward_to = \"{backend}\"\n{extra}\
+         [gpu]\nenabled = false\n[targets.py]\ncmdline = \"spans.py\"\n"
+    ));
+    let agent = Agent::start(&["--config", cfg.path().to_str().unwrap()]);
+    (agent, cfg)
+}
+
+#[test]
+fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
+    let backend = Backend::start();
+    let (agent, _cfg) = agent_with(&format!("http://{}", backend.addr), "");
+    let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
+    let grpc = format!("http://{}", agent.otlp_addr("grpc"));
+
+    // 100 ms asleep, then 200 ms sharing one CPU with three busy threads.
+    let out = send(&["breakdown"], "http", &http, "tts", 1);
+    let trace = out
+        .lines()
+        .find_map(|l| l.strip_prefix("TRACE "))
+        .unwrap()
+        .to_owned();
+    // The same amount of work alone on the other CPU.
+    send(&["quiet"], "grpc", &grpc, "stt", 0);
+    // A process the agent does not know: forwarded as it came.
+    send(&["foreign"], "grpc", &grpc, "mt", 0);
+
+    wait_until(Duration::from_secs(10), || {
+        ["synthesize", "transcribe", "translate"]
+            .iter()
+            .all(|n| backend.span(n).is_some())
+    })
+    .expect("the backend received the three spans");
+    let busy = backend.span("synthesize").unwrap();
+    let (offcpu, runq) = (
+        attr(&busy, "pipeprobe.offcpu_ms").expect("offcpu attribute"),
+        attr(&busy, "pipeprobe.runqueue_delay_ms").expect("runqueue attribute"),
+    );
+    eprintln!(
+        "synthesize: offcpu {offcpu:.1} ms, runqueue {runq:.1} ms, syscalls {:?}",
+        attr(&busy, "pipeprobe.syscalls")
+    );
+    assert!(
+        (80.0..=150.0).contains(&offcpu),
+        "offcpu {offcpu} ms, expected ~100"
+    );
+    assert!(
+        runq >= 30.0,
+        "run-queue delay {runq} ms while sharing a CPU with 3 busy threads"
+    );
+    let quiet = backend.span("transcribe").unwrap();
+    let (q_off, q_runq) = (
+        attr(&quiet, "pipeprobe.offcpu_ms").unwrap(),
+        attr(&quiet, "pipeprobe.runqueue_delay_ms").unwrap(),
+    );
+    eprintln!("transcribe: offcpu {q_off:.1} ms, runqueue {q_runq:.1} ms");
+    assert!(
+        q_off < 15.0 && q_runq < 10.0,
+        "a quiet span: offcpu {q_off}, runq {q_runq}"
+    );
+    let foreign = backend.span("translate").unwrap();
+    assert!(
+        attr(&foreign, "pipeprobe.offcpu_ms").is_none(),
+        "a span of an unknown process is forwarded unenriched"
+    );
+
+    // Metrics per (service, span), the duration with the trace id as exemplar.
+    let s = agent.scrape();
+    let count = |name: &str, service: &str, span: &str| {
+        s.iter()
+            .find(|x| {
+                x.name == name
+                    && x.labels.get("service").is_some_and(|v| v == service)
+                    && x.labels.get("span").is_some_and(|v| v == span)
+            })
+            .map(|x| x.value)
+    };
+    assert_eq!(
+        count("pipeprobe_span_duration_seconds_count", "tts", "synthesize"),
+        Some(1.0)
+    );
+    assert_eq!(
+        count("pipeprobe_span_offcpu_seconds_count", "tts", "synthesize"),
+        Some(1.0)
+    );
+    let off_sum = count("pipeprobe_span_offcpu_seconds_sum", "tts", "synthesize").unwrap();
+    assert!(
+        (off_sum * 1e3 - offcpu).abs() < 1.0,
+        "{off_sum} s vs attribute {offcpu} ms"
+    );
+    assert_eq!(
+        count("pipeprobe_span_duration_seconds_count", "mt", "translate"),
+        Some(1.0)
+    );
+    let openmetrics = agent.scrape_text_openmetrics();
+    assert!(
+        openmetrics.contains(&format!("trace_id=\"{trace}\"")),
+        "exemplar with trace id {trace} missing"
+    );
+}
+
+#[test]
+fn bad_payloads_are_refused_and_a_dead_backend_only_costs_dropped_spans() {
+    // Nothing listens on the backend's port.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (agent, _cfg) = agent_with(&format!("http://{dead}"), "max_request_bytes = 65536\n");
+    let http = agent.otlp_addr("http");
+    let post = |body: &[u8], ctype: &str| -> (u16, String) {
+        let mut c = TcpStream::connect(http).unwrap();
+        write!(
+            c,
+            "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        c.write_all(body).unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, out)
+    };
+    let (code, out) = post(b"\x0a\xff\xff\xff", "application/x-protobuf");
+    assert_eq!(code, 400, "{out}");
+    assert!(
+        out.contains("not an OTLP ExportTraceServiceRequest"),
+        "{out}"
+    );
+    let (code, out) = post(&vec![0u8; 100_000], "application/x-protobuf");
+    assert_eq!(code, 400, "{out}");
+    assert!(out.contains("65536"), "{out}");
+    let (code, out) = post(b"{}", "application/json");
+    assert_eq!(code, 415, "{out}");
+
+    // gRPC through the real grpcio client, raw bytes that are no protobuf.
+    let grpc = agent.otlp_addr("grpc");
+    let o = Command::new(py_tool("python3"))
+        .args([
+            "-c",
+            &format!(
+                "import grpc\n\
+             ch = grpc.insecure_channel('{grpc}')\n\
+             call = ch.unary_unary('/opentelemetry.proto.collector.trace.v1.TraceService/Export')\n\
+             for body in (b'\\x0a\\xff\\xff\\xff', b'\\x00' * 100000):\n\
+             \x20   try:\n\
+             \x20       call(body, timeout=5)\n\
+             \x20       print('OK')\n\
+             \x20   except grpc.RpcError as e:\n\
+             \x20       print(e.code().name, e.details())\n"
+            ),
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    eprintln!("grpc: {said}{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("INVALID_ARGUMENT")),
+        "{said}"
+    );
+    assert!(
+        lines
+            .get(1)
+            .is_some_and(|l| l.starts_with("INVALID_ARGUMENT") && l.contains("65536")),
+        "{said}"
+    );
+
+    // Valid spans while the backend is down: accepted, then dropped and counted.
+    send(
+        &["burst", "5"],
+        "http",
+        &format!("http://{http}/v1/traces"),
+        "tts",
+        0,
+    );
+    let dropped = wait_until(Duration::from_secs(10), || {
+        agent.scrape().iter().any(|s| {
+            s.name == "pipeprobe_spans_dropped_total"
+                && s.labels
+                    .get("reason")
+                    .is_some_and(|r| r == "backend_unreachable")
+                && s.value >= 5.0
+        })
+    });
+    assert!(
+        dropped.is_some(),
+        "dropped spans not counted:\n{}",
+        agent.log()
+    );
+    let rejected: f64 = agent
+        .scrape()
+        .iter()
+        .filter(|s| s.name == "pipeprobe_otlp_rejected_requests_total")
+        .map(|s| s.value)
+        .sum();
+    assert!(rejected >= 5.0, "rejected requests counted: {rejected}");
+    // Still serving.
+    assert!(
+        agent
+            .scrape()
+            .iter()
+            .any(|s| s.name == "pipeprobe_build_info")
+    );
+}
