@@ -94,6 +94,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .variants
             .iter()
             .position(|v| matches!(v, Variant::Floor(_)));
+        // The untraced runs' spread: differences smaller than this are not measured.
+        let noise = {
+            let b = &res.rates[0];
+            let (lo, hi) = (
+                b.iter().copied().fold(f64::MAX, f64::min),
+                b.iter().copied().fold(0.0, f64::max),
+            );
+            (hi - lo) / tools::median(b.clone())
+        };
+        // A floor lost in the noise cannot be a divisor.
+        let floor = floor.filter(|f| res.overhead(*f) > noise);
+        let floor_in_noise =
+            s.variants.iter().any(|v| matches!(v, Variant::Floor(_))) && floor.is_none();
         let mut rows = Vec::new();
         for (i, v) in s.variants.iter().enumerate() {
             let r = &res.rates[i];
@@ -113,7 +126,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 si(min),
                 si(max),
                 if i == 0 { "—".into() } else { pct(over) },
-                vs_floor.map_or("—".into(), |x| format!("{x:.2}x")),
+                match vs_floor {
+                    Some(x) => format!("{x:.2}x"),
+                    None if floor_in_noise && i != 0 => "floor in the noise".into(),
+                    None => "—".into(),
+                },
             );
             rows.push(serde_json::json!({
                 "variant": v.name(), "median": tools::median(r.clone()), "min": min, "max": max,
@@ -128,12 +145,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 {
                     checks.push(Check {
                         what: format!(
-                            "{}: {} costs {} ≤ {} for {}",
+                            "{}: {} costs {} ≤ {} for {} (noise ±{})",
                             s.title,
                             v.name(),
                             pct(over),
                             pct(res.overhead(j)),
-                            s.variants[j].name()
+                            s.variants[j].name(),
+                            pct(noise)
                         ),
                         ok: over <= res.overhead(j),
                     });
@@ -146,6 +164,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                             v.name()
                         ),
                         ok: x <= 1.5,
+                    });
+                } else if floor_in_noise {
+                    checks.push(Check {
+                        what: format!(
+                            "{}: the floor's cost is within the noise (±{}); {} costs {}",
+                            s.title,
+                            pct(noise),
+                            v.name(),
+                            pct(over)
+                        ),
+                        ok: over <= 1.5 * noise,
                     });
                 }
             }
