@@ -56,3 +56,20 @@ pub struct StackKey {
     /// Key of the Python stack in `PY_STACKS`, or 0 when the thread runs no Python.
     pub python_stack: u64,
 }
+
+/// Distinct stacks the continuous span sampler can hold before user space clears them.
+pub const SPAN_STACKS_MAX: u32 = 8192;
+/// Ring buffer of continuous samples to user space.
+pub const SPAN_SAMPLES_BYTES: u32 = 256 * 1024;
+
+/// One continuous low-rate sample of a tracked thread, for span-triggered flamegraphs: its
+/// time is what ties it to a span, so each sample goes to user space (tens per second per CPU).
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct SpanSample {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub user_stack: i32,
+    pub kernel_stack: i32,
+}

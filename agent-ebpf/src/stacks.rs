@@ -6,7 +6,7 @@ use agent_common::{
     lost,
     stacks::{
         BLOCKED_MAX, Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, MODE_SYSCALL, SAMPLES_MAX,
-        STACKS_MAX, StackKey,
+        SPAN_SAMPLES_BYTES, SPAN_STACKS_MAX, STACKS_MAX, SpanSample, StackKey,
     },
     task::TASK_RUNNING,
 };
@@ -14,7 +14,7 @@ use aya_ebpf::{
     bindings::{BPF_F_SKIP_FIELD_MASK, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, perf_event},
-    maps::{Array, HashMap, StackTrace},
+    maps::{Array, HashMap, RingBuf, StackTrace},
     programs::{BtfTracePointContext, PerfEventContext, tracing::StackIdContext},
 };
 
@@ -224,6 +224,40 @@ pub fn syscall_exit_stack(_ctx: BtfTracePointContext) -> i32 {
             python_stack: b.python_stack,
         };
         add_weight(&key, took);
+    }
+    0
+}
+
+/// Stacks of the continuous span sampler, apart from the captures' (which reset theirs).
+#[map]
+static SPAN_STACKS: StackTrace = StackTrace::with_max_entries(SPAN_STACKS_MAX, 0);
+
+#[map]
+static SPAN_SAMPLES: RingBuf = RingBuf::with_byte_size(SPAN_SAMPLES_BYTES, 0);
+
+/// Continuous low-rate sampling of every tracked thread, attached for the agent's lifetime when
+/// span flamegraphs are on: a span that turns out slow gets the samples of its window.
+#[perf_event]
+pub fn span_sample(ctx: PerfEventContext) -> u32 {
+    let ids = bpf_get_current_pid_tgid();
+    let tgid = (ids >> 32) as u32;
+    if tgid == 0 || target_of(tgid).is_none() {
+        return 0;
+    }
+    let user_stack = ctx
+        .get_stackid(&SPAN_STACKS, u64::from(BPF_F_USER_STACK))
+        .map_or(-1, |id| id as i32);
+    let kernel_stack = ctx.get_stackid(&SPAN_STACKS, 0).map_or(-1, |id| id as i32);
+    let sample = SpanSample {
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        tgid,
+        tid: ids as u32,
+        user_stack,
+        kernel_stack,
+    };
+    if SPAN_SAMPLES.output::<SpanSample>(&sample, 0).is_err() {
+        count_lost(lost::SAMPLES_FULL);
     }
     0
 }

@@ -81,6 +81,7 @@ struct Started {
     lost: Option<PerCpuArray<MapData, u64>>,
     /// Task storage of per-thread state (aya has no wrapper for it).
     threads: Option<aya::maps::Map>,
+    span_sampler: Option<stacks::SpanSampler>,
     collectors: Vec<Box<dyn Collector>>,
     statuses: Vec<ProbeStatus>,
 }
@@ -180,11 +181,25 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let threads = (on(sched::FAMILY.name) || on(syscalls::FAMILY.name))
         .then(|| kernel.bpf.take_map("THREAD"))
         .flatten();
+    // Continuous low-rate sampling for span flamegraphs, with the profile family's programs.
+    let span_sampler =
+        (config.spans.enabled && config.spans.sample_hz > 0 && on(stacks::FAMILY.name))
+            .then(
+                || match stacks::start_span_sampler(&mut kernel, config.spans.sample_hz) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!("{e}; span flamegraphs are off, everything else runs");
+                        None
+                    }
+                },
+            )
+            .flatten();
     Started {
         tracked: optional(kernel.take_map(tracker::TRACKED_MAP)),
         events,
         lost: optional(kernel.take_map("LOST")),
         threads,
+        span_sampler,
         kernel: Some(kernel),
         collectors,
         statuses,
@@ -220,6 +235,7 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         events,
         lost,
         threads,
+        span_sampler,
         collectors,
         statuses,
     } = start_probes(&config, &targets);
@@ -263,15 +279,18 @@ async fn serve(config: Config) -> Result<(), AgentError> {
     );
     let tracked_pids = tracker.shared();
     tokio::spawn(tracker.run(events, config.rescan_interval));
-    if config.spans.enabled {
+    let flamegraph_store = if config.spans.enabled {
         spans::start(
             &config.spans,
             metrics.registry_mut(),
             threads,
             tracked_pids.clone(),
+            span_sampler,
         )
-        .await;
-    }
+        .await
+    } else {
+        None
+    };
 
     // The control API owns the kernel object from here (the profiler attaches per capture);
     // whichever task holds it keeps every program attached until the agent stops.
@@ -296,7 +315,7 @@ async fn serve(config: Config) -> Result<(), AgentError> {
                 Err((k, why)) => (k, Err(why)),
             };
             tracing::info!(path = %config.control_socket.display(), "control API listening");
-            tokio::spawn(control::serve(socket, profiler));
+            tokio::spawn(control::serve(socket, profiler, flamegraph_store));
             keep
         }
         Err(e) => {

@@ -24,6 +24,8 @@ pub enum Command {
     Top(TopArgs),
     /// Capture a flamegraph of a target or process through the running agent.
     Flamegraph(crate::flamegraph::FlamegraphArgs),
+    /// List or fetch the flamegraphs the agent drew for slow spans.
+    Flamegraphs(crate::flamegraph::FlamegraphsArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -149,6 +149,13 @@ struct FileOtlp {
     max_request_bytes: Option<usize>,
     max_span_names: Option<usize>,
     history_secs: Option<f64>,
+    sample_hz: Option<u64>,
+    flamegraph_threshold_ms: Option<f64>,
+    #[serde(default)]
+    flamegraph_thresholds_ms: BTreeMap<String, f64>,
+    flamegraph_dir: Option<PathBuf>,
+    flamegraph_max_files: Option<usize>,
+    flamegraph_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -406,7 +413,56 @@ impl Config {
                 ),
             });
         }
+        let sample_hz = file.otlp.sample_hz.unwrap_or(defaults.sample_hz);
+        in_range(&where_, "otlp.sample_hz", sample_hz, 0, 1000)?;
+        let threshold = file
+            .otlp
+            .flamegraph_threshold_ms
+            .unwrap_or(defaults.flamegraph_threshold.as_secs_f64() * 1e3);
+        in_range(
+            &where_,
+            "otlp.flamegraph_threshold_ms",
+            threshold,
+            1.0,
+            3_600_000.0,
+        )?;
+        for ms in file.otlp.flamegraph_thresholds_ms.values() {
+            in_range(
+                &where_,
+                "otlp.flamegraph_thresholds_ms",
+                *ms,
+                1.0,
+                3_600_000.0,
+            )?;
+        }
+        let max_files = file
+            .otlp
+            .flamegraph_max_files
+            .unwrap_or(defaults.flamegraph_max_files);
+        in_range(&where_, "otlp.flamegraph_max_files", max_files, 1, 100_000)?;
+        let max_bytes = file
+            .otlp
+            .flamegraph_max_bytes
+            .unwrap_or(defaults.flamegraph_max_bytes);
+        in_range(
+            &where_,
+            "otlp.flamegraph_max_bytes",
+            max_bytes,
+            1 << 16,
+            1 << 40,
+        )?;
         let spans = crate::spans::SpansConfig {
+            sample_hz,
+            flamegraph_threshold: Duration::from_secs_f64(threshold / 1e3),
+            flamegraph_thresholds: file
+                .otlp
+                .flamegraph_thresholds_ms
+                .iter()
+                .map(|(k, ms)| (k.clone(), Duration::from_secs_f64(ms / 1e3)))
+                .collect(),
+            flamegraph_dir: file.otlp.flamegraph_dir.unwrap_or(defaults.flamegraph_dir),
+            flamegraph_max_files: max_files,
+            flamegraph_max_bytes: max_bytes,
             enabled: file.otlp.enabled.unwrap_or(true),
             grpc_listen: file.otlp.grpc_listen.unwrap_or(defaults.grpc_listen),
             http_listen: file.otlp.http_listen.unwrap_or(defaults.http_listen),

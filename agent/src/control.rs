@@ -66,6 +66,12 @@ pub struct FlamegraphRequest {
 #[serde(rename_all = "lowercase")]
 pub enum Request {
     Flamegraph(FlamegraphRequest),
+    /// The stored span flamegraphs.
+    Flamegraphs,
+    /// One stored span flamegraph by id.
+    Get {
+        id: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,6 +87,13 @@ pub enum Response {
         notes: Vec<String>,
     },
     Error(String),
+    List {
+        entries: Vec<crate::spans::flamegraphs::Entry>,
+    },
+    File {
+        id: String,
+        svg: String,
+    },
 }
 
 /// Binds the socket with root-only permissions, replacing a stale socket file.
@@ -119,9 +132,15 @@ struct Captures {
     unavailable: String,
     running: tokio::sync::Mutex<()>,
     waiting: std::sync::atomic::AtomicUsize,
+    /// Span flamegraphs, when the span intake stores them.
+    store: Option<crate::spans::flamegraphs::Store>,
 }
 
-pub async fn serve(listener: UnixListener, profiler: Result<Profiler, String>) {
+pub async fn serve(
+    listener: UnixListener,
+    profiler: Result<Profiler, String>,
+    store: Option<crate::spans::flamegraphs::Store>,
+) {
     let (profiler, unavailable) = match profiler {
         Ok(p) => (Some(tokio::sync::Mutex::new(p)), String::new()),
         Err(e) => (None, e),
@@ -131,6 +150,7 @@ pub async fn serve(listener: UnixListener, profiler: Result<Profiler, String>) {
         unavailable,
         running: tokio::sync::Mutex::new(()),
         waiting: Default::default(),
+        store,
     });
     // SAFETY: geteuid has no preconditions.
     let own_uid = unsafe { libc::geteuid() };
@@ -188,9 +208,25 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
     };
     let response = match request {
         Request::Flamegraph(req) => flamegraph(&mut stream, req, captures).await?,
+        Request::Flamegraphs => match &captures.store {
+            Some(s) => Response::List { entries: s.list() },
+            None => Response::Error(NO_SPAN_FLAMEGRAPHS.into()),
+        },
+        Request::Get { id } => match &captures.store {
+            Some(s) => match s.get(&id) {
+                Some(svg) => Response::File { id, svg },
+                None => Response::Error(format!(
+                    "no span flamegraph `{id}`; `pipeprobe flamegraphs list` shows the stored ones"
+                )),
+            },
+            None => Response::Error(NO_SPAN_FLAMEGRAPHS.into()),
+        },
     };
     send(&mut stream, &response).await
 }
+
+const NO_SPAN_FLAMEGRAPHS: &str = "span flamegraphs are off on this node (otlp.enabled, \
+     otlp.sample_hz and the profile probe must be on; the agent log says which is not)";
 
 async fn flamegraph(
     stream: &mut UnixStream,

@@ -200,6 +200,31 @@ fn title(args: &FlamegraphArgs, samples: u64) -> String {
     }
 }
 
+/// An inferno SVG of `folded`; a readable placeholder when there is nothing to draw (inferno
+/// refuses empty input).
+pub fn svg(
+    title: &str,
+    subtitle: Option<String>,
+    count_name: &str,
+    folded: &str,
+) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    if folded.is_empty() {
+        writeln!(
+            out,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\"><text y=\"20\">{title}: no samples</text></svg>"
+        )?;
+        return Ok(out);
+    }
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.title = title.to_owned();
+    opts.count_name = count_name.to_owned();
+    opts.subtitle = subtitle;
+    inferno::flamegraph::from_lines(&mut opts, folded.lines(), &mut out)
+        .map_err(std::io::Error::other)?;
+    Ok(out)
+}
+
 fn render(
     args: &FlamegraphArgs,
     format: Format,
@@ -219,24 +244,13 @@ fn render(
             file.write_all(&crate::pprof::from_folded(folded, weights, args.duration)?)?
         }
         Format::Svg => {
-            let mut opts = inferno::flamegraph::Options::default();
-            opts.title = title.to_owned();
-            if args.mode != ModeArg::Cpu {
-                opts.count_name = "ns".into();
-            }
-            if !notes.is_empty() {
-                opts.subtitle = Some(notes.join("; "));
-            }
-            if folded.is_empty() {
-                // inferno refuses empty input; an empty capture still gets a readable file.
-                writeln!(
-                    file,
-                    "<svg xmlns=\"http://www.w3.org/2000/svg\"><text y=\"20\">{title}: no samples</text></svg>"
-                )?;
+            let count = if args.mode == ModeArg::Cpu {
+                "samples"
             } else {
-                inferno::flamegraph::from_lines(&mut opts, folded.lines(), &mut file)
-                    .map_err(std::io::Error::other)?;
-            }
+                "ns"
+            };
+            let subtitle = (!notes.is_empty()).then(|| notes.join("; "));
+            file.write_all(&svg(title, subtitle, count, folded)?)?
         }
     }
     file.flush()
@@ -295,6 +309,11 @@ pub fn run(args: &FlamegraphArgs) -> Result<(), FlamegraphError> {
                 return Ok(());
             }
             Ok(Response::Error(e)) => return Err(FlamegraphError::Refused(e)),
+            Ok(other) => {
+                return Err(FlamegraphError::Refused(format!(
+                    "unexpected reply from the agent: {other:?}"
+                )));
+            }
             Err(e) => {
                 return Err(FlamegraphError::Refused(format!(
                     "unreadable reply from the agent: {e}"
@@ -306,6 +325,82 @@ pub fn run(args: &FlamegraphArgs) -> Result<(), FlamegraphError> {
         std::io::ErrorKind::UnexpectedEof,
         "the agent closed the connection without a result",
     )))
+}
+
+/// `pipeprobe flamegraphs`: the span flamegraphs the agent stored.
+#[derive(Debug, clap::Args)]
+pub struct FlamegraphsArgs {
+    #[command(subcommand)]
+    pub command: StoredCommand,
+    /// The agent's control socket.
+    #[arg(long, default_value = crate::control::DEFAULT_SOCKET, global = true)]
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum StoredCommand {
+    /// List them, oldest first: id (TRACEID-SPANID), size, when.
+    List,
+    /// Write one to a file.
+    Get {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// One request, one reply.
+fn ask(socket: &std::path::Path, request: &Request) -> Result<Response, FlamegraphError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| FlamegraphError::NoAgent {
+        path: socket.to_owned(),
+        source,
+    })?;
+    let mut line =
+        serde_json::to_vec(request).map_err(|e| FlamegraphError::Refused(e.to_string()))?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(FlamegraphError::Connection)?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(FlamegraphError::Connection)?;
+    match serde_json::from_str::<Response>(&reply) {
+        Ok(Response::Error(e)) => Err(FlamegraphError::Refused(e)),
+        Ok(r) => Ok(r),
+        Err(e) => Err(FlamegraphError::Refused(format!(
+            "unreadable reply from the agent: {e}"
+        ))),
+    }
+}
+
+pub fn run_stored(args: &FlamegraphsArgs) -> Result<(), FlamegraphError> {
+    match &args.command {
+        StoredCommand::List => {
+            let Response::List { entries } = ask(&args.control_socket, &Request::Flamegraphs)?
+            else {
+                return Err(FlamegraphError::Refused("unexpected reply".into()));
+            };
+            println!("{:<50} {:>9} {:>12}", "ID", "BYTES", "CREATED");
+            for e in entries {
+                println!("{:<50} {:>9} {:>12}", e.id, e.bytes, e.created);
+            }
+            Ok(())
+        }
+        StoredCommand::Get { id, out } => {
+            let Response::File { svg, .. } =
+                ask(&args.control_socket, &Request::Get { id: id.clone() })?
+            else {
+                return Err(FlamegraphError::Refused("unexpected reply".into()));
+            };
+            std::fs::write(out, svg).map_err(|source| FlamegraphError::Output {
+                path: out.clone(),
+                source,
+            })?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

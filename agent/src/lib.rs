@@ -79,6 +79,13 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+        Command::Flamegraphs(args) => match flamegraph::run_stored(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pipeprobe: error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::Top(args) => {
             let interval = std::time::Duration::from_secs_f64(args.interval.max(0.1));
             match top::run(&args.url, interval, args.count) {

@@ -75,6 +75,40 @@ const OFFCPU_PROGRAM: &str = "offcpu_switch";
 const SYSCALL_ENTER_PROGRAM: &str = "syscall_enter_stack";
 const SYSCALL_EXIT_PROGRAM: &str = "syscall_exit_stack";
 
+const SPAN_PROGRAM: &str = "span_sample";
+
+/// The continuous sampler behind span flamegraphs: its samples and their stacks.
+pub struct SpanSampler {
+    pub ring: aya::maps::RingBuf<MapData>,
+    pub stacks: StackTraceMap<MapData>,
+}
+
+/// Loads `span_sample` and attaches it to every CPU's cpu-clock at `hz` for the agent's
+/// lifetime (the links live with the program, inside `kernel`).
+pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, String> {
+    let prog: &mut PerfEvent = kernel
+        .bpf
+        .program_mut(SPAN_PROGRAM)
+        .and_then(|p| p.try_into().ok())
+        .ok_or("span_sample is missing from the eBPF object")?;
+    prog.load()
+        .map_err(|e| format!("cannot load span_sample: {e}"))?;
+    let cpus = aya::util::online_cpus().map_err(|(_, e)| format!("cannot list CPUs: {e}"))?;
+    for cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Frequency(hz),
+            false,
+        )
+        .map_err(|e| format!("cannot attach span_sample to CPU {cpu}: {e}"))?;
+    }
+    Ok(SpanSampler {
+        ring: kernel.take_map("SPAN_SAMPLES").map_err(|e| e.to_string())?,
+        stacks: kernel.take_map("SPAN_STACKS").map_err(|e| e.to_string())?,
+    })
+}
+
 /// What attaches a running capture, to detach it at the end.
 pub enum Links {
     Cpu(Vec<PerfEventLinkId>),
@@ -444,6 +478,23 @@ struct Raw {
     /// Syscall number + 1 in syscall mode, else 0.
     syscall: u32,
     weight: u64,
+}
+
+/// Symbolizes and folds samples of weight one each: `(tgid, user ips, kernel ips)`, root first.
+/// The span flamegraphs' entry point.
+pub fn fold_samples(samples: Vec<(u32, Vec<u64>, Vec<u64>)>) -> Capture {
+    let raw = samples
+        .into_iter()
+        .map(|(tgid, user, kernel)| Raw {
+            tgid,
+            user,
+            kernel,
+            python: Vec::new(),
+            syscall: 0,
+            weight: 1,
+        })
+        .collect();
+    fold(raw, &HashMap::new(), &HashMap::new())
 }
 
 /// Where the native frames worth keeping start when Python frames stand for the interpreter:

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::{
     SpanMetrics,
+    flamegraphs::{SpanFlamegraphs, draw},
     history::{Breakdown, SharedHistory, TICK, monotonic_ns, realtime_ns},
 };
 
@@ -108,6 +109,7 @@ pub async fn run(
     metrics: SpanMetrics,
     caps: Caps,
     forward: Option<mpsc::Sender<ExportTraceServiceRequest>>,
+    flamegraphs: Option<std::sync::Arc<SpanFlamegraphs>>,
 ) {
     let mut names = NameCap::default();
     while let Some(mut req) = queue.recv().await {
@@ -156,14 +158,53 @@ pub async fn run(
                     let trace_id: String =
                         span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
                     metrics.observe_duration(&service_l, &span_l, secs, trace_id);
-                    let (Some(pid), Some(h)) = (pid, &history) else {
-                        continue;
-                    };
+                    let Some(pid) = pid else { continue };
                     let tid = attr_u32(&span.attributes, "thread.id");
                     let (start, end) = (
                         to_mono(span.start_time_unix_nano),
                         to_mono(span.end_time_unix_nano),
                     );
+                    if let Some(fg) = &flamegraphs
+                        && secs >= fg.threshold(&span.name).as_secs_f64()
+                    {
+                        let samples = fg.samples.lock().ok().map(|s| {
+                            let of_thread = tid.map(|t| s.window(pid, Some(t), start, end));
+                            match of_thread {
+                                Some(v) if !v.is_empty() => v,
+                                _ => s.window(pid, None, start, end),
+                            }
+                        });
+                        let hex =
+                            |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+                        let id = format!("{}-{}", hex(&span.trace_id), hex(&span.span_id));
+                        if let Some(samples) = samples {
+                            let title = format!(
+                                "pipeprobe span flamegraph: {service} / {} ({:.0} ms), pid {pid}{}, {} samples at {} Hz",
+                                span.name,
+                                secs * 1e3,
+                                tid.map(|t| format!(" tid {t}")).unwrap_or_default(),
+                                samples.len(),
+                                fg.hz
+                            );
+                            let store = fg.store.clone();
+                            let drawn = tokio::task::spawn_blocking(move || {
+                                draw(&store, &id, &title, samples)
+                            })
+                            .await
+                            .ok()
+                            .flatten();
+                            if let Some(id) = drawn {
+                                span.attributes.push(KeyValue {
+                                    key: "pipeprobe.flamegraph".to_owned(),
+                                    value: Some(AnyValue {
+                                        value: Some(Value::StringValue(id)),
+                                    }),
+                                    ..KeyValue::default()
+                                });
+                            }
+                        }
+                    }
+                    let Some(h) = &history else { continue };
                     let b = h.lock().ok().and_then(|h| {
                         let per_thread = tid.and_then(|t| {
                             h.window(pid, Some(t), start, end)

@@ -22,6 +22,7 @@
 //! Every queue is bounded and every drop counted in `pipeprobe_spans_dropped_total{reason}`:
 //! the intake never waits on processing, processing never waits on the backend.
 pub mod enrich;
+pub mod flamegraphs;
 pub mod forward;
 pub mod history;
 pub mod otlp;
@@ -200,6 +201,15 @@ pub struct SpansConfig {
     pub max_request_bytes: usize,
     pub max_span_names: usize,
     pub history: Duration,
+    /// Continuous sampling rate of tracked threads for span flamegraphs (0: off).
+    pub sample_hz: u64,
+    /// Spans at least this long get a flamegraph...
+    pub flamegraph_threshold: Duration,
+    /// ...or this long, for these span names.
+    pub flamegraph_thresholds: std::collections::HashMap<String, Duration>,
+    pub flamegraph_dir: std::path::PathBuf,
+    pub flamegraph_max_files: usize,
+    pub flamegraph_max_bytes: u64,
 }
 
 impl Default for SpansConfig {
@@ -212,6 +222,12 @@ impl Default for SpansConfig {
             max_request_bytes: 4 << 20,
             max_span_names: 100,
             history: Duration::from_secs(30),
+            sample_hz: 49,
+            flamegraph_threshold: Duration::from_millis(100),
+            flamegraph_thresholds: std::collections::HashMap::new(),
+            flamegraph_dir: "/var/lib/pipeprobe/flamegraphs".into(),
+            flamegraph_max_files: 200,
+            flamegraph_max_bytes: 64 << 20,
         }
     }
 }
@@ -228,7 +244,8 @@ pub async fn start(
     registry: &mut Registry,
     thread_map: Option<aya::maps::Map>,
     tracked: SharedTracked,
-) {
+    sampler: Option<crate::stacks::SpanSampler>,
+) -> Option<flamegraphs::Store> {
     let metrics = SpanMetrics::new(registry);
     let history = thread_map.and_then(|m| match history::spawn(m, tracked, cfg.history) {
         Ok(h) => Some(h),
@@ -254,7 +271,36 @@ pub async fn start(
         span_names: cfg.max_span_names,
         services: 64,
     };
-    tokio::spawn(enrich::run(rx, history, metrics.clone(), caps, forward));
+    let store = flamegraphs::Store {
+        dir: cfg.flamegraph_dir.clone(),
+        max_files: cfg.flamegraph_max_files,
+        max_bytes: cfg.flamegraph_max_bytes,
+    };
+    let fg = match sampler {
+        Some(s) if flamegraphs::usable(&store.dir) => {
+            let samples = flamegraphs::SharedSamples::default();
+            tokio::spawn(flamegraphs::collect(
+                s.ring,
+                s.stacks,
+                cfg.history,
+                samples.clone(),
+            ));
+            Some(std::sync::Arc::new(flamegraphs::SpanFlamegraphs {
+                samples,
+                store: store.clone(),
+                threshold: cfg.flamegraph_threshold,
+                thresholds: cfg.flamegraph_thresholds.clone(),
+                hz: cfg.sample_hz,
+            }))
+        }
+        Some(_) => {
+            tracing::warn!(dir = %store.dir.display(), "cannot create the span flamegraph directory; span flamegraphs are off");
+            None
+        }
+        None => None,
+    };
+    let stored = fg.as_ref().map(|f| f.store.clone());
+    tokio::spawn(enrich::run(rx, history, metrics.clone(), caps, forward, fg));
     let intake = otlp::Intake {
         queue: tx,
         max_bytes: cfg.max_request_bytes,
@@ -281,4 +327,5 @@ pub async fn start(
             ),
         }
     }
+    stored
 }

@@ -139,7 +139,14 @@ fn agent_with(backend: &str, extra: &str) -> (Agent, tempfile::NamedTempFile) {
 #[test]
 fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
     let backend = Backend::start();
-    let (agent, _cfg) = agent_with(&format!("http://{}", backend.addr), "");
+    let fg_dir = tempfile::tempdir().unwrap();
+    let (agent, _cfg) = agent_with(
+        &format!("http://{}", backend.addr),
+        &format!(
+            "flamegraph_threshold_ms = 200\nflamegraph_dir = \"{}\"\n",
+            fg_dir.path().display()
+        ),
+    );
     let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
     let grpc = format!("http://{}", agent.otlp_addr("grpc"));
 
@@ -227,6 +234,61 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
         openmetrics.contains(&format!("trace_id=\"{trace}\"")),
         "exemplar with trace id {trace} missing"
     );
+
+    // The 300 ms span is over the 200 ms threshold: it has a flamegraph of what its thread ran
+    // (SHA-256 in OpenSSL's libcrypto); the 100 ms one has none.
+    let id = busy
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "pipeprobe.flamegraph")
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+        .expect("the slow span links its flamegraph");
+    assert!(id.starts_with(&trace), "{id}");
+    assert!(
+        !quiet
+            .attributes
+            .iter()
+            .any(|kv| kv.key == "pipeprobe.flamegraph"),
+        "a span under the threshold got a flamegraph"
+    );
+    let cli = |args: &[&str]| {
+        Command::new(pipeprobe_tests::pipeprobe_bin())
+            .arg("flamegraphs")
+            .args(args)
+            .arg("--control-socket")
+            .arg(agent.control_socket())
+            .output()
+            .unwrap()
+    };
+    let list = cli(&["list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&id));
+    let out = fg_dir.path().join("got.svg");
+    let get = cli(&["get", &id, "--out", out.to_str().unwrap()]);
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let svg = std::fs::read_to_string(&out).unwrap().to_lowercase();
+    assert!(
+        svg.contains("<svg") && svg.contains("synthesize"),
+        "not the span's SVG"
+    );
+    assert!(
+        svg.contains("libcrypto") || svg.contains("sha256"),
+        "the work the thread did is not in its flamegraph"
+    );
+    let missing = cli(&["get", "00ff", "--out", out.to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no span flamegraph `00ff`"));
 }
 
 #[test]

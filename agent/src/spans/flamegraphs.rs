@@ -1,0 +1,288 @@
+//! Span-triggered flamegraphs. A perf_event program samples every tracked thread at a low rate
+//! all the time (`span_sample` in agent-ebpf/src/stacks.rs); each sample, with its time and
+//! thread, goes through a ring buffer into a bounded window here (`otlp.history_secs`). When a
+//! span at or above its threshold arrives, the samples of its thread (else its process) inside
+//! its window are symbolized and drawn, and the SVG is kept in a directory with limits on
+//! count and bytes, oldest removed first.
+use std::{
+    collections::{HashMap, VecDeque},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent_common::stacks::{SPAN_STACKS_MAX, SpanSample};
+use aya::maps::{MapData, RingBuf, StackTraceMap};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+
+/// Samples kept at most, whatever the window (a bound on memory).
+const MAX_SAMPLES: usize = 500_000;
+
+struct Sample {
+    ts_ns: u64,
+    tgid: u32,
+    tid: u32,
+    user: Arc<Vec<u64>>,
+    kernel: Arc<Vec<u64>>,
+}
+
+#[derive(Default)]
+pub struct Samples {
+    samples: VecDeque<Sample>,
+}
+
+pub type SharedSamples = Arc<Mutex<Samples>>;
+
+impl Samples {
+    /// `(tgid, user, kernel)` of the samples of `tid` (or of all of `pid`'s threads) in the
+    /// monotonic window [start, end].
+    pub fn window(
+        &self,
+        pid: u32,
+        tid: Option<u32>,
+        start: u64,
+        end: u64,
+    ) -> Vec<(u32, Vec<u64>, Vec<u64>)> {
+        self.samples
+            .iter()
+            .filter(|s| s.ts_ns >= start && s.ts_ns <= end && s.tgid == pid)
+            .filter(|s| tid.is_none_or(|t| t == s.tid))
+            .map(|s| (s.tgid, s.user.to_vec(), s.kernel.to_vec()))
+            .collect()
+    }
+}
+
+/// Reads the sampler's ring buffer into the window until the agent stops.
+pub async fn collect(
+    ring: RingBuf<MapData>,
+    mut stacks: StackTraceMap<MapData>,
+    window: Duration,
+    shared: SharedSamples,
+) {
+    // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which it outlives.
+    let mut ring = match unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("cannot poll the span sampler: {e}; span flamegraphs are off");
+            return;
+        }
+    };
+    // Frames per stack id, until the stack map is cleared.
+    let mut frames: HashMap<i32, Arc<Vec<u64>>> = HashMap::new();
+    let empty = Arc::new(Vec::new());
+    loop {
+        let Ok(mut guard) = ring.readable_mut().await else {
+            return;
+        };
+        let mut batch = Vec::new();
+        {
+            let r = guard.get_inner_mut();
+            while let Some(item) = r.next() {
+                if item.len() >= std::mem::size_of::<SpanSample>() {
+                    // SAFETY: the kernel writes whole SpanSamples; read_unaligned copies.
+                    batch.push(unsafe {
+                        std::ptr::read_unaligned(item.as_ptr().cast::<SpanSample>())
+                    });
+                }
+            }
+        }
+        guard.clear_ready();
+        let mut stack = |id: i32| -> Arc<Vec<u64>> {
+            if id < 0 {
+                return empty.clone();
+            }
+            frames
+                .entry(id)
+                .or_insert_with(|| {
+                    Arc::new(
+                        stacks
+                            .get(&(id as u32), 0)
+                            .map(|t| t.frames().iter().map(|f| f.ip).rev().collect())
+                            .unwrap_or_default(),
+                    )
+                })
+                .clone()
+        };
+        let converted: Vec<Sample> = batch
+            .iter()
+            .map(|s| Sample {
+                ts_ns: s.ts_ns,
+                tgid: s.tgid,
+                tid: s.tid,
+                user: stack(s.user_stack),
+                kernel: stack(s.kernel_stack),
+            })
+            .collect();
+        // The stack map only fills: clear it before it refuses new stacks. Samples already
+        // read keep their frames; the few in flight lose theirs.
+        if frames.len() as u32 > SPAN_STACKS_MAX * 3 / 4 {
+            let ids: Vec<u32> = stacks.stack_ids().filter_map(Result::ok).collect();
+            for id in ids {
+                let _ = stacks.remove(&id);
+            }
+            frames.clear();
+        }
+        let Ok(mut s) = shared.lock() else { return };
+        s.samples.extend(converted);
+        let horizon = super::history::monotonic_ns().saturating_sub(window.as_nanos() as u64);
+        while s
+            .samples
+            .front()
+            .is_some_and(|x| x.ts_ns < horizon || s.samples.len() > MAX_SAMPLES)
+        {
+            s.samples.pop_front();
+        }
+    }
+}
+
+/// A stored span flamegraph, as `pipeprobe flamegraphs list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub id: String,
+    pub bytes: u64,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// Nanoseconds, to order files written within one second.
+    #[serde(skip)]
+    order: u128,
+}
+
+/// The flamegraph directory, with its limits.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub dir: PathBuf,
+    pub max_files: usize,
+    pub max_bytes: u64,
+}
+
+/// Ids are `TRACEID-SPANID` in hex: nothing else may name a file here.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+impl Store {
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.svg"))
+    }
+
+    /// Writes `svg` as `id`, then removes the oldest files past the limits.
+    pub fn save(&self, id: &str, svg: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(self.path(id), svg)?;
+        let mut all = self.list();
+        all.sort_by_key(|e| (e.order, e.id.clone()));
+        let mut total: u64 = all.iter().map(|e| e.bytes).sum();
+        let mut count = all.len();
+        for e in all {
+            if count <= self.max_files && total <= self.max_bytes {
+                break;
+            }
+            if e.id == id {
+                continue;
+            }
+            let _ = std::fs::remove_file(self.path(&e.id));
+            count -= 1;
+            total -= e.bytes;
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<Entry> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<Entry> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".svg")?.to_owned();
+                let meta = e.metadata().ok()?;
+                let modified = meta
+                    .modified()
+                    .ok()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?;
+                valid_id(&name).then_some(Entry {
+                    id: name,
+                    bytes: meta.len(),
+                    created: modified.as_secs(),
+                    order: modified.as_nanos(),
+                })
+            })
+            .collect();
+        v.sort_by_key(|e| (e.order, e.id.clone()));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<String> {
+        valid_id(id)
+            .then(|| std::fs::read_to_string(self.path(id)).ok())
+            .flatten()
+    }
+}
+
+/// What decides and draws span flamegraphs.
+pub struct SpanFlamegraphs {
+    pub samples: SharedSamples,
+    pub store: Store,
+    pub threshold: Duration,
+    /// Per span name.
+    pub thresholds: HashMap<String, Duration>,
+    pub hz: u64,
+}
+
+impl SpanFlamegraphs {
+    pub fn threshold(&self, span: &str) -> Duration {
+        self.thresholds.get(span).copied().unwrap_or(self.threshold)
+    }
+}
+
+/// Draws and stores the flamegraph of one span; its id, or None without samples.
+pub fn draw(
+    store: &Store,
+    id: &str,
+    title: &str,
+    samples: Vec<(u32, Vec<u64>, Vec<u64>)>,
+) -> Option<String> {
+    if samples.is_empty() {
+        return None;
+    }
+    let capture = crate::stacks::fold_samples(samples);
+    let svg = crate::flamegraph::svg(title, None, "samples", &capture.folded()).ok()?;
+    match store.save(id, &svg) {
+        Ok(()) => Some(id.to_owned()),
+        Err(e) => {
+            tracing::warn!(dir = %store.dir.display(), "cannot store a span flamegraph: {e}");
+            None
+        }
+    }
+}
+
+/// The directory of `path` exists or can be made.
+pub fn usable(path: &Path) -> bool {
+    std::fs::create_dir_all(path).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_its_limits_and_refuses_odd_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store {
+            dir: dir.path().join("fg"),
+            max_files: 2,
+            max_bytes: 1 << 20,
+        };
+        for id in ["aa-01", "bb-02", "cc-03"] {
+            store.save(id, b"<svg/>").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ids: Vec<String> = store.list().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec!["bb-02", "cc-03"]);
+        assert_eq!(store.get("cc-03").as_deref(), Some("<svg/>"));
+        assert!(store.get("../etc/passwd").is_none());
+        assert!(!valid_id("a/b") && valid_id("0af3-19"));
+    }
+}
