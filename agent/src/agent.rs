@@ -263,15 +263,16 @@ async fn serve(config: Config) -> Result<(), AgentError> {
     );
     tracker.scan();
     // After the initial scan, so the first GPU sample already knows which process is whose.
-    if config.gpu_enabled {
+    let gpu_state = config.gpu_enabled.then(|| {
         let gpu = gpu::spawn(
             config.nvml_library.clone().into_os_string(),
             config.gpu_interval,
             targets.clone(),
             tracker.shared(),
         );
-        metrics.register_collector(Box::new(gpu::GpuCollector::new(gpu)));
-    }
+        metrics.register_collector(Box::new(gpu::GpuCollector::new(gpu.clone())));
+        gpu
+    });
     tracing::info!(
         targets = targets.len(),
         processes = tracker.tracked().len(),
@@ -286,6 +287,7 @@ async fn serve(config: Config) -> Result<(), AgentError> {
             threads,
             tracked_pids.clone(),
             span_sampler,
+            gpu_state,
         )
         .await
     } else {

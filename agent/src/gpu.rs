@@ -115,6 +115,8 @@ struct GpuSample {
     process_memory: HashMap<String, f64>,
     /// SM utilisation (0-1) per target name, from NVML's per-process samples.
     process_utilization: HashMap<String, f64>,
+    /// Processes running compute work on it.
+    pids: Vec<u32>,
 }
 
 /// The last sampling round.
@@ -127,6 +129,33 @@ pub struct GpuState {
     gpus: Vec<GpuSample>,
     /// How long the last sampling round of every GPU took: a slow driver shows here first.
     round_secs: Option<f64>,
+    /// Recent rounds, for the GPU share of spans: (monotonic ns, per GPU (utilisation, pids)).
+    history: std::collections::VecDeque<(u64, Vec<(Option<f64>, Vec<u32>)>)>,
+}
+
+/// Rounds kept for span windows (2 minutes at the default interval).
+const HISTORY_ROUNDS: usize = 120;
+
+/// Mean utilisation, over the monotonic window [start, end], of the GPUs `pid` ran on: the
+/// rounds taken during the window (NVML's utilisation covers the period before each round),
+/// else the first round after it. None when the process used no GPU then.
+pub fn span_utilization(state: &SharedGpu, pid: u32, start: u64, end: u64) -> Option<f64> {
+    let s = state.lock().ok()?;
+    let mut rounds: Vec<&(u64, Vec<(Option<f64>, Vec<u32>)>)> = s
+        .history
+        .iter()
+        .filter(|(t, _)| *t >= start && *t <= end)
+        .collect();
+    if rounds.is_empty() {
+        rounds.extend(s.history.iter().find(|(t, _)| *t > end));
+    }
+    let utils: Vec<f64> = rounds
+        .iter()
+        .flat_map(|(_, gpus)| gpus.iter())
+        .filter(|(_, pids)| pids.contains(&pid))
+        .filter_map(|(u, _)| *u)
+        .collect();
+    (!utils.is_empty()).then(|| utils.iter().sum::<f64>() / utils.len() as f64)
 }
 
 pub type SharedGpu = Arc<Mutex<GpuState>>;
@@ -273,10 +302,12 @@ fn sample(
             xid_errors: 0,
             process_memory: HashMap::new(),
             process_utilization: HashMap::new(),
+            pids: Vec::new(),
         };
         for p in
             field(device.running_compute_processes(), index, "processes", u).unwrap_or_default()
         {
+            s.pids.push(p.pid);
             let UsedGpuMemory::Used(bytes) = p.used_gpu_memory else {
                 continue;
             };
@@ -436,13 +467,22 @@ pub fn spawn(
                                     driver: driver.clone(),
                                     gpus,
                                     round_secs,
+                                    history: std::mem::take(&mut s.history),
                                 };
                             }
                             std::thread::sleep(interval);
                             continue;
                         }
                         if let Ok(mut s) = shared.lock() {
-                            *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus, round_secs };
+                            let mut history = std::mem::take(&mut s.history);
+                            history.push_back((
+                                crate::spans::history::monotonic_ns(),
+                                gpus.iter().map(|g| (g.utilization, g.pids.clone())).collect(),
+                            ));
+                            while history.len() > HISTORY_ROUNDS {
+                                history.pop_front();
+                            }
+                            *s = GpuState { up: true, reason: None, driver: driver.clone(), gpus, round_secs, history };
                         }
                     }
                     Err(e) => {

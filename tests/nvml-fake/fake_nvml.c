@@ -7,7 +7,7 @@
  *       power_mw=250000 power_limit_mw=700000 temp=61 energy_mj=123456 sm_mhz=1755 mem_mhz=2619
  *       throttle=4 lost_after=3    (optional: throttle-reason bits; GPU_IS_LOST after 3 rounds)
  *       ecc_corrected=5 ecc_uncorrected=1 (optional: without them ECC is "not supported")
- *   proc gpu=0 pid=1234 mem=536870912 sm=40
+ *   proc gpu=0 pid=1234 mem=536870912 sm=40   (or in PIPEPROBE_FAKE_NVML_PROCS, see reload_procs)
  *   xid gpu=0 code=79 after=2          (a critical Xid event once the GPU has been sampled twice)
  *
  * (one gpu/proc per line). Built by the tests with `cc -shared -fPIC`. */
@@ -88,6 +88,24 @@ static void load(void) {
     fclose(f);
 }
 
+/* With PIPEPROBE_FAKE_NVML_PROCS set, the `proc` lines come from that file, re-read on every
+ * process query: a test can put a process it started on a GPU while the agent runs. */
+static void reload_procs(void) {
+    const char *path = getenv("PIPEPROBE_FAKE_NVML_PROCS");
+    if (!path) return;
+    FILE *f = fopen(path, "r");
+    nprocs = 0;
+    if (!f) return;
+    char line[1024];
+    while (fgets(line, sizeof line, f)) {
+        if (!strncmp(line, "proc ", 5) && nprocs < 64) {
+            struct proc *p = &procs[nprocs++];
+            p->gpu = num(line, "gpu="); p->pid = num(line, "pid="); p->mem = num(line, "mem="); p->sm = num(line, "sm=");
+        }
+    }
+    fclose(f);
+}
+
 #define GPU_IS_LOST 15
 #define DEV(d) struct gpu *g = (struct gpu *)(d); if (!initialized) return UNINITIALIZED; if (!g) return INVALID_ARG; \
     if (g->lost) return GPU_IS_LOST
@@ -115,7 +133,7 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(void *d, nvmlUtilization_t *u) {
 }
 nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(void *d, unsigned long long *r) { DEV(d); *r = g->throttle; return OK; }
 nvmlReturn_t nvmlDeviceGetProcessUtilization(void *d, nvmlProcessUtilizationSample_t *u, unsigned *count, unsigned long long last) {
-    DEV(d); (void)last;
+    DEV(d); (void)last; reload_procs();
     unsigned n = 0, idx = (unsigned)(g - gpus);
     for (unsigned i = 0; i < nprocs; i++) if (procs[i].gpu == idx && procs[i].sm) n++;
     if (!u || *count < n) { *count = n; return n ? INSUFFICIENT_SIZE : OK; }
@@ -141,7 +159,7 @@ nvmlReturn_t nvmlDeviceGetClockInfo(void *d, int type, unsigned *mhz) {
     DEV(d); if (type == 1) *mhz = g->sm_mhz; else if (type == 2) *mhz = g->mem_mhz; else return NOT_SUPPORTED; return OK;
 }
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(void *d, unsigned *count, nvmlProcessInfo_t *infos) {
-    DEV(d);
+    DEV(d); reload_procs();
     unsigned n = 0, idx = (unsigned)(g - gpus);
     for (unsigned i = 0; i < nprocs; i++) if (procs[i].gpu == idx) n++;
     if (!infos || *count < n) { *count = n; return n ? INSUFFICIENT_SIZE : OK; }

@@ -9,6 +9,8 @@ Scenarios (each prints `TRACE <hex trace id>` per span, then exits):
     quiet      one ~100 ms span `transcribe` of work alone on an idle CPU
     foreign    one span claiming process.pid 999999 (a process the agent does not know)
     burst N    N short spans `tick`
+    gpu        one 300 ms span `generate`, started once --wait-file exists (the test puts this
+               process on a fake GPU first; it prints `PID n` when it is ready for that)
 The busy work is hashlib on large buffers, which releases the GIL: threads compete for the
 CPU, not for the interpreter lock.
 """
@@ -41,6 +43,7 @@ def main():
     p.add_argument("--endpoint", required=True)
     p.add_argument("--service", required=True)
     p.add_argument("--cpu", type=int, default=1)
+    p.add_argument("--wait-file")
     a = p.parse_args()
 
     attrs = {"service.name": a.service}
@@ -89,6 +92,12 @@ def main():
         span("transcribe", lambda: work(0.1))
     elif a.scenario == "foreign":
         span("translate", lambda: time.sleep(0.01))
+    elif a.scenario == "gpu":
+        print("PID %d" % os.getpid(), flush=True)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(a.wait_file) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        span("generate", lambda: time.sleep(0.3))
     elif a.scenario == "burst":
         for _ in range(a.count):
             span("tick", lambda: None)

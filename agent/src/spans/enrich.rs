@@ -102,15 +102,28 @@ fn attributes(b: &Breakdown, per_thread: bool) -> Vec<KeyValue> {
     ]
 }
 
+/// What processing draws on.
+pub struct Sources {
+    pub queue: mpsc::Receiver<ExportTraceServiceRequest>,
+    pub history: Option<SharedHistory>,
+    pub gpu: Option<crate::gpu::SharedGpu>,
+    pub metrics: SpanMetrics,
+    pub caps: Caps,
+    pub forward: Option<mpsc::Sender<ExportTraceServiceRequest>>,
+    pub flamegraphs: Option<std::sync::Arc<SpanFlamegraphs>>,
+}
+
 /// Processes queued requests until the queue closes.
-pub async fn run(
-    mut queue: mpsc::Receiver<ExportTraceServiceRequest>,
-    history: Option<SharedHistory>,
-    metrics: SpanMetrics,
-    caps: Caps,
-    forward: Option<mpsc::Sender<ExportTraceServiceRequest>>,
-    flamegraphs: Option<std::sync::Arc<SpanFlamegraphs>>,
-) {
+pub async fn run(sources: Sources) {
+    let Sources {
+        mut queue,
+        history,
+        gpu,
+        metrics,
+        caps,
+        forward,
+        flamegraphs,
+    } = sources;
     let mut names = NameCap::default();
     while let Some(mut req) = queue.recv().await {
         // Both clocks read together: spans carry wall-clock times, the history monotonic ones.
@@ -203,6 +216,13 @@ pub async fn run(
                                 });
                             }
                         }
+                    }
+                    if let Some(util) = gpu
+                        .as_ref()
+                        .and_then(|g| crate::gpu::span_utilization(g, pid, start, end))
+                    {
+                        span.attributes
+                            .push(double("pipeprobe.gpu_utilization", util));
                     }
                     let Some(h) = &history else { continue };
                     let b = h.lock().ok().and_then(|h| {

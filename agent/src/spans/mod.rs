@@ -245,6 +245,7 @@ pub async fn start(
     thread_map: Option<aya::maps::Map>,
     tracked: SharedTracked,
     sampler: Option<crate::stacks::SpanSampler>,
+    gpu: Option<crate::gpu::SharedGpu>,
 ) -> Option<flamegraphs::Store> {
     let metrics = SpanMetrics::new(registry);
     let history = thread_map.and_then(|m| match history::spawn(m, tracked, cfg.history) {
@@ -300,7 +301,15 @@ pub async fn start(
         None => None,
     };
     let stored = fg.as_ref().map(|f| f.store.clone());
-    tokio::spawn(enrich::run(rx, history, metrics.clone(), caps, forward, fg));
+    tokio::spawn(enrich::run(enrich::Sources {
+        queue: rx,
+        history,
+        gpu,
+        metrics: metrics.clone(),
+        caps,
+        forward,
+        flamegraphs: fg,
+    }));
     let intake = otlp::Intake {
         queue: tx,
         max_bytes: cfg.max_request_bytes,

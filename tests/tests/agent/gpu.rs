@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Duration};
 use pipeprobe_tests::{Agent, Proc, find, find_labels, pipeprobe_bin, wait_until};
 
 /// Builds the fake NVML library into `dir`.
-fn fake_nvml(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn fake_nvml(dir: &Path) -> std::path::PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("nvml-fake/fake_nvml.c");
     let lib = dir.join("libnvidia-ml-fake.so");
     let o = Command::new("gcc")

@@ -402,3 +402,64 @@ fn bad_payloads_are_refused_and_a_dead_backend_only_costs_dropped_spans() {
             .any(|s| s.name == "pipeprobe_build_info")
     );
 }
+
+#[test]
+fn a_span_gets_the_utilisation_of_the_gpus_its_process_uses() {
+    let backend = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lib = crate::gpu::fake_nvml(dir.path());
+    let script = dir.path().join("nvml.script");
+    std::fs::write(
+        &script,
+        "driver 550.54.15\n\
+         gpu name=NVIDIA-H100 uuid=GPU-A util=70 mem_total=100 mem_used=10\n\
+         gpu name=NVIDIA-H100 uuid=GPU-B util=10 mem_total=100 mem_used=10\n",
+    )
+    .unwrap();
+    let procs = dir.path().join("nvml.procs");
+    std::fs::write(&procs, "").unwrap();
+    let cfg = config_file(&format!(
+        "[otlp]\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nforward_to = \"http://{}\"\n\
+         [gpu]\nnvml_library = \"{}\"\ninterval_secs = 0.1\n[targets.py]\ncmdline = \"spans.py\"\n",
+        backend.addr,
+        lib.display()
+    ));
+    let mut cmd = Command::new(pipeprobe_tests::pipeprobe_bin());
+    cmd.env("PIPEPROBE_FAKE_NVML", &script)
+        .env("PIPEPROBE_FAKE_NVML_PROCS", &procs);
+    let agent = Agent::start_with(cmd, &["--config", cfg.path().to_str().unwrap()]);
+    let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
+    let go = dir.path().join("go");
+    let mut py = pipeprobe_tests::Proc::spawn(
+        Command::new(py_tool("python3"))
+            .arg(spans_py())
+            .arg("gpu")
+            .args([
+                "--protocol",
+                "http",
+                "--endpoint",
+                &http,
+                "--service",
+                "llm",
+            ])
+            .arg("--wait-file")
+            .arg(&go)
+            .stdout(std::process::Stdio::piped()),
+    );
+    let pid = py.read_line_starting("PID ");
+    // The process runs on GPU A only (70 % busy); GPU B (10 %) is someone else's.
+    std::fs::write(&procs, format!("proc gpu=0 pid={pid} mem=1048576 sm=60\n")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, "").unwrap();
+    assert!(py.0.wait().unwrap().success());
+    wait_until(Duration::from_secs(10), || {
+        backend.span("generate").is_some()
+    })
+    .expect("the backend received the span");
+    let span = backend.span("generate").unwrap();
+    let util = attr(&span, "pipeprobe.gpu_utilization").expect("gpu_utilization attribute");
+    assert!(
+        (util - 0.7).abs() < 1e-9,
+        "GPU utilisation {util}, expected 0.7 (GPU A only)"
+    );
+}
