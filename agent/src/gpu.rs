@@ -130,8 +130,11 @@ pub struct GpuState {
     /// How long the last sampling round of every GPU took: a slow driver shows here first.
     round_secs: Option<f64>,
     /// Recent rounds, for the GPU share of spans: (monotonic ns, per GPU (utilisation, pids)).
-    history: std::collections::VecDeque<(u64, Vec<(Option<f64>, Vec<u32>)>)>,
+    history: std::collections::VecDeque<Round>,
 }
+
+/// One sampling round: monotonic ns, and per GPU its utilisation and the pids computing on it.
+type Round = (u64, Vec<(Option<f64>, Vec<u32>)>);
 
 /// Rounds kept for span windows (2 minutes at the default interval).
 const HISTORY_ROUNDS: usize = 120;
@@ -141,7 +144,7 @@ const HISTORY_ROUNDS: usize = 120;
 /// else the first round after it. None when the process used no GPU then.
 pub fn span_utilization(state: &SharedGpu, pid: u32, start: u64, end: u64) -> Option<f64> {
     let s = state.lock().ok()?;
-    let mut rounds: Vec<&(u64, Vec<(Option<f64>, Vec<u32>)>)> = s
+    let mut rounds: Vec<&Round> = s
         .history
         .iter()
         .filter(|(t, _)| *t >= start && *t <= end)
