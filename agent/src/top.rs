@@ -148,7 +148,17 @@ impl Histogram {
     /// Histogram `name` summed over every series whose labels include `label = value` (one
     /// series, or e.g. all syscalls of a target).
     pub fn find(samples: &[Sample], name: &str, label: &str, value: &str) -> Option<Self> {
-        let has = |s: &Sample| s.labels.get(label).is_some_and(|v| v == value);
+        Self::find_where(samples, name, |s| {
+            s.labels.get(label).is_some_and(|v| v == value)
+        })
+    }
+
+    /// Histogram `name` summed over every series `has` accepts.
+    pub fn find_where(
+        samples: &[Sample],
+        name: &str,
+        has: impl Fn(&Sample) -> bool,
+    ) -> Option<Self> {
         let bucket_name = format!("{name}_bucket");
         let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
         for s in samples.iter().filter(|s| s.name == bucket_name && has(s)) {
@@ -347,6 +357,61 @@ pub fn summary(now: &[Sample], earlier: Option<&[Sample]>, window_secs: f64) -> 
             w.counter_rate(RETRANSMITS),
         );
     }
+    out + &span_rows(now, earlier)
+}
+
+/// Per (service, span) received over OTLP in the window: count, duration p50/p99, and the mean
+/// kernel breakdown of those spans. Empty when no span arrived yet.
+fn span_rows(now: &[Sample], earlier: Option<&[Sample]>) -> String {
+    const DURATION: &str = "pipeprobe_span_duration_seconds";
+    let mut keys: Vec<(String, String)> = now
+        .iter()
+        .filter(|s| s.name == "pipeprobe_span_duration_seconds_count")
+        .filter_map(|s| {
+            Some((
+                s.labels.get("service")?.clone(),
+                s.labels.get("span")?.clone(),
+            ))
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    if keys.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{:<10} {:<18} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "SERVICE", "SPAN", "SPANS", "DUR p50", "DUR p99", "RUNQ avg", "OFFCPU avg", "SYS avg"
+    );
+    for (service, span) in keys {
+        let of = |s: &Sample| {
+            s.labels.get("service") == Some(&service) && s.labels.get("span") == Some(&span)
+        };
+        let window = |name: &str| {
+            let h = Histogram::find_where(now, name, of)?;
+            Some(
+                match earlier.and_then(|e| Histogram::find_where(e, name, of)) {
+                    Some(before) => h.since(&before),
+                    None => h,
+                },
+            )
+        };
+        let Some(d) = window(DURATION) else { continue };
+        let mean = |name: &str| {
+            window(name)
+                .filter(|h| h.count > 0.0)
+                .map_or("-".into(), |h| fmt_secs(h.sum / h.count))
+        };
+        out += &format!(
+            "{service:<10} {span:<18} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            d.count,
+            d.quantile(0.5).map_or("-".into(), fmt_secs),
+            d.quantile(0.99).map_or("-".into(), fmt_secs),
+            mean("pipeprobe_span_runqueue_delay_seconds"),
+            mean("pipeprobe_span_offcpu_seconds"),
+            mean("pipeprobe_span_syscall_seconds"),
+        );
+    }
     out
 }
 
@@ -390,6 +455,24 @@ pipeprobe_sched_runqueue_delay_seconds_bucket{target="stt",le="0.000004"} 98
 pipeprobe_sched_runqueue_delay_seconds_bucket{target="stt",le="+Inf"} 100
 odd_labels{a="x\"y",b="c,d"} 1
 "#;
+
+    #[test]
+    fn spans_get_a_row_per_service_and_span() {
+        let text = "pipeprobe_span_duration_seconds_bucket{service=\"tts\",span=\"synth\",le=\"0.1\"} 1\n\
+                    pipeprobe_span_duration_seconds_bucket{service=\"tts\",span=\"synth\",le=\"0.2\"} 2\n\
+                    pipeprobe_span_duration_seconds_bucket{service=\"tts\",span=\"synth\",le=\"+Inf\"} 2\n\
+                    pipeprobe_span_duration_seconds_sum{service=\"tts\",span=\"synth\"} 0.25\n\
+                    pipeprobe_span_duration_seconds_count{service=\"tts\",span=\"synth\"} 2\n\
+                    pipeprobe_span_offcpu_seconds_bucket{service=\"tts\",span=\"synth\",le=\"+Inf\"} 2\n\
+                    pipeprobe_span_offcpu_seconds_sum{service=\"tts\",span=\"synth\"} 0.1\n\
+                    pipeprobe_span_offcpu_seconds_count{service=\"tts\",span=\"synth\"} 2\n";
+        let rows = span_rows(&parse(text), None);
+        let line = rows.lines().find(|l| l.starts_with("tts")).unwrap();
+        assert!(line.contains("synth") && line.contains(" 2 "), "{rows}");
+        // Mean off-CPU time of the two spans: 50 ms.
+        assert!(line.contains("50.00ms"), "{rows}");
+        assert_eq!(span_rows(&parse(TEXT), None), "");
+    }
 
     #[test]
     fn parses_samples_and_escapes() {

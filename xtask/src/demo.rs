@@ -59,8 +59,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
              listen = \"{}\"\n\n\
              [targets.stt]\ncmdline = \"workload stage stt\"\n\n\
              [targets.mt]\ncmdline = \"workload stage mt\"\n\n\
-             [targets.tts]\ncmdline = \"workload stage tts\"\n",
-            opts.listen
+             [targets.tts]\ncmdline = \"workload stage tts\"\n\n\
+             # The stages export spans with the OpenTelemetry SDK to the OTLP/HTTP receiver; the\n\
+             # slow ones (one tts request in ten) get a flamegraph.\n\
+             [otlp]\nhttp_listen = \"127.0.0.1:4318\"\nflamegraph_dir = \"{}\"\n",
+            opts.listen,
+            dir.join("flamegraphs").display()
         ),
     )?;
     let log_path = dir.join("agent.log");
@@ -100,7 +104,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
 
     let mut pipeline = Command::new(bin.join("workload"));
-    pipeline.args(["pipeline", "--rate", &opts.rate.to_string()]);
+    pipeline
+        .args(["pipeline", "--rate", &opts.rate.to_string()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
     if let Some(d) = opts.duration {
         pipeline.args(["--secs", &(d + 5).to_string()]);
     }
@@ -140,6 +146,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         top.args(["--count", &(d / 2).max(1).to_string()]);
     }
     exec(&mut top)?;
+    println!("\nflamegraphs of slow spans (pipeprobe flamegraphs get ID --out x.svg):");
+    exec(
+        Command::new(bin.join("pipeprobe"))
+            .args(["flamegraphs", "list", "--control-socket"])
+            .arg(dir.join("control.sock")),
+    )?;
     drop(agent);
     Ok(())
 }

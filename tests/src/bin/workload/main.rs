@@ -9,6 +9,7 @@ use std::{
 };
 
 mod bench;
+mod otel;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -326,12 +327,14 @@ fn stage(name: &str, next: Option<&str>) -> anyhow::Result<()> {
         let exe = std::env::current_exe()?;
         Command::new(exe).arg("dataloader").spawn()?;
     }
+    let spans = otel::Spans::from_env(name).map(std::sync::Arc::new);
     for conn in listener.incoming() {
         let conn = conn?;
         let name = name.to_owned();
         let next = next.map(str::to_owned);
+        let spans = spans.clone();
         thread::spawn(move || {
-            if let Err(e) = serve(&name, next.as_deref(), conn) {
+            if let Err(e) = serve(&name, next.as_deref(), conn, spans.as_deref()) {
                 eprintln!("{name}: connection ended: {e}");
             }
         });
@@ -339,7 +342,27 @@ fn stage(name: &str, next: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(name: &str, next: Option<&str>, conn: TcpStream) -> anyhow::Result<()> {
+/// The injected slow stage of the demo: one tts request in ten synthesizes a long utterance.
+#[inline(never)]
+fn synthesize_long_utterance() -> u64 {
+    spin(Duration::from_millis(150))
+}
+
+/// The span each stage records per request (stt's covers the whole chain: time to first token).
+fn span_name(stage: &str) -> &'static str {
+    match stage {
+        "stt" => "stt_first_token",
+        "mt" => "mt_translate",
+        _ => "tts_first_sample",
+    }
+}
+
+fn serve(
+    name: &str,
+    next: Option<&str>,
+    conn: TcpStream,
+    spans: Option<&otel::Spans>,
+) -> anyhow::Result<()> {
     conn.set_nodelay(true)?;
     let mut downstream = match next {
         Some(addr) => {
@@ -358,13 +381,23 @@ fn serve(name: &str, next: Option<&str>, conn: TcpStream) -> anyhow::Result<()> 
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        stage_work(name)?;
-        if let Some((down_r, down_w)) = downstream.as_mut() {
-            down_w.write_all(line.as_bytes())?;
-            let mut reply = String::new();
-            down_r.read_line(&mut reply)?;
+        let mut handle = || -> anyhow::Result<()> {
+            stage_work(name)?;
+            if name == "tts" && line.trim().parse::<u64>().is_ok_and(|id| id % 10 == 7) {
+                std::hint::black_box(synthesize_long_utterance());
+            }
+            if let Some((down_r, down_w)) = downstream.as_mut() {
+                down_w.write_all(line.as_bytes())?;
+                let mut reply = String::new();
+                down_r.read_line(&mut reply)?;
+            }
+            writer.write_all(line.as_bytes())?;
+            Ok(())
+        };
+        match spans {
+            Some(s) => s.span(span_name(name), handle)?,
+            None => handle()?,
         }
-        writer.write_all(line.as_bytes())?;
     }
 }
 
