@@ -113,6 +113,42 @@ pub struct Sources {
     pub flamegraphs: Option<std::sync::Arc<SpanFlamegraphs>>,
 }
 
+/// Draws the flamegraph of a span from the continuous samples of its thread (else its
+/// process) inside its window; the stored id, or None without samples.
+async fn span_flamegraph(
+    fg: &SpanFlamegraphs,
+    span: &opentelemetry_proto::tonic::trace::v1::Span,
+    service: &str,
+    pid: u32,
+    tid: Option<u32>,
+    (start, end): (u64, u64),
+    secs: f64,
+) -> Option<String> {
+    let samples =
+        fg.samples
+            .lock()
+            .ok()
+            .map(|s| match tid.map(|t| s.window(pid, Some(t), start, end)) {
+                Some(v) if !v.is_empty() => v,
+                _ => s.window(pid, None, start, end),
+            })?;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let id = format!("{}-{}", hex(&span.trace_id), hex(&span.span_id));
+    let title = format!(
+        "pipeprobe span flamegraph: {service} / {} ({:.0} ms), pid {pid}{}, {} samples at {} Hz",
+        span.name,
+        secs * 1e3,
+        tid.map(|t| format!(" tid {t}")).unwrap_or_default(),
+        samples.len(),
+        fg.hz
+    );
+    let store = fg.store.clone();
+    tokio::task::spawn_blocking(move || draw(&store, &id, &title, samples))
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Processes queued requests until the queue closes.
 pub async fn run(sources: Sources) {
     let Sources {
@@ -170,53 +206,31 @@ pub async fn run(sources: Sources) {
                         / 1e9;
                     let trace_id: String =
                         span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
-                    metrics.observe_duration(&service_l, &span_l, secs, trace_id);
-                    let Some(pid) = pid else { continue };
                     let tid = attr_u32(&span.attributes, "thread.id");
                     let (start, end) = (
                         to_mono(span.start_time_unix_nano),
                         to_mono(span.end_time_unix_nano),
                     );
-                    if let Some(fg) = &flamegraphs
-                        && secs >= fg.threshold(&span.name).as_secs_f64()
-                    {
-                        let samples = fg.samples.lock().ok().map(|s| {
-                            let of_thread = tid.map(|t| s.window(pid, Some(t), start, end));
-                            match of_thread {
-                                Some(v) if !v.is_empty() => v,
-                                _ => s.window(pid, None, start, end),
-                            }
-                        });
-                        let hex =
-                            |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-                        let id = format!("{}-{}", hex(&span.trace_id), hex(&span.span_id));
-                        if let Some(samples) = samples {
-                            let title = format!(
-                                "pipeprobe span flamegraph: {service} / {} ({:.0} ms), pid {pid}{}, {} samples at {} Hz",
-                                span.name,
-                                secs * 1e3,
-                                tid.map(|t| format!(" tid {t}")).unwrap_or_default(),
-                                samples.len(),
-                                fg.hz
-                            );
-                            let store = fg.store.clone();
-                            let drawn = tokio::task::spawn_blocking(move || {
-                                draw(&store, &id, &title, samples)
-                            })
-                            .await
-                            .ok()
-                            .flatten();
-                            if let Some(id) = drawn {
-                                span.attributes.push(KeyValue {
-                                    key: "pipeprobe.flamegraph".to_owned(),
-                                    value: Some(AnyValue {
-                                        value: Some(Value::StringValue(id)),
-                                    }),
-                                    ..KeyValue::default()
-                                });
-                            }
+                    let drawn = match (&flamegraphs, pid) {
+                        (Some(fg), Some(pid)) if secs >= fg.threshold(&span.name).as_secs_f64() => {
+                            span_flamegraph(fg, span, &service, pid, tid, (start, end), secs).await
                         }
+                        _ => None,
+                    };
+                    // The exemplar links the slow span's trace and, when drawn, its flamegraph.
+                    let mut exemplar = vec![("trace_id".to_owned(), trace_id)];
+                    if let Some(id) = &drawn {
+                        exemplar.push(("flamegraph".to_owned(), id.clone()));
+                        span.attributes.push(KeyValue {
+                            key: "pipeprobe.flamegraph".to_owned(),
+                            value: Some(AnyValue {
+                                value: Some(Value::StringValue(id.clone())),
+                            }),
+                            ..KeyValue::default()
+                        });
                     }
+                    metrics.observe_duration(&service_l, &span_l, secs, exemplar);
+                    let Some(pid) = pid else { continue };
                     if let Some(util) = gpu
                         .as_ref()
                         .and_then(|g| crate::gpu::span_utilization(g, pid, start, end))

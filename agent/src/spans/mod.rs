@@ -10,8 +10,8 @@
 //! be read from history. The kernel keeps per-thread running totals (run-queue time, blocked
 //! time, syscall time and count) in each thread's task storage, updated by the sched and
 //! syscalls programs on the events they already handle: no extra map lookup, nothing per event
-//! to user space. `history.rs` samples those totals every 10 ms for the tracked threads and keeps
-//! their change points for a bounded window (default 30 s); the share of any window is the
+//! to user space. `history.rs` samples those totals every 20 ms for the tracked threads and keeps
+//! their change points for a bounded window (default 15 s); the share of any window is the
 //! difference of the totals at its two ends, each known to within one sampling tick. Cost: one
 //! map lookup per tracked thread per tick, and memory proportional to how often totals change,
 //! capped by the window and `history::MAX_THREADS`.
@@ -48,10 +48,8 @@ pub struct SpanLabels {
     pub span: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TraceLabels {
-    pub trace_id: String,
-}
+/// Exemplar labels: `trace_id`, and `flamegraph` when the span has one.
+type ExemplarLabels = Vec<(String, String)>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -70,7 +68,7 @@ fn buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
-fn exemplar_buckets() -> HistogramWithExemplars<TraceLabels> {
+fn exemplar_buckets() -> HistogramWithExemplars<ExemplarLabels> {
     HistogramWithExemplars::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
@@ -79,8 +77,8 @@ fn exemplar_buckets() -> HistogramWithExemplars<TraceLabels> {
 pub struct SpanMetrics {
     duration: Family<
         SpanLabels,
-        HistogramWithExemplars<TraceLabels>,
-        fn() -> HistogramWithExemplars<TraceLabels>,
+        HistogramWithExemplars<ExemplarLabels>,
+        fn() -> HistogramWithExemplars<ExemplarLabels>,
     >,
     runq: Hist,
     offcpu: Hist,
@@ -146,13 +144,13 @@ impl SpanMetrics {
         m
     }
 
-    fn observe_duration(&self, service: &str, span: &str, secs: f64, trace_id: String) {
+    fn observe_duration(&self, service: &str, span: &str, secs: f64, exemplar: ExemplarLabels) {
         self.duration
             .get_or_create(&SpanLabels {
                 service: service.to_owned(),
                 span: span.to_owned(),
             })
-            .observe(secs, Some(TraceLabels { trace_id }), None);
+            .observe(secs, Some(exemplar), None);
     }
 
     fn observe_breakdown(&self, service: &str, span: &str, b: &history::Breakdown) {
@@ -221,7 +219,7 @@ impl Default for SpansConfig {
             forward_to: None,
             max_request_bytes: 4 << 20,
             max_span_names: 100,
-            history: Duration::from_secs(30),
+            history: Duration::from_secs(15),
             sample_hz: 49,
             flamegraph_threshold: Duration::from_millis(100),
             flamegraph_thresholds: std::collections::HashMap::new(),

@@ -254,6 +254,10 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
             .any(|kv| kv.key == "pipeprobe.flamegraph"),
         "a span under the threshold got a flamegraph"
     );
+    assert!(
+        openmetrics.contains(&format!("flamegraph=\"{id}\"")),
+        "the duration exemplar does not link flamegraph {id}"
+    );
     let cli = |args: &[&str]| {
         Command::new(pipeprobe_tests::pipeprobe_bin())
             .arg("flamegraphs")
