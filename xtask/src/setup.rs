@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "golang-go",
         "`go tool pprof`, the reference reader of pprof output",
     ),
+    (
+        "prometheus",
+        "promtool: lints the agent's /metrics and unit-tests the alert rules",
+    ),
 ];
 
 pub fn run() -> anyhow::Result<()> {

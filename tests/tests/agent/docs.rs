@@ -138,4 +138,42 @@ fn every_exported_metric_is_documented_with_its_type() {
         missing.is_empty(),
         "documented but not exported: {missing:?}"
     );
+    // Prometheus's own linter on the classic exposition of the same agent.
+    let classic = pipeprobe::top::fetch(&format!("http://{}/metrics", agent.addr)).unwrap();
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) is needed: run `cargo xtask setup`");
+    std::io::Write::write_all(&mut lint.stdin.take().unwrap(), classic.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn alert_rules_are_valid_and_pass_their_unit_tests() {
+    let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts_test.yml"][..],
+    ] {
+        let o = Command::new("promtool")
+            .args(args)
+            .current_dir(&dashboards)
+            .output()
+            .expect("promtool (Debian's prometheus package) is needed: run `cargo xtask setup`");
+        assert!(
+            o.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }
