@@ -13,12 +13,12 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_task, bpf_probe_read_kernel, generated},
+    helpers::generated,
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
 
-use crate::lost::count as count_lost;
+use crate::{lost::count as count_lost, task};
 
 /// Python processes of the running capture, by tgid (filled by user space at capture start).
 #[map]
@@ -31,11 +31,6 @@ static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(PY_STACKS_MA
 /// Per-CPU room to build a stack in: a `PyStack` does not fit on the 512-byte BPF stack.
 #[map]
 static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
-
-/// `offsetof(task_struct, thread) + offsetof(thread_struct, fsbase)`, set by the loader; 0 where
-/// unknown. CPython 3.10 names its threads by `pthread_self()`, which is the thread pointer.
-#[unsafe(no_mangle)]
-static TASK_FSBASE_OFFSET: u32 = 0;
 
 /// Reads a user-space word; 0 when unreadable (the helper zeroes its destination on failure).
 /// No branch on the result: each branch in the frame loop would multiply the states the
@@ -66,16 +61,7 @@ fn current_thread_id(p: &PyProc, tid: u32) -> u64 {
     if p.offsets.thread_is_pthread == 0 {
         return u64::from(tid);
     }
-    // SAFETY: volatile read of a global the loader initialised.
-    let off = unsafe { core::ptr::read_volatile(&TASK_FSBASE_OFFSET) };
-    if off == 0 {
-        return 0;
-    }
-    // SAFETY: the current task pointer is valid; the read is checked.
-    unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        bpf_probe_read_kernel(task.wrapping_add(off as usize) as *const u64).unwrap_or(0)
-    }
+    task::fsbase().unwrap_or(0)
 }
 
 /// The current thread's `PyThreadState`, or 0.

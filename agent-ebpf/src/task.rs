@@ -9,6 +9,9 @@ static TASK_PID_OFFSET: u32 = 0;
 static TASK_TGID_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_STATE_OFFSET: u32 = 0;
+/// `thread.fsbase` (the saved thread pointer), 0 where this kernel has none.
+#[unsafe(no_mangle)]
+static TASK_FSBASE_OFFSET: u32 = 0;
 
 #[inline(always)]
 fn read_u32_at(task: *const u8, offset: &'static u32) -> Result<u32, i64> {
@@ -35,4 +38,20 @@ pub fn tgid(task: *const u8) -> Result<u32, i64> {
 #[inline(always)]
 pub fn state(task: *const u8) -> Result<u32, i64> {
     read_u32_at(task, &TASK_STATE_OFFSET)
+}
+
+/// The current task's thread pointer (what `pthread_self()` returns on x86_64), or None where
+/// the loader found no `thread.fsbase` in this kernel.
+#[inline(always)]
+pub fn fsbase() -> Option<u64> {
+    // SAFETY: volatile read of a global the loader initialised.
+    let off = unsafe { core::ptr::read_volatile(&TASK_FSBASE_OFFSET) };
+    if off == 0 {
+        return None;
+    }
+    // SAFETY: the current task pointer is valid; the read is checked.
+    unsafe {
+        let task = aya_ebpf::helpers::bpf_get_current_task() as *const u8;
+        bpf_probe_read_kernel(task.wrapping_add(off as usize) as *const u64).ok()
+    }
 }

@@ -16,6 +16,7 @@ pub mod lost;
 pub mod metrics;
 pub mod pprof;
 pub mod probes;
+pub mod procmaps;
 pub mod python;
 pub mod sched;
 pub mod spans;

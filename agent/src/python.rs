@@ -18,6 +18,8 @@ use agent_common::python::{ABSENT, CODE_BITS, PyOffsets, PyProc};
 use blazesym::inspect::{Inspector, source::Elf, source::Source};
 use thiserror::Error;
 
+use crate::procmaps::{MapLine, read as read_maps};
+
 /// Minor versions of CPython 3 whose stacks are walked.
 pub const SUPPORTED: std::ops::RangeInclusive<u32> = 10..=13;
 
@@ -141,37 +143,6 @@ fn code_layout(minor: u32) -> CodeLayout {
             compact_data: 56,
         },
     }
-}
-
-/// One line of /proc/PID/maps.
-struct MapLine {
-    lo: u64,
-    hi: u64,
-    perms: String,
-    offset: u64,
-    inode: u64,
-    path: String,
-}
-
-fn read_maps(pid: u32) -> Vec<MapLine> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (range, perms, offset, _dev, inode) =
-                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
-            let path = f.collect::<Vec<_>>().join(" ");
-            let (lo, hi) = range.split_once('-')?;
-            Some(MapLine {
-                lo: u64::from_str_radix(lo, 16).ok()?,
-                hi: u64::from_str_radix(hi, 16).ok()?,
-                perms: perms.to_owned(),
-                offset: u64::from_str_radix(offset, 16).ok()?,
-                inode: inode.parse().ok()?,
-                path,
-            })
-        })
-        .collect()
 }
 
 /// The minor version in an interpreter file name: `libpython3.12.so.1.0` and `python3.12` give

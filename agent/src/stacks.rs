@@ -633,25 +633,26 @@ struct Mappings(Vec<Mapping>);
 impl Mappings {
     /// `open`: also hold the mapped files open (a snapshot taken at capture start).
     fn read(pid: u32, open: bool) -> Self {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
         Self(
-            text.lines()
-                .filter_map(|l| {
-                    let mut f = l.split_whitespace();
-                    let (range, perms, offset) = (f.next()?, f.next()?, f.next()?);
-                    let path = f.nth(2).unwrap_or("[anon]");
-                    perms.contains('x').then_some(())?;
-                    let (lo, hi) = range.split_once('-')?;
+            crate::procmaps::read(pid)
+                .into_iter()
+                .filter(|m| m.perms.contains('x'))
+                .map(|m| {
+                    // A deleted file's path ends in " (deleted)": the module is the file name.
+                    let path = m.path.split_whitespace().next().unwrap_or("[anon]");
                     let file = (open && path.starts_with('/'))
-                        .then(|| std::fs::File::open(format!("/proc/{pid}/map_files/{range}")).ok())
+                        .then(|| {
+                            let range = format!("{:x}-{:x}", m.lo, m.hi);
+                            std::fs::File::open(format!("/proc/{pid}/map_files/{range}")).ok()
+                        })
                         .flatten();
-                    Some(Mapping {
-                        lo: u64::from_str_radix(lo, 16).ok()?,
-                        hi: u64::from_str_radix(hi, 16).ok()?,
-                        offset: u64::from_str_radix(offset, 16).ok()?,
+                    Mapping {
+                        lo: m.lo,
+                        hi: m.hi,
+                        offset: m.offset,
                         module: path.rsplit('/').next().unwrap_or(path).to_owned(),
                         file,
-                    })
+                    }
                 })
                 .collect(),
         )

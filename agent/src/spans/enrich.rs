@@ -118,12 +118,13 @@ pub struct Sources {
 async fn span_flamegraph(
     fg: &SpanFlamegraphs,
     span: &opentelemetry_proto::tonic::trace::v1::Span,
+    trace_id: &str,
     service: &str,
     pid: u32,
     tid: Option<u32>,
     (start, end): (u64, u64),
-    secs: f64,
 ) -> Option<String> {
+    let secs = end.saturating_sub(start) as f64 / 1e9;
     let samples =
         fg.samples
             .lock()
@@ -132,8 +133,8 @@ async fn span_flamegraph(
                 Some(v) if !v.is_empty() => v,
                 _ => s.window(pid, None, start, end),
             })?;
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let id = format!("{}-{}", hex(&span.trace_id), hex(&span.span_id));
+    let span_id: String = span.span_id.iter().map(|x| format!("{x:02x}")).collect();
+    let id = format!("{trace_id}-{span_id}");
     let title = format!(
         "pipeprobe span flamegraph: {service} / {} ({:.0} ms), pid {pid}{}, {} samples at {} Hz",
         span.name,
@@ -213,7 +214,8 @@ pub async fn run(sources: Sources) {
                     );
                     let drawn = match (&flamegraphs, pid) {
                         (Some(fg), Some(pid)) if secs >= fg.threshold(&span.name).as_secs_f64() => {
-                            span_flamegraph(fg, span, &service, pid, tid, (start, end), secs).await
+                            span_flamegraph(fg, span, &trace_id, &service, pid, tid, (start, end))
+                                .await
                         }
                         _ => None,
                     };
