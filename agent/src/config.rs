@@ -585,6 +585,30 @@ cgroup = "/system.slice"
     }
 
     #[test]
+    fn bad_otlp_settings_are_named() {
+        let t = "[targets.a]\npid = 1\n";
+        let e = err(
+            &format!("[otlp]\nforward_to = \"https://tempo:4318\"\n{t}"),
+            &[],
+        );
+        assert!(
+            e.contains("otlp.forward_to") && e.contains("http://HOST:PORT"),
+            "{e}"
+        );
+        let e = err(&format!("[otlp]\nsample_hz = 5000\n{t}"), &[]);
+        assert!(e.contains("otlp.sample_hz") && e.contains("5000"), "{e}");
+        let e = err(&format!("[otlp]\nmax_request_bytes = 10\n{t}"), &[]);
+        assert!(e.contains("otlp.max_request_bytes"), "{e}");
+        let e = err(
+            &format!("[otlp.flamegraph_thresholds_ms]\ntts = 0\n{t}"),
+            &[],
+        );
+        assert!(e.contains("otlp.flamegraph_thresholds_ms"), "{e}");
+        let e = err(&format!("[otlp]\nhistory_secs = 0.1\n{t}"), &[]);
+        assert!(e.contains("otlp.history_secs"), "{e}");
+    }
+
+    #[test]
     fn invalid_regex_is_named() {
         let e = err("[targets.stt]\ncmdline = [\"ok\", \"(unclosed\"]\n", &[]);
         assert!(
