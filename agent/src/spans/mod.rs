@@ -141,6 +141,23 @@ impl SpanMetrics {
             "OTLP requests refused as malformed or oversize, per protocol (http, grpc)",
             m.rejected.clone(),
         );
+        // Every reason and protocol exists from the start at 0, so that `rate()` and alerts
+        // see a first drop as an increase rather than a series appearing.
+        for reason in [
+            "intake_queue_full",
+            "forward_queue_full",
+            "backend_unreachable",
+            "backend_error",
+        ] {
+            m.dropped_n(reason, 0);
+        }
+        for protocol in ["http", "grpc"] {
+            m.rejected
+                .get_or_create(&ProtocolLabels {
+                    protocol: protocol.to_owned(),
+                })
+                .inc_by(0);
+        }
         m
     }
 
