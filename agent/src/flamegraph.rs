@@ -341,7 +341,7 @@ pub struct FlamegraphsArgs {
 pub enum StoredCommand {
     /// List them, oldest first: id (TRACEID-SPANID), size, when.
     List,
-    /// Write one to a file.
+    /// Write one to a file (`--out -`: standard output).
     Get {
         id: String,
         #[arg(long)]
@@ -393,11 +393,19 @@ pub fn run_stored(args: &FlamegraphsArgs) -> Result<(), FlamegraphError> {
             else {
                 return Err(FlamegraphError::Refused("unexpected reply".into()));
             };
-            std::fs::write(out, svg).map_err(|source| FlamegraphError::Output {
+            let output = |source| FlamegraphError::Output {
                 path: out.clone(),
                 source,
-            })?;
-            eprintln!("wrote {}", out.display());
+            };
+            // `-` is standard output, for `kubectl exec ... > span.svg` from outside the pod.
+            if out.as_os_str() == "-" {
+                std::io::stdout()
+                    .write_all(svg.as_bytes())
+                    .map_err(output)?;
+            } else {
+                std::fs::write(out, svg).map_err(output)?;
+                eprintln!("wrote {}", out.display());
+            }
             Ok(())
         }
     }
