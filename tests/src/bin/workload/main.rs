@@ -66,6 +66,10 @@ enum Cmd {
         /// Wait this long after the stages start before sending.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Requests per client connection (a user session); each new connection makes every
+        /// stage connect to the next. 0: one connection for the whole run.
+        #[arg(long, default_value_t = 20)]
+        requests_per_connection: u64,
     },
     /// One pipeline stage (started by `pipeline`).
     Stage {
@@ -401,7 +405,12 @@ fn serve(
     }
 }
 
-fn pipeline(rate: f64, secs: Option<f64>, delay_ms: u64) -> anyhow::Result<()> {
+fn pipeline(
+    rate: f64,
+    secs: Option<f64>,
+    delay_ms: u64,
+    requests_per_connection: u64,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut next: Option<String> = None;
     let mut children = Vec::new();
@@ -423,10 +432,12 @@ fn pipeline(rate: f64, secs: Option<f64>, delay_ms: u64) -> anyhow::Result<()> {
         children.push(child);
     }
     let stt = next.expect("three stages");
-    let conn = TcpStream::connect(&stt)?;
-    conn.set_nodelay(true)?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut writer = conn;
+    let connect = || -> anyhow::Result<(BufReader<TcpStream>, TcpStream)> {
+        let conn = TcpStream::connect(&stt)?;
+        conn.set_nodelay(true)?;
+        Ok((BufReader::new(conn.try_clone()?), conn))
+    };
+    let (mut reader, mut writer) = connect()?;
     thread::sleep(Duration::from_millis(delay_ms));
     let start = Instant::now();
     let period = if rate > 0.0 {
@@ -441,6 +452,9 @@ fn pipeline(rate: f64, secs: Option<f64>, delay_ms: u64) -> anyhow::Result<()> {
             break;
         }
         let t0 = Instant::now();
+        if requests_per_connection > 0 && id > 0 && id % requests_per_connection == 0 {
+            (reader, writer) = connect()?;
+        }
         writeln!(writer, "{id}")?;
         line.clear();
         reader.read_line(&mut line)?;
@@ -513,7 +527,8 @@ fn main() -> anyhow::Result<()> {
             rate,
             secs,
             delay_ms,
-        } => pipeline(rate, secs, delay_ms)?,
+            requests_per_connection,
+        } => pipeline(rate, secs, delay_ms, requests_per_connection)?,
         Cmd::Stage { name, next } => stage(&name, next.as_deref())?,
         Cmd::Nanosleep {
             ms,
