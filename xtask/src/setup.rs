@@ -160,6 +160,10 @@ const PY_TOOLS: &[(&str, &str)] = &[
         "opentelemetry-exporter-otlp-proto-grpc==1.39.1",
         "its OTLP/gRPC exporter",
     ),
+    (
+        "matplotlib==3.10.7",
+        "plots of the dashboards' queries from the Prometheus test's real data",
+    ),
 ];
 
 /// Where `python_tools` installs; the tests look for their tools there too.

@@ -6,8 +6,24 @@ use std::{collections::BTreeMap, path::Path, process::Command};
 
 use pipeprobe_tests::{Agent, Proc, config_file, py_tool};
 
+/// A row of the README's metric table.
+pub(crate) struct Doc {
+    pub kind: String,
+    /// The labels cell as written: `none`, label names in backquotes, or `none, or ...`.
+    pub labels: String,
+}
+
 /// `name -> type` of every family in the README's metric table (a row may name several).
 fn documented() -> BTreeMap<String, String> {
+    documented_rows()
+        .into_iter()
+        .map(|(name, d)| (name, d.kind))
+        .collect()
+}
+
+/// Every family in the README's metric table, by OpenMetrics family name (counters without
+/// `_total`).
+pub(crate) fn documented_rows() -> BTreeMap<String, Doc> {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
             .expect("README.md");
@@ -19,7 +35,7 @@ fn documented() -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for row in table.lines().filter(|l| l.starts_with("| `pipeprobe_")) {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        let (names, kind) = (cells[1], cells[2]);
+        let (names, kind, labels) = (cells[1], cells[2], cells[3]);
         for name in names.split('`').filter(|n| n.starts_with("pipeprobe_")) {
             // OpenMetrics names a counter family without its _total suffix.
             let family = if kind == "counter" {
@@ -27,7 +43,13 @@ fn documented() -> BTreeMap<String, String> {
             } else {
                 name
             };
-            out.insert(family.to_owned(), kind.to_owned());
+            out.insert(
+                family.to_owned(),
+                Doc {
+                    kind: kind.to_owned(),
+                    labels: labels.to_owned(),
+                },
+            );
         }
     }
     out
@@ -116,11 +138,6 @@ fn every_exported_metric_is_documented_with_its_type() {
     let rare = [
         ("pipeprobe_gpu_xid_errors", "an Xid event"),
         ("pipeprobe_spans_forwarded", "a backend"),
-        (
-            "pipeprobe_spans_dropped",
-            "a full queue or a failing backend",
-        ),
-        ("pipeprobe_otlp_rejected_requests", "a malformed request"),
         (
             "pipeprobe_python_unwind_unsupported",
             "a capture of an unsupported Python",

@@ -16,13 +16,13 @@ use pipeprobe_tests::{Agent, config_file, py_tool, wait_until};
 use prost::Message as _;
 
 /// An OTLP/HTTP backend that keeps every span it is sent.
-struct Backend {
-    addr: SocketAddr,
+pub(crate) struct Backend {
+    pub(crate) addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
 }
 
 impl Backend {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
