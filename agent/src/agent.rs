@@ -261,6 +261,9 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         agent_metrics.target_processes.clone(),
         user_lost,
     );
+    if let Some(kube) = &config.kubernetes {
+        tracker = with_kubernetes(tracker, kube, metrics.registry_mut());
+    }
     tracker.scan();
     // After the initial scan, so the first GPU sample already knows which process is whose.
     let gpu_state = config.gpu_enabled.then(|| {
@@ -349,4 +352,32 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
         () = term => {}
     }
+}
+
+/// Starts pod resolution through the kubelet. A kubelet that cannot be set up (CA file) is
+/// logged and leaves pod selectors matching nothing; the rest of the agent runs on.
+fn with_kubernetes(
+    tracker: Tracker,
+    cfg: &crate::kube::KubeConfig,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Tracker {
+    let up = prometheus_client::metrics::gauge::Gauge::default();
+    registry.register(
+        "pipeprobe_kubelet_up",
+        "1 when the last pod list request to the kubelet succeeded",
+        up.clone(),
+    );
+    let series = prometheus_client::metrics::family::Family::default();
+    registry.register(
+        "pipeprobe_target_pod_info",
+        "Processes of each target per Kubernetes namespace, pod and container",
+        series.clone(),
+    );
+    let pods = Arc::new(crate::kube::Pods::default());
+    let changed = Arc::new(tokio::sync::Notify::new());
+    match crate::kube::start(cfg.clone(), pods.clone(), changed.clone(), up) {
+        Ok(()) => tracing::info!(kubelet = %cfg.kubelet_url, "resolving pods through the kubelet"),
+        Err(e) => tracing::error!("{e}; Kubernetes pod selectors match nothing"),
+    }
+    tracker.with_kubernetes(pods, changed, series, cfg.max_pod_series)
 }

@@ -53,7 +53,9 @@ pub enum ConfigError {
     CliTarget { arg: String },
     #[error("invalid target name `{name}` at {origin}: use 1-64 letters, digits, `_`, `-` or `.`")]
     TargetName { origin: String, name: String },
-    #[error("target `{name}` has no selector at {origin}: add comm, cmdline, pid or cgroup")]
+    #[error(
+        "target `{name}` has no selector at {origin}: add comm, cmdline, pid, cgroup or kubernetes"
+    )]
     EmptyTarget { origin: String, name: String },
     #[error(
         "target `{name}` is defined twice: in {path} and by --target; give one of them another name"
@@ -80,6 +82,14 @@ pub enum ConfigError {
         name: String,
         hint: String,
     },
+    #[error(
+        "target `{name}` selects Kubernetes pods but [kubernetes] is off in {path}: set [kubernetes] enabled = true (the kubelet's pod list is needed to resolve pods)"
+    )]
+    KubernetesOff { name: String, path: String },
+    #[error(
+        "kubernetes.kubelet_url in {path} uses ${{{var}}}, which is not set in the environment: set it (the DaemonSet sets NODE_IP from status.hostIP) or write the URL"
+    )]
+    UnsetVariable { path: String, var: String },
     #[error("invalid {key} in {path}: {value} is not between {min} and {max}")]
     Value {
         path: String,
@@ -122,6 +132,91 @@ struct FileTarget {
     pid: OneOrMany<u32>,
     #[serde(default)]
     cgroup: OneOrMany<String>,
+    kubernetes: Option<FilePodSelector>,
+}
+
+/// `[targets.NAME.kubernetes]`: every given field must match.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FilePodSelector {
+    namespace: Option<String>,
+    pod: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    container: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileKubernetes {
+    enabled: Option<bool>,
+    kubelet_url: Option<String>,
+    token_path: Option<PathBuf>,
+    ca_path: Option<PathBuf>,
+    insecure_skip_tls_verify: Option<bool>,
+    refresh_secs: Option<f64>,
+    max_pod_series: Option<usize>,
+}
+
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Replaces `${VAR}` with the environment's value.
+fn expand_env(path: &str, value: &str) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
+        let var = &rest[start + 2..start + len];
+        out.push_str(&rest[..start]);
+        out.push_str(&std::env::var(var).map_err(|_| ConfigError::UnsetVariable {
+            path: path.to_owned(),
+            var: var.to_owned(),
+        })?);
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl FileKubernetes {
+    fn build(self, path: &str) -> Result<Option<crate::kube::KubeConfig>, ConfigError> {
+        if !self.enabled.unwrap_or(false) {
+            return Ok(None);
+        }
+        let refresh = self.refresh_secs.unwrap_or(10.0);
+        in_range(path, "kubernetes.refresh_secs", refresh, 0.1, 3600.0)?;
+        let max_pod_series = self.max_pod_series.unwrap_or(256);
+        in_range(path, "kubernetes.max_pod_series", max_pod_series, 1, 65_536)?;
+        let url = expand_env(
+            path,
+            self.kubelet_url
+                .as_deref()
+                .unwrap_or("https://${NODE_IP}:10250"),
+        )?;
+        if !url.starts_with("https://") && !url.starts_with("http://") {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: format!(
+                    "kubernetes.kubelet_url = {url:?}: expected https://HOST:PORT (the kubelet API) or http://HOST:PORT (its read-only port)"
+                ),
+            });
+        }
+        // An empty path turns the token (or the CA) off.
+        let file = |v: Option<PathBuf>, default: &str| {
+            let p = v.unwrap_or_else(|| Path::new(SERVICE_ACCOUNT).join(default));
+            (!p.as_os_str().is_empty()).then_some(p)
+        };
+        Ok(Some(crate::kube::KubeConfig {
+            kubelet_url: url,
+            token_path: file(self.token_path, "token"),
+            ca_path: file(self.ca_path, "ca.crt"),
+            insecure_skip_tls_verify: self.insecure_skip_tls_verify.unwrap_or(false),
+            refresh: Duration::from_secs_f64(refresh),
+            max_pod_series,
+        }))
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -185,6 +280,8 @@ struct FileConfig {
     #[serde(default)]
     otlp: FileOtlp,
     #[serde(default)]
+    kubernetes: FileKubernetes,
+    #[serde(default)]
     targets: BTreeMap<String, FileTarget>,
 }
 
@@ -212,6 +309,8 @@ pub struct Config {
     pub gpu_interval: Duration,
     /// OTLP span intake, enrichment and forwarding (`[otlp]`).
     pub spans: crate::spans::SpansConfig,
+    /// Pod resolution through the kubelet (`[kubernetes]`), off by default.
+    pub kubernetes: Option<crate::kube::KubeConfig>,
 }
 
 /// Checks that `key`'s `value` lies in `min..=max`.
@@ -284,6 +383,21 @@ impl Config {
             add("cmdline", t.cmdline.into_vec())?;
             add("pid", t.pid.into_vec().iter().map(u32::to_string).collect())?;
             add("cgroup", t.cgroup.into_vec())?;
+            if let Some(k) = t.kubernetes {
+                let origin = format!("{origin}.kubernetes");
+                let sel = crate::targets::PodSelector::new(
+                    &origin,
+                    k.namespace,
+                    k.pod.as_deref(),
+                    k.labels.into_iter().collect(),
+                    k.container,
+                )
+                .map_err(|source| ConfigError::Selector {
+                    origin: origin.clone(),
+                    source,
+                })?;
+                selectors.push(Selector::Pod(sel));
+            }
             if selectors.is_empty() {
                 return Err(ConfigError::EmptyTarget { origin, name });
             }
@@ -339,6 +453,17 @@ impl Config {
                     known: probes::NAMES.join(", "),
                 });
             }
+        }
+        let kubernetes = file.kubernetes.build(&where_)?;
+        if kubernetes.is_none()
+            && let Some(t) = targets
+                .iter()
+                .find(|t| t.selectors.iter().any(|s| matches!(s, Selector::Pod(_))))
+        {
+            return Err(ConfigError::KubernetesOff {
+                name: t.name.clone(),
+                path: where_,
+            });
         }
         let rescan = file.rescan_interval_secs.unwrap_or(5.0);
         in_range(&where_, "rescan_interval_secs", rescan, 0.1, 3600.0)?;
@@ -494,6 +619,7 @@ impl Config {
                 .unwrap_or_else(|| crate::gpu::DEFAULT_LIBRARY.into()),
             gpu_interval: Duration::from_secs_f64(gpu_interval),
             spans,
+            kubernetes,
         })
     }
 }

@@ -9,17 +9,19 @@ use std::{fmt, path::Path, str::FromStr};
 use regex::Regex;
 use thiserror::Error;
 
+use crate::kube::PodRef;
+
 /// Index of a target in the configuration; the id the kernel side stores per tracked process.
 pub type TargetId = u32;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SelectorError {
     #[error(
-        "selector `{input}` has no kind: write KIND:VALUE with KIND one of comm, cmdline, pid, cgroup"
+        "selector `{input}` has no kind: write KIND:VALUE with KIND one of comm, cmdline, pid, cgroup, k8s"
     )]
     NoKind { input: String },
     #[error(
-        "unknown selector kind `{kind}` in `{input}`{hint}: expected comm, cmdline, pid or cgroup"
+        "unknown selector kind `{kind}` in `{input}`{hint}: expected comm, cmdline, pid, cgroup or k8s"
     )]
     UnknownKind {
         kind: String,
@@ -34,6 +36,115 @@ pub enum SelectorError {
         "invalid cgroup selector `{input}`: the prefix must be an absolute cgroup path like /kubepods.slice"
     )]
     BadCgroup { input: String },
+    #[error(
+        "invalid Kubernetes selector `{input}`: {reason}; write k8s:namespace=NS,pod=REGEX,label.KEY=VALUE,container=NAME (any of them, all must match)"
+    )]
+    BadPod { input: String, reason: String },
+}
+
+/// Pods of the node by Kubernetes identity; every given field must match.
+#[derive(Clone, Default)]
+pub struct PodSelector {
+    pub namespace: Option<String>,
+    /// Regex searched in the pod name.
+    pub pod: Option<Regex>,
+    pub labels: Vec<(String, String)>,
+    pub container: Option<String>,
+}
+
+impl PodSelector {
+    fn matches(&self, r: &PodRef) -> bool {
+        self.namespace
+            .as_ref()
+            .is_none_or(|n| *n == r.pod.namespace)
+            && self.pod.as_ref().is_none_or(|re| re.is_match(&r.pod.name))
+            && self.container.as_ref().is_none_or(|c| *c == r.container)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| r.pod.labels.get(k) == Some(v))
+    }
+
+    /// From its fields; `input` names the selector in errors.
+    pub fn new(
+        input: &str,
+        namespace: Option<String>,
+        pod: Option<&str>,
+        labels: Vec<(String, String)>,
+        container: Option<String>,
+    ) -> Result<Self, SelectorError> {
+        let bad = |reason: String| SelectorError::BadPod {
+            input: input.to_owned(),
+            reason,
+        };
+        if namespace.is_none() && pod.is_none() && container.is_none() && labels.is_empty() {
+            return Err(bad("it selects nothing".into()));
+        }
+        let pod = pod
+            .map(|p| {
+                Regex::new(p).map_err(|e| {
+                    bad(format!(
+                        "invalid pod regex: {}",
+                        e.to_string().lines().last().unwrap_or_default().trim()
+                    ))
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            namespace,
+            pod,
+            labels,
+            container,
+        })
+    }
+
+    /// From `namespace=NS,pod=REGEX,label.KEY=VALUE,container=NAME`.
+    fn parse(input: &str, value: &str) -> Result<Self, SelectorError> {
+        let bad = |reason: String| SelectorError::BadPod {
+            input: input.to_owned(),
+            reason,
+        };
+        let (mut namespace, mut pod, mut labels, mut container) = (None, None, Vec::new(), None);
+        for part in value.split(',').filter(|p| !p.is_empty()) {
+            let (key, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{part}` is not KEY=VALUE")))?;
+            match key {
+                "namespace" => namespace = Some(v.to_owned()),
+                "pod" => pod = Some(v),
+                "container" => container = Some(v.to_owned()),
+                _ => match key.strip_prefix("label.") {
+                    Some(k) if !k.is_empty() => labels.push((k.to_owned(), v.to_owned())),
+                    _ => {
+                        return Err(bad(format!(
+                            "unknown key `{key}`{}",
+                            did_you_mean(key, &["namespace", "pod", "container", "label.KEY"])
+                        )));
+                    }
+                },
+            }
+        }
+        Self::new(input, namespace, pod, labels, container)
+    }
+}
+
+impl fmt::Display for PodSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(n) = &self.namespace {
+            parts.push(format!("namespace={n}"));
+        }
+        if let Some(p) = &self.pod {
+            parts.push(format!("pod={}", p.as_str()));
+        }
+        for (k, v) in &self.labels {
+            parts.push(format!("label.{k}={v}"));
+        }
+        if let Some(c) = &self.container {
+            parts.push(format!("container={c}"));
+        }
+        f.write_str(&parts.join(","))
+    }
 }
 
 #[derive(Clone)]
@@ -45,6 +156,8 @@ pub enum Selector {
     Pid(u32),
     /// Cgroup v2 path prefix, matched on whole path components.
     Cgroup(String),
+    /// Kubernetes pod identity (needs `[kubernetes]`).
+    Pod(PodSelector),
 }
 
 impl fmt::Debug for Selector {
@@ -60,11 +173,12 @@ impl fmt::Display for Selector {
             Selector::Cmdline(r) => write!(f, "cmdline:{}", r.as_str()),
             Selector::Pid(p) => write!(f, "pid:{p}"),
             Selector::Cgroup(c) => write!(f, "cgroup:{c}"),
+            Selector::Pod(p) => write!(f, "k8s:{p}"),
         }
     }
 }
 
-const KINDS: [&str; 4] = ["comm", "cmdline", "pid", "cgroup"];
+const KINDS: [&str; 5] = ["comm", "cmdline", "pid", "cgroup", "k8s"];
 
 /// " (did you mean `x`?)" when `word` is close to one of `known`, else "".
 pub fn did_you_mean(word: &str, known: &[&str]) -> String {
@@ -110,6 +224,7 @@ impl Selector {
                     trimmed.into()
                 }))
             }
+            "k8s" => Ok(Selector::Pod(PodSelector::parse(&input, value)?)),
             other => Err(SelectorError::UnknownKind {
                 kind: other.to_owned(),
                 hint: did_you_mean(other, &KINDS),
@@ -129,6 +244,7 @@ impl Selector {
                         .strip_prefix(prefix.as_str())
                         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             }
+            Selector::Pod(sel) => p.pod.as_ref().is_some_and(|r| sel.matches(r)),
         }
     }
 }
@@ -180,6 +296,20 @@ impl TargetSet {
         self.targets.get(id as usize).map(|t| t.name.as_str())
     }
 
+    /// Whether target `id` has a Kubernetes pod selector.
+    pub fn selects_pods(&self, id: TargetId) -> bool {
+        self.targets
+            .get(id as usize)
+            .is_some_and(|t| t.selectors.iter().any(|s| matches!(s, Selector::Pod(_))))
+    }
+
+    /// Whether a selector of target `id` matches `p`.
+    pub fn matches(&self, id: TargetId, p: &ProcessInfo) -> bool {
+        self.targets
+            .get(id as usize)
+            .is_some_and(|t| t.selectors.iter().any(|s| s.matches(p)))
+    }
+
     /// The first target with a selector matching `p`.
     pub fn match_process(&self, p: &ProcessInfo) -> Option<TargetId> {
         self.iter()
@@ -196,6 +326,10 @@ pub struct ProcessInfo {
     pub comm: String,
     pub cmdline: String,
     pub cgroup: String,
+    /// `/proc/PID/cgroup` as read (every hierarchy), for the pod lookup.
+    pub cgroups: String,
+    /// The process's pod, filled in by the tracker when `[kubernetes]` is on.
+    pub pod: Option<PodRef>,
 }
 
 impl ProcessInfo {
@@ -217,15 +351,15 @@ impl ProcessInfo {
             .map(String::from_utf8_lossy)
             .collect::<Vec<_>>()
             .join(" ");
-        let cgroup = std::fs::read_to_string(dir.join("cgroup"))
-            .map(|c| parse_cgroup(&c))
-            .unwrap_or_default();
+        let cgroups = std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
         Some(Self {
             pid,
             ppid,
             comm,
             cmdline,
-            cgroup,
+            cgroup: parse_cgroup(&cgroups),
+            cgroups,
+            pod: None,
         })
     }
 }
@@ -259,6 +393,7 @@ mod tests {
             comm: comm.into(),
             cmdline: cmdline.into(),
             cgroup: cgroup.into(),
+            ..Default::default()
         }
     }
 
@@ -334,6 +469,45 @@ mod tests {
             "cgroup:kubepods".parse::<Selector>(),
             Err(SelectorError::BadCgroup { .. })
         ));
+    }
+
+    #[test]
+    fn pod_selectors_match_every_field_and_refuse_bad_input() {
+        let pod = |ns: &str, name: &str, app: &str, container: &str| ProcessInfo {
+            pod: Some(PodRef {
+                pod: std::sync::Arc::new(crate::kube::Pod {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    labels: [("app".to_owned(), app.to_owned())].into(),
+                    ..Default::default()
+                }),
+                container: container.into(),
+            }),
+            ..Default::default()
+        };
+        let sel: Selector = "k8s:namespace=speech,pod=^stt-,label.app=stt,container=server"
+            .parse()
+            .unwrap();
+        assert!(sel.matches(&pod("speech", "stt-7d9f", "stt", "server")));
+        assert!(!sel.matches(&pod("other", "stt-7d9f", "stt", "server")));
+        assert!(!sel.matches(&pod("speech", "tts-1", "stt", "server")));
+        assert!(!sel.matches(&pod("speech", "stt-7d9f", "tts", "server")));
+        assert!(!sel.matches(&pod("speech", "stt-7d9f", "stt", "sidecar")));
+        assert!(!sel.matches(&ProcessInfo::default()), "not in a pod");
+        assert_eq!(
+            sel.to_string(),
+            "k8s:namespace=speech,pod=^stt-,label.app=stt,container=server"
+        );
+        for (bad, says) in [
+            ("k8s:", "selects nothing"),
+            ("k8s:namespace", "not KEY=VALUE"),
+            ("k8s:namesapce=x", "did you mean `namespace`"),
+            ("k8s:pod=(", "invalid pod regex"),
+            ("k8s:label.=x", "unknown key `label.`"),
+        ] {
+            let e = bad.parse::<Selector>().unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use prometheus_client::metrics::{family::Family as MetricFamily, gauge::Gauge};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
+    kube::{PodLabels, Pods, container_of},
     lost::UserLost,
     metrics::TargetLabels,
     probes::{Family, Hook, ProgramSpec},
@@ -69,6 +70,19 @@ pub struct Tracker {
     lost: Arc<UserLost>,
     own_pid: u32,
     shared: SharedTracked,
+    kube: Option<Kube>,
+}
+
+/// Pod resolution and the `pipeprobe_target_pod_info` series, with `[kubernetes]` on.
+struct Kube {
+    pods: Arc<Pods>,
+    /// Woken by the kubelet thread when the pod list changed.
+    changed: Arc<tokio::sync::Notify>,
+    series: MetricFamily<PodLabels, Gauge>,
+    of: HashMap<u32, PodLabels>,
+    counts: HashMap<PodLabels, i64>,
+    max_series: usize,
+    full_logged: bool,
 }
 
 impl Tracker {
@@ -89,11 +103,87 @@ impl Tracker {
             lost,
             own_pid: std::process::id(),
             shared: SharedTracked::default(),
+            kube: None,
         };
         for id in 0..tracker.counts.len() {
             tracker.publish(id as TargetId);
         }
         tracker
+    }
+
+    /// Resolves processes to pods through `pods` (kept current by the kubelet thread, which
+    /// wakes `changed`), and exports which pods each target's processes run in.
+    pub fn with_kubernetes(
+        mut self,
+        pods: Arc<Pods>,
+        changed: Arc<tokio::sync::Notify>,
+        series: MetricFamily<PodLabels, Gauge>,
+        max_series: usize,
+    ) -> Self {
+        self.kube = Some(Kube {
+            pods,
+            changed,
+            series,
+            of: HashMap::new(),
+            counts: HashMap::new(),
+            max_series,
+            full_logged: false,
+        });
+        self
+    }
+
+    /// Reads a process's facts, with its pod when Kubernetes is on.
+    fn read(&self, pid: u32) -> Option<ProcessInfo> {
+        let mut info = ProcessInfo::read(&self.proc_root, pid)?;
+        if let Some(k) = &self.kube {
+            info.pod = container_of(&info.cgroups).and_then(|c| k.pods.resolve(&c));
+        }
+        Some(info)
+    }
+
+    /// Counts `tgid` in its pod's `pipeprobe_target_pod_info` series.
+    fn add_pod(&mut self, tgid: u32, target: TargetId, info: Option<&ProcessInfo>) {
+        let Some(name) = self.targets.name(target) else {
+            return;
+        };
+        let Some(k) = self.kube.as_mut() else {
+            return;
+        };
+        let Some(labels) = info.and_then(|i| i.pod.as_ref()).map(|r| r.labels(name)) else {
+            return;
+        };
+        if !k.counts.contains_key(&labels) && k.counts.len() >= k.max_series {
+            if !k.full_logged {
+                k.full_logged = true;
+                tracing::warn!(
+                    max = k.max_series,
+                    "more pods than kubernetes.max_pod_series: further pods are tracked without \
+                     a pipeprobe_target_pod_info series"
+                );
+            }
+            return;
+        }
+        let n = k.counts.entry(labels.clone()).or_default();
+        *n += 1;
+        k.series.get_or_create(&labels).set(*n);
+        k.of.insert(tgid, labels);
+    }
+
+    fn remove_pod(&mut self, tgid: u32) {
+        let Some(k) = self.kube.as_mut() else {
+            return;
+        };
+        let Some(labels) = k.of.remove(&tgid) else {
+            return;
+        };
+        let n = k.counts.entry(labels.clone()).or_default();
+        *n -= 1;
+        if *n <= 0 {
+            k.counts.remove(&labels);
+            k.series.remove(&labels);
+        } else {
+            k.series.get_or_create(&labels).set(*n);
+        }
     }
 
     pub fn tracked(&self) -> &HashMap<u32, TargetId> {
@@ -115,7 +205,13 @@ impl Tracker {
         }
     }
 
-    fn add(&mut self, tgid: u32, target: TargetId, in_kernel_already: bool) {
+    fn add(
+        &mut self,
+        tgid: u32,
+        target: TargetId,
+        in_kernel_already: bool,
+        info: Option<&ProcessInfo>,
+    ) {
         // Never the agent itself: a cmdline selector can match the agent's own --target argument.
         if self.tracked.contains_key(&tgid) || tgid == self.own_pid {
             return;
@@ -145,6 +241,7 @@ impl Tracker {
         }
         self.counts[target as usize] += 1;
         self.publish(target);
+        self.add_pod(tgid, target, info);
         tracing::debug!(tgid, target = self.targets.name(target), "tracking process");
     }
 
@@ -160,6 +257,7 @@ impl Tracker {
         }
         self.counts[target as usize] -= 1;
         self.publish(target);
+        self.remove_pod(tgid);
         tracing::debug!(tgid, target = self.targets.name(target), "process gone");
     }
 
@@ -182,11 +280,14 @@ impl Tracker {
         for tgid in dead {
             self.remove(tgid, false);
         }
+        if self.kube.is_some() {
+            self.revalidate_pods();
+        }
 
         let infos: HashMap<u32, ProcessInfo> = pids
             .iter()
             .filter(|p| !self.tracked.contains_key(p))
-            .filter_map(|&p| ProcessInfo::read(&self.proc_root, p).map(|i| (p, i)))
+            .filter_map(|&p| self.read(p).map(|i| (p, i)))
             .collect();
         let parents: HashMap<u32, u32> = infos.iter().map(|(p, i)| (*p, i.ppid)).collect();
         let mut found = Vec::new();
@@ -218,7 +319,33 @@ impl Tracker {
         }
         for (pid, t) in found {
             direct.insert(pid, t);
-            self.add(pid, t, false);
+            self.add(pid, t, false, infos.get(&pid));
+        }
+    }
+
+    /// Drops processes of pod-selected targets whose pod left the kubelet's list (or stopped
+    /// matching, e.g. a label changed), unless they inherit the target from a tracked parent.
+    fn revalidate_pods(&mut self) {
+        let by_pod: Vec<(u32, TargetId)> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| self.targets.selects_pods(**t))
+            .map(|(p, t)| (*p, *t))
+            .collect();
+        for (pid, target) in by_pod {
+            let Some(info) = self.read(pid) else {
+                continue;
+            };
+            let still = self.targets.matches(target, &info)
+                || self.tracked.get(&info.ppid) == Some(&target);
+            if !still {
+                tracing::info!(
+                    pid,
+                    target = self.targets.name(target),
+                    "process left its target: its pod is gone or no longer matches"
+                );
+                self.remove(pid, false);
+            }
         }
     }
 
@@ -226,15 +353,17 @@ impl Tracker {
     pub fn handle(&mut self, ev: &ProcEvent) {
         match ev.kind {
             EVENT_EXEC if !self.tracked.contains_key(&ev.tgid) => {
-                let Some(info) = ProcessInfo::read(&self.proc_root, ev.tgid) else {
+                let Some(info) = self.read(ev.tgid) else {
                     return;
                 };
                 if let Some(t) = self.targets.match_process(&info) {
-                    self.add(ev.tgid, t, false);
+                    self.add(ev.tgid, t, false, Some(&info));
                 }
             }
             EVENT_FORK if ev.target != NO_TARGET && (ev.target as usize) < self.counts.len() => {
-                self.add(ev.tgid, ev.target, true);
+                // A child runs in its parent's pod: no /proc read unless pods are labelled.
+                let info = self.kube.as_ref().and_then(|_| self.read(ev.tgid));
+                self.add(ev.tgid, ev.target, true, info.as_ref());
             }
             EVENT_EXIT => self.remove(ev.tgid, true),
             _ => {}
@@ -256,9 +385,12 @@ impl Tracker {
                 None
             }
         };
+        let changed = self.kube.as_ref().map(|k| k.changed.clone());
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.scan(),
+                // A new pod list: pods that started or left are applied now, not at the next tick.
+                _ = async { changed.as_ref().expect("guarded").notified().await }, if changed.is_some() => self.scan(),
                 ready = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
                     let Ok(mut guard) = ready else { break };
                     let mut batch = Vec::new();

@@ -28,6 +28,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "promtool: lints the agent's /metrics and unit-tests the alert rules",
     ),
+    (
+        "openssl",
+        "certificates for the fake kubelet's HTTPS in the Kubernetes test",
+    ),
+    (
+        "kubernetes-client",
+        "kubectl kustomize renders deploy/kubernetes offline in the manifest test",
+    ),
 ];
 
 pub fn run() -> anyhow::Result<()> {
@@ -159,6 +167,10 @@ const PY_TOOLS: &[(&str, &str)] = &[
     (
         "opentelemetry-exporter-otlp-proto-grpc==1.39.1",
         "its OTLP/gRPC exporter",
+    ),
+    (
+        "kubernetes-validate==1.37.0",
+        "validates the rendered manifests against the Kubernetes schemas, offline",
     ),
     (
         "matplotlib==3.10.7",

@@ -146,6 +146,8 @@ fn every_exported_metric_is_documented_with_its_type() {
             "pipeprobe_tcp_peer_connect_duration_seconds",
             "a connect after the agent started",
         ),
+        ("pipeprobe_target_pod_info", "[kubernetes] and a kubelet"),
+        ("pipeprobe_kubelet_up", "[kubernetes] and a kubelet"),
     ];
     let missing: Vec<&String> = docs
         .keys()

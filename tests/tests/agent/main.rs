@@ -5,6 +5,7 @@ mod cli;
 mod docs;
 mod flamegraph;
 mod gpu;
+mod kubernetes;
 mod prometheus;
 mod python;
 mod sched;
