@@ -15,7 +15,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install what building and testing need (idempotent; fast when all is there).
-    Setup,
+    Setup {
+        /// Only what building the agent needs (rust-src, LLVM, bpf-linker), not the test tools:
+        /// the container image's build stage.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Set up, build, then run every test: lints, unit and privileged integration tests.
     Test(test::Options),
     /// Set up, build, and run the agent against the bundled synthetic pipeline.
@@ -26,7 +31,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Setup => setup::run(),
+        Command::Setup { build_only: false } => setup::run(),
+        Command::Setup { build_only: true } => setup::build_only(),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),

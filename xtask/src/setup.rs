@@ -10,8 +10,10 @@ const LLVM: &str = "22";
 
 /// Debian packages the build and the tests use: the eBPF linker's LLVM, the reference tools
 /// the tests compare against (runqlat from libbpf-tools, bpftool), and small utilities.
+const LLVM_DEV: (&str, &str) = ("llvm-22-dev", "bpf-linker is built against it");
+
 const PACKAGES: &[(&str, &str)] = &[
-    ("llvm-22-dev", "bpf-linker is built against it"),
+    LLVM_DEV,
     ("libbpf-tools", "runqlat, the reference for run-queue delay"),
     ("bpftool", "the reference for kernel BTF offsets"),
     ("curl", "content negotiation test"),
@@ -32,18 +34,33 @@ const PACKAGES: &[(&str, &str)] = &[
         "openssl",
         "certificates for the fake kubelet's HTTPS in the Kubernetes test",
     ),
-    (
-        "kubernetes-client",
-        "kubectl kustomize renders deploy/kubernetes offline in the manifest test",
-    ),
 ];
+
+/// Debian's kubectl (kubernetes-client), unless a kubectl is already there (e.g. Google Cloud
+/// SDK's package, which owns the same path).
+const KUBECTL: (&str, &str) = (
+    "kubernetes-client",
+    "kubectl kustomize renders deploy/kubernetes offline in the manifest test",
+);
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     apt(PACKAGES)?;
+    if output(Command::new("kubectl").args(["version", "--client"])).is_none() {
+        apt(&[KUBECTL])?;
+    }
     bpf_linker()?;
     python_tools()?;
     eprintln!("setup: all prerequisites present");
+    Ok(())
+}
+
+/// What building the agent needs, without the test tools.
+pub fn build_only() -> anyhow::Result<()> {
+    rust_src()?;
+    apt(&[LLVM_DEV])?;
+    bpf_linker()?;
+    eprintln!("setup: build prerequisites present");
     Ok(())
 }
 

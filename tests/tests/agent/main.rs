@@ -2,6 +2,7 @@
 //! that the privileged tests run in one process; `cargo xtask test` runs them one at a time
 //! because the run-queue test measures scheduling.
 mod cli;
+mod deploy;
 mod docs;
 mod flamegraph;
 mod gpu;

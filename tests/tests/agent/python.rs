@@ -47,7 +47,7 @@ fn interpreters() -> Vec<(u32, PathBuf)> {
 }
 
 /// Starts `work.py MODE` under `python` (with `extra` interpreter flags), once it runs.
-fn start(python: &Path, extra: &[&str], mode: &str) -> Proc {
+pub(crate) fn start(python: &Path, extra: &[&str], mode: &str) -> Proc {
     let mut p = Proc::spawn(
         Command::new(python)
             .args(extra)
@@ -61,7 +61,7 @@ fn start(python: &Path, extra: &[&str], mode: &str) -> Proc {
 
 /// Weight of the stacks holding a Python frame of `function` (frames are `function (file:line)`,
 /// as in pipeprobe's and py-spy's output alike).
-fn weight(folded: &str, function: &str) -> u64 {
+pub(crate) fn weight(folded: &str, function: &str) -> u64 {
     let prefix = format!("{function} (");
     folded
         .lines()
@@ -78,7 +78,7 @@ fn total(folded: &str) -> u64 {
         .sum()
 }
 
-fn capture(agent: &Agent, pid: u32, extra: &[&str], out: &Path) -> String {
+pub(crate) fn capture(agent: &Agent, pid: u32, extra: &[&str], out: &Path) -> String {
     let pid = pid.to_string();
     let mut args = vec!["--pid", &pid, "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
