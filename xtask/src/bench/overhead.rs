@@ -57,6 +57,9 @@ pub struct Scenario {
     pub workload: &'static [&'static str],
     /// Runs under this interpreter (work.py) instead of the workload binary.
     pub python: bool,
+    /// Its processes export spans with the OpenTelemetry SDK to the agent's OTLP/HTTP receiver
+    /// (in every variant, as a real pipeline exports them somewhere whether or not it is traced).
+    pub spans: bool,
     pub variants: Vec<Variant>,
 }
 
@@ -70,6 +73,7 @@ pub fn scenarios() -> Vec<Scenario> {
             unit: "syscalls/s",
             workload: &["syscall-loop"],
             python: false,
+            spans: false,
             variants: vec![
                 None,
                 Floor(&["sys_enter", "sys_exit"]),
@@ -86,6 +90,7 @@ pub fn scenarios() -> Vec<Scenario> {
             unit: "round trips/s",
             workload: &["pingpong"],
             python: false,
+            spans: false,
             variants: vec![
                 None,
                 Floor(&["sched_switch", "sched_wakeup", "sched_wakeup_new"]),
@@ -107,6 +112,7 @@ pub fn scenarios() -> Vec<Scenario> {
             unit: "exchanges/s",
             workload: &["tcp-rr"],
             python: false,
+            spans: false,
             variants: vec![
                 None,
                 Floor(&[
@@ -128,6 +134,7 @@ pub fn scenarios() -> Vec<Scenario> {
             unit: "work units/s",
             workload: &["cpu-loop"],
             python: false,
+            spans: false,
             variants: vec![
                 None,
                 Floor(&["cpu-clock:99"]),
@@ -149,6 +156,7 @@ pub fn scenarios() -> Vec<Scenario> {
             unit: "rounds/s",
             workload: &["bench", "{secs}", "{delay}"],
             python: true,
+            spans: false,
             variants: vec![
                 None,
                 Capture {
@@ -195,10 +203,14 @@ pub fn scenarios() -> Vec<Scenario> {
             key: "pipeline",
             title: "Synthetic pipeline (the demo's)",
             about: "stt -> mt -> tts over loopback TCP, each request sent when the last returned \
-                    (`workload pipeline --rate 0`): CPU work, sleeps, file and socket syscalls.",
+                    (`workload pipeline --rate 0`): CPU work, sleeps, file and socket syscalls; \
+                    every stage exports a span per request (OpenTelemetry SDK, OTLP/HTTP) to the \
+                    agent, which enriches them, draws flamegraphs of the slow ones (one in ten) \
+                    and samples every thread at 49 Hz for them.",
             unit: "requests/s",
             workload: &["pipeline", "--rate", "0"],
             python: false,
+            spans: true,
             variants: vec![None, Agent(&[])],
         },
     ]
@@ -232,8 +244,10 @@ fn start(v: &Variant, pid: u32, secs: f64, dir: &Path) -> anyhow::Result<(Tool, 
             .map(|f| format!("\"{f}\""))
             .collect();
         format!(
-            "[probes]\ndisable = [{}]\n[gpu]\nenabled = false\n[targets.bench]\npid = {pid}\n",
-            disable.join(", ")
+            "[probes]\ndisable = [{}]\n[gpu]\nenabled = false\n[otlp]\nflamegraph_dir = \"{}\"\n\
+             [targets.bench]\npid = {pid}\n",
+            disable.join(", "),
+            dir.join("flamegraphs").display()
         )
     };
     Ok(match v {
@@ -306,6 +320,11 @@ pub fn run_once(s: &Scenario, v: &Variant, secs: f64, dir: &Path) -> anyhow::Res
         c
     } else {
         let mut c = Command::new(bin("workload"));
+        if s.spans {
+            // Batches every 0.5 s (the SDK's default is 5 s, longer than a round).
+            c.env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+                .env("OTEL_BSP_SCHEDULE_DELAY", "500");
+        }
         c.args(&args).args([
             "--secs",
             &secs.to_string(),
