@@ -33,9 +33,16 @@ pub struct SockOwner {
     pub target: u32,
     /// `OWNER_CLIENT` when the target connected it (its remote port is a service's port).
     pub flags: u32,
+    /// The owning process, for per-process counts (span breakdowns).
+    pub tgid: u32,
+    pub _pad: u32,
 }
 
 pub const OWNER_CLIENT: u32 = 1;
+
+/// Processes with per-process retransmit counts (an LRU map: the least recently counted go
+/// first, and only when this many processes have retransmitted).
+pub const PROC_RETRANS_MAX: u32 = crate::targets::TRACKED_MAX;
 
 /// Default cap of (target, peer) series when the per-peer breakdown is on.
 pub const PEERS_DEFAULT: u32 = 256;
@@ -79,7 +86,8 @@ pub struct ListenerKey {
 pub struct Listener {
     pub sk: u64,
     pub target: u32,
-    pub _pad: u32,
+    /// The listening process: accepted sockets are its.
+    pub tgid: u32,
 }
 
 #[repr(C)]

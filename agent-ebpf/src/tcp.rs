@@ -7,16 +7,16 @@ use agent_common::{
     lost,
     tcp::{
         AF_INET, AF_INET6, CONNECTING_MAX, Connecting, IPPROTO_TCP, LISTENERS_MAX, Listener,
-        ListenerKey, OWNER_CLIENT, PEERS_DEFAULT, PeerKey, PeerStats, SOCKETS_MAX, SockOwner,
-        TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT, TcpStats,
-        globals::ABSENT,
+        ListenerKey, OWNER_CLIENT, PEERS_DEFAULT, PROC_RETRANS_MAX, PeerKey, PeerStats,
+        SOCKETS_MAX, SockOwner, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+        TcpStats, globals::ABSENT,
     },
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 
@@ -80,6 +80,11 @@ static CONNECTING: HashMap<u64, Connecting> = HashMap::with_max_entries(CONNECTI
 #[map]
 static TCP_STATS: PerCpuArray<TcpStats> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
 
+/// Owning process -> retransmitted segments of its sockets, for the retransmits of a span's
+/// process: user space samples it into the span history with the per-thread totals.
+#[map]
+static PROC_RETRANS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(PROC_RETRANS_MAX, 0);
+
 /// Per (target, peer) latencies, only filled when the breakdown is on; sized by the loader.
 #[map]
 static TCP_PEERS: HashMap<PeerKey, PeerStats> = HashMap::with_max_entries(PEERS_DEFAULT, 0);
@@ -111,11 +116,14 @@ fn record(hist: &mut Log2Hist, ns: u64) {
 }
 
 #[inline(always)]
-fn own(sk: u64, target: u32, flags: u32) {
-    if SOCK_OWNER
-        .insert(&sk, &SockOwner { target, flags }, 0)
-        .is_err()
-    {
+fn own(sk: u64, target: u32, flags: u32, tgid: u32) {
+    let owner = SockOwner {
+        target,
+        flags,
+        tgid,
+        _pad: 0,
+    };
+    if SOCK_OWNER.insert(&sk, &owner, 0).is_err() {
         count_lost(lost::TCP_SOCKETS_FULL);
     }
 }
@@ -204,8 +212,9 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     match (old, new) {
         // connect() and listen() run in the owner's context: the one place `current` is right.
         (TCP_CLOSE, TCP_SYN_SENT) => {
-            if let Some(target) = target_of((bpf_get_current_pid_tgid() >> 32) as u32) {
-                own(sk, target, OWNER_CLIENT);
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            if let Some(target) = target_of(tgid) {
+                own(sk, target, OWNER_CLIENT, tgid);
                 let c = Connecting {
                     ts_ns: now,
                     target,
@@ -217,14 +226,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
         (TCP_CLOSE, TCP_LISTEN) => {
-            if let Some(target) = target_of((bpf_get_current_pid_tgid() >> 32) as u32) {
-                own(sk, target, 0);
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            if let Some(target) = target_of(tgid) {
+                own(sk, target, 0, tgid);
                 let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
-                let l = Listener {
-                    sk,
-                    target,
-                    _pad: 0,
-                };
+                let l = Listener { sk, target, tgid };
                 if LISTENERS.insert(&key, &l, 0).is_err() {
                     count_lost(lost::TCP_CONNECTS_FULL);
                 }
@@ -249,7 +255,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
             // SAFETY: copied out.
             if let Some(l) = unsafe { LISTENERS.get(&key).copied() } {
-                own(sk, l.target, 0);
+                own(sk, l.target, 0, l.tgid);
             }
         }
         _ => {}
@@ -281,7 +287,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// in the milliseconds between its exec and its match).
 #[tracepoint(category = "tcp", name = "tcp_rcv_space_adjust")]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
-    let Some(target) = target_of((bpf_get_current_pid_tgid() >> 32) as u32) else {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(target) = target_of(tgid) else {
         return 0;
     };
     let Ok(sk) = field::<u64>(&ctx, &TCP_RCV_SKADDR) else {
@@ -290,7 +297,7 @@ pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     // SAFETY: presence check only.
     if unsafe { SOCK_OWNER.get(&sk) }.is_none() {
         // Who connected is unknown here: the peer is recorded without its port.
-        own(sk, target, 0);
+        own(sk, target, 0, tgid);
     }
     0
 }
@@ -377,6 +384,14 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     };
     if let Some(s) = stats(owner.target) {
         s.retransmits += segs;
+    }
+    match PROC_RETRANS.get_ptr_mut(&owner.tgid) {
+        // SAFETY: a live map value; other CPUs may add to it at the same time.
+        Some(p) => unsafe { aggregate::atomic_add(p, segs) },
+        None => {
+            // A race with another CPU's first insert loses at most that CPU's count once.
+            let _ = PROC_RETRANS.insert(&owner.tgid, &segs, 0);
+        }
     }
     Ok(())
 }

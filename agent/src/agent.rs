@@ -81,6 +81,8 @@ struct Started {
     lost: Option<PerCpuArray<MapData, u64>>,
     /// Task storage of per-thread state (aya has no wrapper for it).
     threads: Option<aya::maps::Map>,
+    /// Retransmitted segments per owning process, for span breakdowns.
+    proc_retrans: Option<BpfHashMap<MapData, u32, u64>>,
     span_sampler: Option<stacks::SpanSampler>,
     collectors: Vec<Box<dyn Collector>>,
     statuses: Vec<ProbeStatus>,
@@ -181,6 +183,9 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let threads = (on(sched::FAMILY.name) || on(syscalls::FAMILY.name))
         .then(|| kernel.bpf.take_map("THREAD"))
         .flatten();
+    let proc_retrans = on(tcp::FAMILY.name)
+        .then(|| optional(kernel.take_map(tcp::PROC_RETRANS_MAP)))
+        .flatten();
     // Continuous low-rate sampling for span flamegraphs, with the profile family's programs.
     let span_sampler =
         (config.spans.enabled && config.spans.sample_hz > 0 && on(stacks::FAMILY.name))
@@ -199,6 +204,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
         events,
         lost: optional(kernel.take_map("LOST")),
         threads,
+        proc_retrans,
         span_sampler,
         kernel: Some(kernel),
         collectors,
@@ -235,6 +241,7 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         events,
         lost,
         threads,
+        proc_retrans,
         span_sampler,
         collectors,
         statuses,
@@ -287,7 +294,10 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         spans::start(
             &config.spans,
             metrics.registry_mut(),
-            threads,
+            threads.map(|threads| spans::HistoryMaps {
+                threads,
+                proc_retrans,
+            }),
             tracked_pids.clone(),
             span_sampler,
             gpu_state,

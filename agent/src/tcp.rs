@@ -70,6 +70,8 @@ pub const RTT_FAMILY: Family = Family {
 
 pub const STATS_MAP: &str = "TCP_STATS";
 pub const PEERS_MAP: &str = "TCP_PEERS";
+/// Owning process -> retransmitted segments, sampled into the span history.
+pub const PROC_RETRANS_MAP: &str = "PROC_RETRANS";
 
 /// Load-time globals for one family, or why the family cannot run on this kernel.
 pub type Globals = Result<Vec<(&'static str, u32)>, TracefsError>;

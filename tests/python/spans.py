@@ -11,12 +11,18 @@ Scenarios (each prints `TRACE <hex trace id>` per span, then exits):
     burst N    N short spans `tick`
     gpu        one 300 ms span `generate`, started once --wait-file exists (the test puts this
                process on a fake GPU first; it prints `PID n` when it is ready for that)
+    upload     one span `upload`: connects to --connect HOST:PORT, sends --bytes and waits
+               for the one-byte reply, then prints `RETRANS n`, the socket's retransmitted
+               segments from TCP_INFO (as `ss -ti` shows them); then one quiet span `idle`
+               while the connection stays open
 The busy work is hashlib on large buffers, which releases the GIL: threads compete for the
 CPU, not for the interpreter lock.
 """
 import argparse
 import hashlib
 import os
+import socket
+import struct
 import sys
 import threading
 import time
@@ -44,6 +50,8 @@ def main():
     p.add_argument("--service", required=True)
     p.add_argument("--cpu", type=int, default=1)
     p.add_argument("--wait-file")
+    p.add_argument("--connect")
+    p.add_argument("--bytes", type=int, default=4 << 20)
     a = p.parse_args()
 
     attrs = {"service.name": a.service}
@@ -98,6 +106,22 @@ def main():
         while not os.path.exists(a.wait_file) and time.monotonic() < deadline:
             time.sleep(0.02)
         span("generate", lambda: time.sleep(0.3))
+    elif a.scenario == "upload":
+        host, port = a.connect.rsplit(":", 1)
+        conn = []
+
+        def upload():
+            c = socket.create_connection((host, int(port)), timeout=20)
+            conn.append(c)
+            c.sendall(b"\x00" * a.bytes)
+            c.recv(1)
+            # struct tcp_info: tcpi_total_retrans is the u32 at offset 100.
+            info = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            print("RETRANS %d" % struct.unpack_from("I", info, 100)[0], flush=True)
+
+        span("upload", upload)
+        span("idle", lambda: time.sleep(0.2))
+        conn[0].close()
     elif a.scenario == "burst":
         for _ in range(a.count):
             span("tick", lambda: None)

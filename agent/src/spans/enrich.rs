@@ -85,7 +85,7 @@ fn int(key: &str, v: u64) -> KeyValue {
 
 /// The attributes a breakdown adds to its span.
 fn attributes(b: &Breakdown, per_thread: bool) -> Vec<KeyValue> {
-    vec![
+    let mut attrs = vec![
         double("pipeprobe.runqueue_delay_ms", b.runq_ns as f64 / 1e6),
         double("pipeprobe.offcpu_ms", b.blocked_ns as f64 / 1e6),
         double("pipeprobe.syscall_ms", b.syscall_ns as f64 / 1e6),
@@ -99,7 +99,12 @@ fn attributes(b: &Breakdown, per_thread: bool) -> Vec<KeyValue> {
             }),
             ..KeyValue::default()
         },
-    ]
+    ];
+    // The process's, whatever the scope: the kernel charges retransmits to the socket's owner.
+    if let Some(r) = b.retransmits {
+        attrs.push(int("pipeprobe.tcp_retransmits", r));
+    }
+    attrs
 }
 
 /// What processing draws on.

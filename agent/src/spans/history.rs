@@ -5,6 +5,11 @@
 //! changed, for `window`. Totals include the episode in progress (blocked since, runnable since,
 //! in a syscall since), so they grow continuously, not in steps when an episode ends; between
 //! two ticks they are interpolated, so the value at any instant is known to within one tick.
+//!
+//! TCP retransmits are counted per process, not per thread (they happen in softirq and timer
+//! context, charged to the socket's owning process): the kernel keeps them in PROC_RETRANS,
+//! and they are sampled with the process's leading thread, so a span of any of its threads
+//! gets its process's retransmits over its window.
 use std::{
     collections::{HashMap, VecDeque},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
@@ -44,14 +49,21 @@ fn clock(id: libc::clockid_t) -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A thread's totals, and for a process's leading thread its process's TCP retransmits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    thread: ThreadTotals,
+    retransmits: u64,
+}
+
 /// A change of a thread's totals to `after` at `t1`, from the previous change's totals (or the
-/// baseline) at `t1 - since_prev_ns` (the previous tick). 48 bytes: a busy thread adds one per
+/// baseline) at `t1 - since_prev_ns` (the previous tick). 56 bytes: a busy thread adds one per
 /// tick for the whole window.
 #[derive(Debug, Clone, Copy)]
 struct Change {
     t1: u64,
     since_prev_ns: u32,
-    after: ThreadTotals,
+    after: Totals,
 }
 
 impl Change {
@@ -67,14 +79,14 @@ struct Thread {
     /// Monotonic time of the first sample: the totals before it are not history.
     since: Option<u64>,
     /// The totals before the oldest change kept.
-    base: ThreadTotals,
-    last: ThreadTotals,
+    base: Totals,
+    last: Totals,
     changes: VecDeque<Change>,
 }
 
 impl Thread {
     /// Totals at monotonic time `t`, interpolated within the tick where they changed.
-    fn at(&self, t: u64) -> ThreadTotals {
+    fn at(&self, t: u64) -> Totals {
         let Some(i) = self.changes.iter().position(|c| c.t1 > t) else {
             return self.last;
         };
@@ -89,11 +101,15 @@ impl Thread {
         }
         let f = (t - c.t0()) as f64 / (c.t1 - c.t0()).max(1) as f64;
         let lerp = |a: u64, b: u64| a + ((b.saturating_sub(a)) as f64 * f) as u64;
-        ThreadTotals {
-            runq_ns: lerp(before.runq_ns, c.after.runq_ns),
-            blocked_ns: lerp(before.blocked_ns, c.after.blocked_ns),
-            syscall_ns: lerp(before.syscall_ns, c.after.syscall_ns),
-            syscalls: lerp(before.syscalls, c.after.syscalls),
+        let (b, a) = (&before.thread, &c.after.thread);
+        Totals {
+            thread: ThreadTotals {
+                runq_ns: lerp(b.runq_ns, a.runq_ns),
+                blocked_ns: lerp(b.blocked_ns, a.blocked_ns),
+                syscall_ns: lerp(b.syscall_ns, a.syscall_ns),
+                syscalls: lerp(b.syscalls, a.syscalls),
+            },
+            retransmits: lerp(before.retransmits, c.after.retransmits),
         }
     }
 }
@@ -105,6 +121,9 @@ pub struct Breakdown {
     pub blocked_ns: u64,
     pub syscall_ns: u64,
     pub syscalls: u64,
+    /// TCP segments the process retransmitted (always per process); None when its leading
+    /// thread was not sampled over the whole window.
+    pub retransmits: Option<u64>,
     /// Threads it covers.
     pub threads: usize,
 }
@@ -129,15 +148,23 @@ impl History {
         let mut b = Breakdown::default();
         let one = tid.filter(|t| self.threads.get(t).is_some_and(|th| th.tgid == pid));
         for (t, th) in &self.threads {
-            if th.tgid != pid || one.is_some_and(|o| o != *t) {
+            if th.tgid != pid {
+                continue;
+            }
+            let whole = th.since.is_some_and(|since| since <= start);
+            if *t == pid && whole {
+                let (a, z) = (th.at(start), th.at(end));
+                b.retransmits = Some(z.retransmits.saturating_sub(a.retransmits));
+            }
+            if one.is_some_and(|o| o != *t) {
                 continue;
             }
             // Sampled only since after the window began: its share is unknown, and a guess
             // would be wrong, so the span goes unenriched rather than misattributed.
-            if th.since.is_none_or(|since| since > start) {
+            if !whole {
                 return None;
             }
-            let (a, z) = (th.at(start), th.at(end));
+            let (a, z) = (th.at(start).thread, th.at(end).thread);
             b.runq_ns += z.runq_ns.saturating_sub(a.runq_ns);
             b.blocked_ns += z.blocked_ns.saturating_sub(a.blocked_ns);
             b.syscall_ns += z.syscall_ns.saturating_sub(a.syscall_ns);
@@ -217,7 +244,7 @@ fn pidfd_open(tid: u32, thread: bool) -> Option<OwnedFd> {
 /// Samples every tracked thread's totals until the process ends. `map` keeps the task storage
 /// map open; `window` bounds what is kept.
 pub fn spawn(
-    map: aya::maps::Map,
+    maps: super::HistoryMaps,
     tracked: SharedTracked,
     window: Duration,
 ) -> std::io::Result<SharedHistory> {
@@ -226,6 +253,10 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("pipeprobe-spans".into())
         .spawn(move || {
+            let super::HistoryMaps {
+                threads: map,
+                proc_retrans,
+            } = maps;
             let aya::maps::Map::Unsupported(data) = &map else {
                 tracing::warn!("the THREAD map is not task storage; span breakdowns are off");
                 return;
@@ -241,12 +272,20 @@ pub fn spawn(
                     rescan(&mut h, &tracked);
                     last_scan = now;
                 }
-                for th in h.threads.values_mut() {
+                for (tid, th) in &mut h.threads {
                     let Some(fd) = &th.pidfd else { continue };
                     let Some(state) = lookup(map_fd, fd.as_raw_fd()) else {
                         continue;
                     };
-                    let totals = totals_at(&state, monotonic_ns());
+                    let retransmits = proc_retrans
+                        .as_ref()
+                        .filter(|_| *tid == th.tgid)
+                        .and_then(|m| m.get(&th.tgid, 0).ok())
+                        .unwrap_or(0);
+                    let totals = Totals {
+                        thread: totals_at(&state, monotonic_ns()),
+                        retransmits,
+                    };
                     if th.since.is_none() {
                         // The first look is the baseline, whatever happened before it.
                         th.since = Some(now);
@@ -324,10 +363,13 @@ fn rescan(h: &mut History, tracked: &SharedTracked) {
 mod tests {
     use super::*;
 
-    fn totals(runq: u64) -> ThreadTotals {
-        ThreadTotals {
-            runq_ns: runq,
-            ..ThreadTotals::default()
+    fn totals(runq: u64) -> Totals {
+        Totals {
+            thread: ThreadTotals {
+                runq_ns: runq,
+                ..ThreadTotals::default()
+            },
+            retransmits: runq / 100,
         }
     }
 
@@ -352,11 +394,11 @@ mod tests {
                 },
             ]),
         };
-        assert_eq!(th.at(50).runq_ns, 0);
-        assert_eq!(th.at(105).runq_ns, 50);
-        assert_eq!(th.at(150).runq_ns, 100);
-        assert_eq!(th.at(205).runq_ns, 200);
-        assert_eq!(th.at(500).runq_ns, 300);
+        assert_eq!(th.at(50).thread.runq_ns, 0);
+        assert_eq!(th.at(105).thread.runq_ns, 50);
+        assert_eq!(th.at(150).thread.runq_ns, 100);
+        assert_eq!(th.at(205).thread.runq_ns, 200);
+        assert_eq!(th.at(500).thread.runq_ns, 300);
         let mut h = History {
             kept_from: 10,
             sampled_to: 600,
@@ -365,6 +407,23 @@ mod tests {
         h.threads.insert(8, th);
         let b = h.window(7, Some(8), 150, 500).unwrap();
         assert_eq!((b.runq_ns, b.threads), (200, 1));
+        // Thread 8 does not lead process 7: no retransmits are known for the process.
+        assert_eq!(b.retransmits, None);
+        // The leading thread carries its process's retransmits, for spans of any thread.
+        let mut leader = Thread {
+            tgid: 7,
+            since: Some(20),
+            ..Thread::default()
+        };
+        leader.last = totals(700);
+        leader.changes.push_back(Change {
+            t1: 400,
+            since_prev_ns: 100,
+            after: totals(700),
+        });
+        h.threads.insert(7, leader);
+        let b = h.window(7, Some(8), 150, 500).unwrap();
+        assert_eq!((b.runq_ns, b.threads, b.retransmits), (200, 1, Some(7)));
         // Before the history starts, before the thread was first seen, or for another
         // process: unknown.
         assert!(h.window(7, None, 5, 500).is_none());

@@ -254,16 +254,24 @@ const QUEUE: usize = 256;
 /// and left out: the rest of the agent runs. `thread_map` is the kernel's per-thread state (None
 /// when the sched and syscalls probes did not load: spans are then counted and forwarded, not
 /// enriched).
+/// The kernel maps the span history samples.
+pub struct HistoryMaps {
+    /// Task storage of per-thread totals (THREAD; aya has no wrapper for it).
+    pub threads: aya::maps::Map,
+    /// Retransmitted segments per owning process (PROC_RETRANS), when the TCP probes run.
+    pub proc_retrans: Option<aya::maps::HashMap<aya::maps::MapData, u32, u64>>,
+}
+
 pub async fn start(
     cfg: &SpansConfig,
     registry: &mut Registry,
-    thread_map: Option<aya::maps::Map>,
+    maps: Option<HistoryMaps>,
     tracked: SharedTracked,
     sampler: Option<crate::stacks::SpanSampler>,
     gpu: Option<crate::gpu::SharedGpu>,
 ) -> Option<flamegraphs::Store> {
     let metrics = SpanMetrics::new(registry);
-    let history = thread_map.and_then(|m| match history::spawn(m, tracked, cfg.history) {
+    let history = maps.and_then(|m| match history::spawn(m, tracked, cfg.history) {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!("cannot start the span history sampler: {e}; spans are not enriched");

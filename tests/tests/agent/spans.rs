@@ -467,3 +467,94 @@ fn a_span_gets_the_utilisation_of_the_gpus_its_process_uses() {
         "GPU utilisation {util}, expected 0.7 (GPU A only)"
     );
 }
+
+/// Reads `--bytes` from one connection, answers one byte (run in the test's network namespace).
+const SINK: &str = "import socket,sys\n\
+l=socket.socket(); l.bind((sys.argv[1], 0)); l.listen(1)\n\
+print('LISTEN %d' % l.getsockname()[1], flush=True)\n\
+c,_=l.accept(); n=int(sys.argv[2])\n\
+while n > 0:\n    d=c.recv(1<<20)\n    n-=len(d)\n    if not d: break\n\
+c.sendall(b'k'); c.recv(1)\n";
+
+#[test]
+fn a_span_gets_the_tcp_retransmits_of_its_process() {
+    // A veth pair into a network namespace with a short tbf queue on the host side's egress:
+    // tail drops make the upload retransmit (there is no netem here); the OTLP traffic on
+    // loopback is not touched.
+    let ns = pipeprobe_tests::Netns::new("retx");
+    let host_if = format!("pp-rx{}", std::process::id() % 100_000);
+    pipeprobe_tests::run(Command::new("ip").args([
+        "link", "add", &host_if, "type", "veth", "peer", "name", "pp-rxn", "netns", &ns.name,
+    ]));
+    pipeprobe_tests::run(Command::new("ip").args([
+        "addr",
+        "add",
+        "10.231.7.1/30",
+        "dev",
+        &host_if,
+    ]));
+    pipeprobe_tests::run(Command::new("ip").args(["link", "set", &host_if, "up"]));
+    ns.exec(&["ip", "addr", "add", "10.231.7.2/30", "dev", "pp-rxn"]);
+    ns.exec(&["ip", "link", "set", "pp-rxn", "up"]);
+    pipeprobe_tests::run(Command::new("tc").args([
+        "qdisc", "add", "dev", &host_if, "root", "tbf", "rate", "16mbit", "burst", "16kb",
+        "latency", "20ms",
+    ]));
+    let bytes = 2 << 20;
+    let mut sink = pipeprobe_tests::Proc::spawn(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "python3",
+                "-c",
+                SINK,
+                "10.231.7.2",
+            ])
+            .arg(bytes.to_string())
+            .stdout(std::process::Stdio::piped()),
+    );
+    let port = sink.read_line_starting("LISTEN ");
+
+    let backend = Backend::start();
+    let (agent, _cfg) = agent_with(&format!("http://{}", backend.addr), "");
+    let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
+    let out = send(
+        &[
+            "upload",
+            "--connect",
+            &format!("10.231.7.2:{port}"),
+            "--bytes",
+            &bytes.to_string(),
+        ],
+        "http",
+        &http,
+        "stt",
+        0,
+    );
+    let app: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RETRANS "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("RETRANS from the script");
+    wait_until(Duration::from_secs(10), || {
+        backend.span("upload").is_some() && backend.span("idle").is_some()
+    })
+    .expect("the backend received both spans");
+    let upload = attr(
+        &backend.span("upload").unwrap(),
+        "pipeprobe.tcp_retransmits",
+    );
+    let idle = attr(&backend.span("idle").unwrap(), "pipeprobe.tcp_retransmits");
+    eprintln!(
+        "retransmitted segments: span {upload:?}, the socket's TCP_INFO {app}; idle span {idle:?}"
+    );
+    assert!(app > 0.0, "tail drops should make the upload retransmit");
+    let upload = upload.expect("pipeprobe.tcp_retransmits on the upload span");
+    assert!(
+        (upload - app).abs() <= (app * 0.05).max(2.0),
+        "span {upload} vs TCP_INFO {app}"
+    );
+    assert_eq!(idle, Some(0.0), "nothing was sent during the idle span");
+}
