@@ -19,10 +19,22 @@ pub struct ThreadTotals {
     pub syscalls: u64,
 }
 
+/// Where a tracked thread blocked, for the span flamegraphs' off-CPU time (only while the span
+/// sampler runs).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SpanOff {
+    /// Blocked since (0: not blocked).
+    pub ts_ns: u64,
+    pub user_stack: i32,
+    pub kernel_stack: i32,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct ThreadState {
     pub runq: RunqStart,
     pub syscall: SyscallStart,
     pub totals: ThreadTotals,
+    pub span_off: SpanOff,
 }

@@ -67,9 +67,17 @@ pub const SPAN_SAMPLES_BYTES: u32 = 256 * 1024;
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct SpanSample {
+    /// When it was taken; for an off-CPU episode, when it ended.
     pub ts_ns: u64,
     pub tgid: u32,
     pub tid: u32,
     pub user_stack: i32,
     pub kernel_stack: i32,
+    /// 0: an on-CPU sample. Else an off-CPU episode of this length that ended at `ts_ns`, with
+    /// the stacks the thread blocked in.
+    pub off_ns: u64,
 }
+
+/// Off-CPU episodes shorter than this do not go to the span samples (a thread waiting for the
+/// next request blocks for long; one spinning on locks blocks often and briefly).
+pub const SPAN_OFFCPU_MIN_NS: u64 = 1_000_000;

@@ -6,7 +6,7 @@ use agent_common::{
     lost,
     stacks::{
         BLOCKED_MAX, Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, MODE_SYSCALL, SAMPLES_MAX,
-        SPAN_SAMPLES_BYTES, SPAN_STACKS_MAX, STACKS_MAX, SpanSample, StackKey,
+        SPAN_OFFCPU_MIN_NS, SPAN_SAMPLES_BYTES, SPAN_STACKS_MAX, STACKS_MAX, SpanSample, StackKey,
     },
     task::TASK_RUNNING,
 };
@@ -18,7 +18,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, PerfEventContext, tracing::StackIdContext},
 };
 
-use crate::{aggregate::atomic_add, lost::count as count_lost, python, targets::target_of, task};
+use crate::{
+    aggregate::atomic_add, lost::count as count_lost, python, targets::target_of, task, thread,
+};
 
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_MAX, 0);
@@ -255,9 +257,72 @@ pub fn span_sample(ctx: PerfEventContext) -> u32 {
         tid: ids as u32,
         user_stack,
         kernel_stack,
+        off_ns: 0,
     };
     if SPAN_SAMPLES.output::<SpanSample>(&sample, 0).is_err() {
         count_lost(lost::SAMPLES_FULL);
     }
     0
+}
+
+/// Off-CPU time for span flamegraphs, with the span sampler: a tracked thread's stacks when it
+/// blocks (kept in its task storage, no map insert per switch), and the episode, if at least
+/// SPAN_OFFCPU_MIN_NS long, to the span samples when it runs again.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn span_offcpu(ctx: BtfTracePointContext) -> i32 {
+    match try_span_offcpu(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...); the
+    // tracepoint runs in prev's context, so its stacks are the current ones.
+    let preempt: u64 = ctx.arg(0);
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ids = bpf_get_current_pid_tgid();
+    let tgid = (ids >> 32) as u32;
+    if tgid != 0
+        && preempt & 0xff == 0
+        && target_of(tgid).is_some()
+        && task::state(prev)? != TASK_RUNNING
+        && let Some(t) = thread::state(prev)
+    {
+        t.span_off.user_stack = ctx
+            .get_stackid(&SPAN_STACKS, u64::from(BPF_F_USER_STACK))
+            .map_or(-1, |id| id as i32);
+        t.span_off.kernel_stack = ctx
+            .get_stackid(
+                &SPAN_STACKS,
+                TRACEPOINT_FRAMES & u64::from(BPF_F_SKIP_FIELD_MASK),
+            )
+            .map_or(-1, |id| id as i32);
+        t.span_off.ts_ns = now;
+    }
+    let Some(t) = thread::existing(next) else {
+        return Ok(());
+    };
+    let off = t.span_off;
+    if off.ts_ns == 0 {
+        return Ok(());
+    }
+    t.span_off.ts_ns = 0;
+    let off_ns = now.saturating_sub(off.ts_ns);
+    if off_ns >= SPAN_OFFCPU_MIN_NS {
+        let sample = SpanSample {
+            ts_ns: now,
+            tgid: task::tgid(next)?,
+            tid: task::pid(next)?,
+            user_stack: off.user_stack,
+            kernel_stack: off.kernel_stack,
+            off_ns,
+        };
+        if SPAN_SAMPLES.output::<SpanSample>(&sample, 0).is_err() {
+            count_lost(lost::SAMPLES_FULL);
+        }
+    }
+    Ok(())
 }

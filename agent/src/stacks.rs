@@ -76,6 +76,7 @@ const SYSCALL_ENTER_PROGRAM: &str = "syscall_enter_stack";
 const SYSCALL_EXIT_PROGRAM: &str = "syscall_exit_stack";
 
 const SPAN_PROGRAM: &str = "span_sample";
+const SPAN_OFFCPU_PROGRAM: &str = "span_offcpu";
 
 /// The continuous sampler behind span flamegraphs: its samples and their stacks.
 pub struct SpanSampler {
@@ -102,6 +103,22 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
             false,
         )
         .map_err(|e| format!("cannot attach span_sample to CPU {cpu}: {e}"))?;
+    }
+    // Off-CPU time of span flamegraphs; without it they show on-CPU samples only.
+    let offcpu = kernel
+        .bpf
+        .program_mut(SPAN_OFFCPU_PROGRAM)
+        .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
+        .ok_or_else(|| "span_offcpu is missing from the eBPF object".to_owned())
+        .and_then(|p| {
+            p.load("sched_switch", &kernel.btf)
+                .map_err(|e| format!("cannot load span_offcpu: {e}"))?;
+            p.attach()
+                .map(drop)
+                .map_err(|e| format!("cannot attach span_offcpu: {e}"))
+        });
+    if let Err(e) = offcpu {
+        tracing::warn!("{e}; span flamegraphs show on-CPU samples only");
     }
     Ok(SpanSampler {
         ring: kernel.take_map("SPAN_SAMPLES").map_err(|e| e.to_string())?,
@@ -456,6 +473,7 @@ impl Profiler {
                 kernel: stack(k.kernel_stack),
                 python: python(k.python_stack, k.tgid),
                 syscall: k.syscall,
+                off_cpu: false,
                 weight: *c,
             })
             .collect();
@@ -477,21 +495,35 @@ struct Raw {
     python: Vec<u64>,
     /// Syscall number + 1 in syscall mode, else 0.
     syscall: u32,
+    /// Time blocked (span flamegraphs): an `[off-CPU]` frame between user and kernel frames.
+    off_cpu: bool,
     weight: u64,
 }
 
-/// Symbolizes and folds samples of weight one each: `(tgid, user ips, kernel ips)`, root first.
-/// The span flamegraphs' entry point.
-pub fn fold_samples(samples: Vec<(u32, Vec<u64>, Vec<u64>)>) -> Capture {
+/// A weighted stack of a span flamegraph, root first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanStack {
+    pub tgid: u32,
+    pub user: Vec<u64>,
+    pub kernel: Vec<u64>,
+    /// Blocked there, rather than running.
+    pub off_cpu: bool,
+    /// Microseconds.
+    pub weight: u64,
+}
+
+/// Symbolizes and folds weighted stacks. The span flamegraphs' entry point.
+pub fn fold_samples(samples: Vec<SpanStack>) -> Capture {
     let raw = samples
         .into_iter()
-        .map(|(tgid, user, kernel)| Raw {
-            tgid,
-            user,
-            kernel,
+        .map(|s| Raw {
+            tgid: s.tgid,
+            user: s.user,
+            kernel: s.kernel,
             python: Vec::new(),
             syscall: 0,
-            weight: 1,
+            off_cpu: s.off_cpu,
+            weight: s.weight,
         })
         .collect();
     fold(raw, &HashMap::new(), &HashMap::new())
@@ -595,6 +627,9 @@ fn fold(
         frames.extend(native.iter().map(|ip| sanitize(&names[&(tgid, *ip)])));
         if r.syscall != 0 {
             frames.push(format!("syscall:{}", crate::syscalls::name(r.syscall - 1)));
+        }
+        if r.off_cpu {
+            frames.push("[off-CPU]".to_owned());
         }
         frames.extend(r.kernel.iter().map(|ip| sanitize(&names[&(0, *ip)])));
         *folded.entry(frames.join(";")).or_default() += r.weight;
@@ -762,6 +797,7 @@ mod tests {
             kernel: vec![],
             python: vec![],
             syscall: 0,
+            off_cpu: false,
             weight,
         };
         let c = fold(vec![raw(3), raw(2)], &HashMap::new(), &HashMap::new());

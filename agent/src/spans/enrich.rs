@@ -130,22 +130,27 @@ async fn span_flamegraph(
     (start, end): (u64, u64),
 ) -> Option<String> {
     let secs = end.saturating_sub(start) as f64 / 1e9;
-    let samples =
-        fg.samples
-            .lock()
-            .ok()
-            .map(|s| match tid.map(|t| s.window(pid, Some(t), start, end)) {
-                Some(v) if !v.is_empty() => v,
-                _ => s.window(pid, None, start, end),
-            })?;
+    let period_us = 1_000_000 / fg.hz.max(1);
+    let samples = fg.samples.lock().ok().map(|s| {
+        match tid.map(|t| s.window(pid, Some(t), (start, end), period_us)) {
+            Some(v) if !v.is_empty() => v,
+            _ => s.window(pid, None, (start, end), period_us),
+        }
+    })?;
+    let on_cpu = samples.iter().filter(|s| !s.off_cpu).count();
+    let off_ms: u64 = samples
+        .iter()
+        .filter(|s| s.off_cpu)
+        .map(|s| s.weight)
+        .sum::<u64>()
+        / 1000;
     let span_id: String = span.span_id.iter().map(|x| format!("{x:02x}")).collect();
     let id = format!("{trace_id}-{span_id}");
     let title = format!(
-        "pipeprobe span flamegraph: {service} / {} ({:.0} ms), pid {pid}{}, {} samples at {} Hz",
+        "pipeprobe span flamegraph: {service} / {} ({:.0} ms), pid {pid}{}: {on_cpu} on-CPU samples at {} Hz, {off_ms} ms off-CPU",
         span.name,
         secs * 1e3,
         tid.map(|t| format!(" tid {t}")).unwrap_or_default(),
-        samples.len(),
         fg.hz
     );
     let store = fg.store.clone();

@@ -1,9 +1,12 @@
 //! Span-triggered flamegraphs. A perf_event program samples every tracked thread at a low rate
-//! all the time (`span_sample` in agent-ebpf/src/stacks.rs); each sample, with its time and
-//! thread, goes through a ring buffer into a bounded window here (`otlp.history_secs`). When a
-//! span at or above its threshold arrives, the samples of its thread (else its process) inside
-//! its window are symbolized and drawn, and the SVG is kept in a directory with limits on
-//! count and bytes, oldest removed first.
+//! all the time (`span_sample` in agent-ebpf/src/stacks.rs), and a sched_switch program
+//! (`span_offcpu`) records where tracked threads block, sending each blocking episode of 1 ms
+//! or more when it ends; both go with their time and thread through a ring buffer into a
+//! bounded window here (`otlp.history_secs`). When a span at or above its threshold arrives,
+//! the samples and the blocked time of its thread (else its process) inside its window are
+//! symbolized and drawn in microseconds: an on-CPU sample weighs one sampling period, an
+//! off-CPU episode the part of it inside the span, under an `[off-CPU]` frame. The SVG is kept
+//! in a directory with limits on count and bytes, oldest removed first.
 use std::{
     collections::{HashMap, VecDeque},
     path::{Path, PathBuf},
@@ -12,6 +15,8 @@ use std::{
 };
 
 use agent_common::stacks::{SPAN_STACKS_MAX, SpanSample};
+
+use crate::stacks::SpanStack;
 use aya::maps::{MapData, RingBuf, StackTraceMap};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
@@ -21,6 +26,8 @@ const MAX_SAMPLES: usize = 500_000;
 
 struct Sample {
     ts_ns: u64,
+    /// An off-CPU episode of this length ending at `ts_ns`; 0 for an on-CPU sample.
+    off_ns: u64,
     tgid: u32,
     tid: u32,
     user: Arc<Vec<u64>>,
@@ -35,20 +42,35 @@ pub struct Samples {
 pub type SharedSamples = Arc<Mutex<Samples>>;
 
 impl Samples {
-    /// `(tgid, user, kernel)` of the samples of `tid` (or of all of `pid`'s threads) in the
-    /// monotonic window [start, end].
+    /// The stacks of `tid` (or of all of `pid`'s threads) in the monotonic window [start, end],
+    /// in microseconds: an on-CPU sample weighs `period_us`, an off-CPU episode its overlap
+    /// with the window.
     pub fn window(
         &self,
         pid: u32,
         tid: Option<u32>,
-        start: u64,
-        end: u64,
-    ) -> Vec<(u32, Vec<u64>, Vec<u64>)> {
+        (start, end): (u64, u64),
+        period_us: u64,
+    ) -> Vec<SpanStack> {
         self.samples
             .iter()
-            .filter(|s| s.ts_ns >= start && s.ts_ns <= end && s.tgid == pid)
-            .filter(|s| tid.is_none_or(|t| t == s.tid))
-            .map(|s| (s.tgid, s.user.to_vec(), s.kernel.to_vec()))
+            .filter(|s| s.tgid == pid && tid.is_none_or(|t| t == s.tid))
+            .filter_map(|s| {
+                let weight = if s.off_ns == 0 {
+                    (s.ts_ns >= start && s.ts_ns <= end).then_some(period_us)?
+                } else {
+                    let from = s.ts_ns.saturating_sub(s.off_ns).max(start);
+                    let to = s.ts_ns.min(end);
+                    (to > from).then(|| (to - from) / 1000)?
+                };
+                Some(SpanStack {
+                    tgid: s.tgid,
+                    user: s.user.to_vec(),
+                    kernel: s.kernel.to_vec(),
+                    off_cpu: s.off_ns != 0,
+                    weight,
+                })
+            })
             .collect()
     }
 }
@@ -108,6 +130,7 @@ pub async fn collect(
             .iter()
             .map(|s| Sample {
                 ts_ns: s.ts_ns,
+                off_ns: s.off_ns,
                 tgid: s.tgid,
                 tid: s.tid,
                 user: stack(s.user_stack),
@@ -238,17 +261,12 @@ impl SpanFlamegraphs {
 }
 
 /// Draws and stores the flamegraph of one span; its id, or None without samples.
-pub fn draw(
-    store: &Store,
-    id: &str,
-    title: &str,
-    samples: Vec<(u32, Vec<u64>, Vec<u64>)>,
-) -> Option<String> {
+pub fn draw(store: &Store, id: &str, title: &str, samples: Vec<SpanStack>) -> Option<String> {
     if samples.is_empty() {
         return None;
     }
     let capture = crate::stacks::fold_samples(samples);
-    let svg = crate::flamegraph::svg(title, None, "samples", &capture.folded()).ok()?;
+    let svg = crate::flamegraph::svg(title, None, "us", &capture.folded()).ok()?;
     match store.save(id, &svg) {
         Ok(()) => Some(id.to_owned()),
         Err(e) => {

@@ -290,6 +290,22 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
         svg.contains("libcrypto") || svg.contains("sha256"),
         "the work the thread did is not in its flamegraph"
     );
+    // Its 100 ms asleep is there too, as off-CPU time (inferno titles a frame with its weight:
+    // `[off-CPU] (102,345 us, 33.10%)`), about what the span's offcpu attribute says.
+    let off_us: u64 = svg
+        .split("<title>[off-cpu] (")
+        .skip(1)
+        .filter_map(|rest| rest.split(" us").next())
+        .filter_map(|n| n.replace(',', "").parse::<u64>().ok())
+        .sum();
+    eprintln!(
+        "span flamegraph: {:.1} ms off-CPU; the span's offcpu attribute {offcpu:.1} ms",
+        off_us as f64 / 1e3
+    );
+    assert!(
+        off_us as f64 / 1e3 >= 70.0 && off_us as f64 / 1e3 <= offcpu * 1.3,
+        "off-CPU in the flamegraph {off_us} us, offcpu attribute {offcpu} ms"
+    );
     let missing = cli(&["get", "00ff", "--out", out.to_str().unwrap()]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no span flamegraph `00ff`"));
