@@ -95,6 +95,15 @@ pub fn container_of(cgroup_file: &str) -> Option<ContainerRef> {
     })
 }
 
+/// The container id of a process from `/proc/PID/cgroup`, in or out of Kubernetes (Docker,
+/// containerd and CRI-O name the container's cgroup after it).
+pub fn container_id(cgroup_file: &str) -> Option<String> {
+    cgroup_file.lines().find_map(|line| {
+        let last = line.splitn(3, ':').nth(2)?.rsplit('/').next()?;
+        Some(CONTAINER_ID.captures(last)?.get(1)?.as_str().to_owned())
+    })
+}
+
 /// A pod of the node, as the kubelet lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Pod {

@@ -110,6 +110,8 @@ fn attributes(b: &Breakdown, per_thread: bool) -> Vec<KeyValue> {
 /// What processing draws on.
 pub struct Sources {
     pub queue: mpsc::Receiver<ExportTraceServiceRequest>,
+    /// Host ids of spans from containers.
+    pub host_ids: super::pidns::HostIds,
     pub history: Option<SharedHistory>,
     pub gpu: Option<crate::gpu::SharedGpu>,
     pub metrics: SpanMetrics,
@@ -164,6 +166,7 @@ async fn span_flamegraph(
 pub async fn run(sources: Sources) {
     let Sources {
         mut queue,
+        mut host_ids,
         history,
         gpu,
         metrics,
@@ -205,7 +208,19 @@ pub async fn run(sources: Sources) {
                 Some(Value::StringValue(s)) => s.clone(),
                 _ => "unknown_service".to_owned(),
             };
-            let pid = attr_u32(res, "process.pid");
+            // In a container the SDK's ids are its PID namespace's: resolve them through the
+            // container or pod the resource names; unresolved, the span goes unenriched rather
+            // than to whatever host process has that number.
+            let owner = match (attr(res, "container.id"), attr(res, "k8s.pod.uid")) {
+                (Some(Value::StringValue(c)), _) => Some(super::pidns::Owner::Container(c.clone())),
+                (_, Some(Value::StringValue(p))) => Some(super::pidns::Owner::Pod(p.clone())),
+                _ => None,
+            };
+            let ns_pid = attr_u32(res, "process.pid");
+            let pid = match &owner {
+                Some(o) => ns_pid.and_then(|p| host_ids.host_pid(o, p)),
+                None => ns_pid,
+            };
             for ss in &mut rs.scope_spans {
                 for span in &mut ss.spans {
                     metrics.received.inc();
@@ -217,7 +232,10 @@ pub async fn run(sources: Sources) {
                         / 1e9;
                     let trace_id: String =
                         span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
-                    let tid = attr_u32(&span.attributes, "thread.id");
+                    let tid = attr_u32(&span.attributes, "thread.id").and_then(|t| match owner {
+                        Some(_) => super::pidns::host_tid(pid?, t),
+                        None => Some(t),
+                    });
                     let (start, end) = (
                         to_mono(span.start_time_unix_nano),
                         to_mono(span.end_time_unix_nano),

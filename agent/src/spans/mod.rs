@@ -26,6 +26,7 @@ pub mod flamegraphs;
 pub mod forward;
 pub mod history;
 pub mod otlp;
+pub mod pidns;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -271,6 +272,7 @@ pub async fn start(
     gpu: Option<crate::gpu::SharedGpu>,
 ) -> Option<flamegraphs::Store> {
     let metrics = SpanMetrics::new(registry);
+    let tracked_for_spans = tracked.clone();
     let history = maps.and_then(|m| match history::spawn(m, tracked, cfg.history) {
         Ok(h) => Some(h),
         Err(e) => {
@@ -326,6 +328,7 @@ pub async fn start(
     let stored = fg.as_ref().map(|f| f.store.clone());
     tokio::spawn(enrich::run(enrich::Sources {
         queue: rx,
+        host_ids: pidns::HostIds::new(tracked_for_spans),
         history,
         gpu,
         metrics: metrics.clone(),

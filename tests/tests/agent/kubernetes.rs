@@ -32,13 +32,13 @@ fn cgroup2_root() -> PathBuf {
 }
 
 /// A container's cgroup as the kubelet's systemd driver names it, removed when dropped.
-struct ContainerCgroup {
+pub(crate) struct ContainerCgroup {
     created: Vec<PathBuf>,
-    leaf: PathBuf,
+    pub(crate) leaf: PathBuf,
 }
 
 impl ContainerCgroup {
-    fn new(pod_uid: &str, container_id: &str) -> Self {
+    pub(crate) fn new(pod_uid: &str, container_id: &str) -> Self {
         let mut dir = cgroup2_root();
         let mut created = Vec::new();
         for part in [

@@ -574,3 +574,67 @@ fn a_span_gets_the_tcp_retransmits_of_its_process() {
     );
     assert_eq!(idle, Some(0.0), "nothing was sent during the idle span");
 }
+
+#[test]
+fn spans_from_a_container_s_pid_namespace_find_their_host_process() {
+    // The SDK runs as pid 1 of its own PID namespace, in a container's cgroup: its process.pid
+    // and thread.id are the namespace's. The resource names the container (container.id, as
+    // the SDKs' container detectors set it) or the pod (k8s.pod.uid, from the downward API).
+    let pod_uid = "3c9e1f2a-5b7d-4e8f-9a1b-2c3d4e5f6a7b";
+    let id = "d".repeat(64);
+    let cg = crate::kubernetes::ContainerCgroup::new(pod_uid, &id);
+    let backend = Backend::start();
+    let (agent, _cfg) = agent_with(&format!("http://{}", backend.addr), "");
+    let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
+    let in_container = |scenario: &str, resource: &str| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec unshare --pid --fork --mount-proc {} {} {scenario} \
+                 --protocol http --endpoint {http} --service tts --cpu 1",
+                cg.leaf.display(),
+                py_tool("python3").display(),
+                spans_py().display(),
+            ))
+            .env("OTEL_RESOURCE_ATTRIBUTES", resource)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{scenario}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    in_container("breakdown", &format!("container.id={id}"));
+    in_container("quiet", &format!("k8s.pod.uid={pod_uid}"));
+    wait_until(Duration::from_secs(10), || {
+        backend.span("synthesize").is_some() && backend.span("transcribe").is_some()
+    })
+    .expect("the backend received both spans");
+    let busy = backend.span("synthesize").unwrap();
+    let offcpu = attr(&busy, "pipeprobe.offcpu_ms");
+    let scope = busy
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "pipeprobe.scope")
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        });
+    eprintln!("span of namespace pid 1: offcpu {offcpu:?} ms, scope {scope:?}");
+    assert!(
+        offcpu.is_some_and(|o| (80.0..=150.0).contains(&o)),
+        "the container's span was not tied to its host process: {offcpu:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        scope.as_deref(),
+        Some("thread"),
+        "thread.id maps to the host thread"
+    );
+    let quiet = backend.span("transcribe").unwrap();
+    assert!(
+        attr(&quiet, "pipeprobe.offcpu_ms").is_some_and(|o| o < 15.0),
+        "the span of the pod's process is enriched through k8s.pod.uid"
+    );
+}
