@@ -20,13 +20,15 @@ pub const MODE_SYSCALL: u32 = 2;
 #[derive(Copy, Clone, Debug, Default)]
 pub struct CaptureConfig {
     pub active: u32,
-    /// Target id to sample, or `NO_TARGET` when `pid` selects.
-    pub target: u32,
-    /// Process to sample, or 0 when `target` selects.
+    /// Process to sample, or 0 when `targets` selects.
     pub pid: u32,
     pub mode: u32,
+    pub _pad: u32,
     /// Off-CPU episodes shorter than this are not counted.
     pub min_ns: u64,
+    /// Kernel target ids to sample, one bit each (MAX_TARGETS is 64): a target's own id and
+    /// those of its pods.
+    pub targets: u64,
 }
 
 /// A thread of the subject that blocked or entered a syscall: when, and where (off-CPU and

@@ -52,7 +52,7 @@ fn selected(cfg: &CaptureConfig, tgid: u32) -> bool {
         && if cfg.pid != 0 {
             tgid == cfg.pid
         } else {
-            target_of(tgid) == Some(cfg.target)
+            target_of(tgid).is_some_and(|id| id < 64 && cfg.targets & (1u64 << id) != 0)
         }
 }
 

@@ -389,5 +389,5 @@ fn with_kubernetes(
         Ok(()) => tracing::info!(kubelet = %cfg.kubelet_url, "resolving pods through the kubelet"),
         Err(e) => tracing::error!("{e}; Kubernetes pod selectors match nothing"),
     }
-    tracker.with_kubernetes(pods, changed, series, cfg.max_pod_series)
+    tracker.with_kubernetes(pods, changed, series, cfg.max_pod_series, cfg.pod_labels)
 }

@@ -156,6 +156,7 @@ struct FileKubernetes {
     insecure_skip_tls_verify: Option<bool>,
     refresh_secs: Option<f64>,
     max_pod_series: Option<usize>,
+    pod_labels: Option<bool>,
 }
 
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -215,6 +216,7 @@ impl FileKubernetes {
             insecure_skip_tls_verify: self.insecure_skip_tls_verify.unwrap_or(false),
             refresh: Duration::from_secs_f64(refresh),
             max_pod_series,
+            pod_labels: self.pod_labels.unwrap_or(true),
         }))
     }
 }

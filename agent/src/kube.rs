@@ -59,6 +59,8 @@ pub struct KubeConfig {
     pub refresh: Duration,
     /// Most `pipeprobe_target_pod_info` series.
     pub max_pod_series: usize,
+    /// Each pod of a target counted apart, its series labelled with namespace, pod, container.
+    pub pod_labels: bool,
 }
 
 /// Where a process runs, from its cgroup path.

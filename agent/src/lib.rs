@@ -12,6 +12,7 @@ pub mod ebpf;
 pub mod flamegraph;
 pub mod gpu;
 pub mod http;
+pub mod instances;
 pub mod kube;
 pub mod lost;
 pub mod metrics;

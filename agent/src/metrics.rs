@@ -9,9 +9,56 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Zeroes slot `id` of a per-CPU array on every CPU (a retired pod id, before its reuse).
+pub fn zero_per_cpu<T: aya::Pod>(
+    map: &mut aya::maps::PerCpuArray<aya::maps::MapData, T>,
+    id: u32,
+    zero: T,
+) {
+    let zeroed = aya::util::nr_cpus()
+        .map_err(|(_, e)| e)
+        .and_then(|n| aya::maps::PerCpuValues::try_from(vec![zero; n]));
+    let result = match zeroed {
+        Ok(v) => map.set(id, v, 0).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(id, "cannot zero a retired pod's numbers: {e}");
+    }
+}
+
+/// A target's labels: its name, and for a pod's own kernel id (`[kubernetes] pod_labels`) the
+/// pod's namespace, name and container.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TargetLabels {
     pub target: String,
+    pub pod: Option<std::sync::Arc<crate::instances::PodIdentity>>,
+}
+
+impl TargetLabels {
+    pub fn of(target: &str) -> Self {
+        Self {
+            target: target.to_owned(),
+            pod: None,
+        }
+    }
+}
+
+impl EncodeLabelSet for TargetLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let mut labels = vec![("target", self.target.as_str())];
+        if let Some(p) = &self.pod {
+            labels.extend([
+                ("namespace", p.namespace.as_str()),
+                ("pod", p.pod.as_str()),
+                ("container", p.container.as_str()),
+            ]);
+        }
+        labels.encode(encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -162,12 +209,7 @@ mod tests {
                 &mut encoder,
                 "pipeprobe_test_delay",
                 "test",
-                [(
-                    TargetLabels {
-                        target: "stt".into(),
-                    },
-                    self.0,
-                )],
+                [(TargetLabels::of("stt"), self.0)],
             )?;
             encode_counters(
                 &mut encoder,
@@ -195,9 +237,7 @@ mod tests {
         let (m, agent) = metrics();
         agent
             .target_processes
-            .get_or_create(&TargetLabels {
-                target: "stt".into(),
-            })
+            .get_or_create(&TargetLabels::of("stt"))
             .set(3);
         let text = m.encode(false);
         for line in [

@@ -2,14 +2,15 @@
 //!
 //! The kernel keeps per-CPU log2 histograms per target; this reads and sums them on scrape into
 //! `pipeprobe_sched_runqueue_delay_seconds{target}`.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use agent_common::hist::Log2Hist;
 use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use crate::{
-    metrics::{TargetLabels, encode_log2_histograms},
+    instances::CLEAR_SCHED,
+    metrics::{encode_log2_histograms, zero_per_cpu},
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
 };
@@ -38,7 +39,8 @@ pub const FAMILY: Family = Family {
 pub const HIST_MAP: &str = "RUNQ_HIST";
 
 pub struct RunqueueDelay {
-    hist: PerCpuArray<MapData, Log2Hist>,
+    /// Locked to zero retired pod ids.
+    hist: Mutex<PerCpuArray<MapData, Log2Hist>>,
     targets: Arc<TargetSet>,
 }
 
@@ -52,13 +54,21 @@ impl std::fmt::Debug for RunqueueDelay {
 
 impl RunqueueDelay {
     pub fn new(hist: PerCpuArray<MapData, Log2Hist>, targets: Arc<TargetSet>) -> Self {
-        Self { hist, targets }
+        targets.instances().add_collector(CLEAR_SCHED);
+        Self {
+            hist: Mutex::new(hist),
+            targets,
+        }
     }
 
-    /// The histogram of target `id`, summed over CPUs.
+    /// The histogram of kernel id `id`, summed over CPUs.
     pub fn read(&self, id: u32) -> Log2Hist {
         let mut total = Log2Hist::ZERO;
-        match self.hist.get(&id, 0) {
+        let hist = self
+            .hist
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match hist.get(&id, 0) {
             Ok(per_cpu) => per_cpu.iter().for_each(|h| total.merge(h)),
             Err(e) => tracing::debug!(target_id = id, error = %e, "reading {HIST_MAP} failed"),
         }
@@ -68,18 +78,21 @@ impl RunqueueDelay {
 
 impl Collector for RunqueueDelay {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        for id in self.targets.instances().take_retired(CLEAR_SCHED) {
+            let mut hist = self
+                .hist
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            zero_per_cpu(&mut hist, id, Log2Hist::ZERO);
+        }
         encode_log2_histograms(
             &mut encoder,
             "pipeprobe_sched_runqueue_delay",
             "Time threads of the target spent runnable, waiting for a CPU (wakeup or preemption to switch-in)",
-            self.targets.iter().map(|(id, t)| {
-                (
-                    TargetLabels {
-                        target: t.name.clone(),
-                    },
-                    self.read(id),
-                )
-            }),
+            self.targets
+                .ids()
+                .into_iter()
+                .map(|(id, labels)| (labels, self.read(id))),
         )
     }
 }

@@ -15,7 +15,6 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use agent_common::{
-    NO_TARGET,
     python::{PyProc, PyStack},
     stacks::{Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, StackKey},
 };
@@ -250,7 +249,7 @@ impl Profiler {
         let tracked = self.tracked.read().unwrap_or_else(|e| e.into_inner());
         tracked
             .iter()
-            .filter(|(_, t)| **t == cfg.target)
+            .filter(|(_, id)| **id < 64 && cfg.targets & (1u64 << **id) != 0)
             .map(|(pid, _)| *pid)
             .collect()
     }
@@ -295,12 +294,21 @@ impl Profiler {
                             .collect::<Vec<_>>()
                             .join(", "),
                     })?;
+                // The target's own id and those of its pods now (pods that start during the
+                // capture are not in it).
+                let targets = self
+                    .targets
+                    .ids()
+                    .iter()
+                    .filter(|(k, _)| self.targets.target_of_id(*k) == Some(id))
+                    .fold(0u64, |m, (k, _)| m | (1u64 << k));
                 Ok(CaptureConfig {
                     active: 1,
-                    target: id,
                     pid: 0,
                     mode: MODE_CPU,
+                    _pad: 0,
                     min_ns: 0,
+                    targets,
                 })
             }
             Subject::Pid(pid) => {
@@ -309,10 +317,11 @@ impl Profiler {
                 }
                 Ok(CaptureConfig {
                     active: 1,
-                    target: NO_TARGET,
                     pid: *pid,
                     mode: MODE_CPU,
+                    _pad: 0,
                     min_ns: 0,
+                    targets: 0,
                 })
             }
         }

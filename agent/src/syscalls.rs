@@ -23,7 +23,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    metrics::{encode_counters, encode_log2_histograms},
+    instances::CLEAR_SYSCALLS,
+    metrics::{TargetLabels, encode_counters, encode_log2_histograms},
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
 };
@@ -87,10 +88,11 @@ pub enum Selection {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SyscallLabels {
-    target: String,
+struct SyscallName {
     syscall: String,
 }
+
+type SyscallLabels = (TargetLabels, SyscallName);
 
 /// Syscalls that have their own series, per target id.
 #[derive(Debug, Default)]
@@ -134,7 +136,8 @@ impl SeriesBudget {
 }
 
 pub struct SyscallLatency {
-    stats: BpfHashMap<MapData, SyscallKey, SyscallStats>,
+    /// Locked to remove retired pod ids' entries.
+    stats: Mutex<BpfHashMap<MapData, SyscallKey, SyscallStats>>,
     targets: Arc<TargetSet>,
     max_series: usize,
     budget: Mutex<SeriesBudget>,
@@ -154,18 +157,42 @@ impl SyscallLatency {
         targets: Arc<TargetSet>,
         max_series: usize,
     ) -> Self {
+        targets.instances().add_collector(CLEAR_SYSCALLS);
         Self {
-            stats,
+            stats: Mutex::new(stats),
             targets,
             max_series,
             budget: Mutex::default(),
         }
     }
 
-    /// Everything the kernel aggregated, per target id.
+    /// Everything the kernel aggregated, per kernel id; retired pod ids' entries are removed
+    /// first.
     fn read(&self) -> BTreeMap<u32, Vec<(u32, SyscallStats)>> {
+        let mut stats = self
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let retired = self.targets.instances().take_retired(CLEAR_SYSCALLS);
+        if !retired.is_empty() {
+            let gone: Vec<SyscallKey> = stats
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| retired.contains(&k.target))
+                .collect();
+            for k in gone {
+                let _ = stats.remove(&k);
+            }
+            let mut budget = self
+                .budget
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for id in &retired {
+                budget.named.remove(id);
+            }
+        }
         let mut out: BTreeMap<u32, Vec<(u32, SyscallStats)>> = BTreeMap::new();
-        for entry in self.stats.iter() {
+        for entry in stats.iter() {
             match entry {
                 Ok((k, v)) => out.entry(k.target).or_default().push((k.nr, v)),
                 Err(e) => tracing::debug!(error = %e, "reading {STATS_MAP} failed"),
@@ -183,27 +210,17 @@ impl SyscallLatency {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = Vec::new();
         for (target, stats) in per_target {
-            let Some(tname) = self.targets.name(target) else {
+            let Some(labels) = self.targets.labels(target) else {
                 continue;
             };
             let (own, other) = budget.split(target, self.max_series, stats);
             for (nr, s) in own {
-                out.push((
-                    SyscallLabels {
-                        target: tname.to_owned(),
-                        syscall: name(nr).into_owned(),
-                    },
-                    s,
-                ));
+                let syscall = name(nr).into_owned();
+                out.push(((labels.clone(), SyscallName { syscall }), s));
             }
             if let Some(s) = other {
-                out.push((
-                    SyscallLabels {
-                        target: tname.to_owned(),
-                        syscall: "other".into(),
-                    },
-                    s,
-                ));
+                let syscall = "other".to_owned();
+                out.push(((labels.clone(), SyscallName { syscall }), s));
             }
         }
         out

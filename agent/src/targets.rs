@@ -9,7 +9,9 @@ use std::{fmt, path::Path, str::FromStr};
 use regex::Regex;
 use thiserror::Error;
 
-use crate::kube::PodRef;
+use std::sync::Arc;
+
+use crate::{instances::Instances, kube::PodRef, metrics::TargetLabels};
 
 /// Index of a target in the configuration; the id the kernel side stores per tracked process.
 pub type TargetId = u32;
@@ -266,15 +268,51 @@ pub struct Target {
     pub selectors: Vec<Selector>,
 }
 
-/// The configured targets, in order; a target's index is its [`TargetId`].
+/// The configured targets, in order; a target's index is its [`TargetId`], and kernel ids
+/// past them are pods' (`crate::instances`).
 #[derive(Debug, Clone, Default)]
 pub struct TargetSet {
     targets: Vec<Target>,
+    instances: Arc<Instances>,
 }
 
 impl TargetSet {
     pub fn new(targets: Vec<Target>) -> Self {
-        Self { targets }
+        let instances = Arc::new(Instances::new(targets.len() as u32));
+        Self { targets, instances }
+    }
+
+    /// The kernel ids of pods.
+    pub fn instances(&self) -> &Instances {
+        &self.instances
+    }
+
+    /// The configured target of kernel id `id` (a target's own, or a pod's).
+    pub fn target_of_id(&self, id: TargetId) -> Option<TargetId> {
+        if (id as usize) < self.targets.len() {
+            return Some(id);
+        }
+        self.instances.pod(id).map(|(t, _)| t)
+    }
+
+    /// The labels of kernel id `id`: its target's name, and a pod's identity.
+    pub fn labels(&self, id: TargetId) -> Option<TargetLabels> {
+        if (id as usize) < self.targets.len() {
+            return Some(TargetLabels::of(&self.targets[id as usize].name));
+        }
+        let (t, pod) = self.instances.pod(id)?;
+        Some(TargetLabels {
+            target: self.targets.get(t as usize)?.name.clone(),
+            pod: Some(pod),
+        })
+    }
+
+    /// Every kernel id with numbers to export now: the targets' own, then live pods'.
+    pub fn ids(&self) -> Vec<(TargetId, TargetLabels)> {
+        (0..self.targets.len() as TargetId)
+            .chain(self.instances.live())
+            .filter_map(|id| Some((id, self.labels(id)?)))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -292,8 +330,10 @@ impl TargetSet {
             .map(|(i, t)| (i as TargetId, t))
     }
 
+    /// The name of kernel id `id`'s target.
     pub fn name(&self, id: TargetId) -> Option<&str> {
-        self.targets.get(id as usize).map(|t| t.name.as_str())
+        let t = self.target_of_id(id)?;
+        self.targets.get(t as usize).map(|t| t.name.as_str())
     }
 
     /// Whether target `id` has a Kubernetes pod selector.

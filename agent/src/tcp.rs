@@ -5,7 +5,7 @@
 //! which target owns each socket, and tcp/tcp_retransmit_skb) and `tcp_rtt` (tcp/tcp_probe,
 //! whose `skaddr` field recent kernels only have). Field offsets come from the tracefs format
 //! files of the running kernel.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use agent_common::{
     hist::Log2Hist,
@@ -19,7 +19,8 @@ use prometheus_client::{
 
 use crate::{
     btf::KernelBtf,
-    metrics::{TargetLabels, encode_counters, encode_log2_histograms},
+    instances::{CLEAR_PEERS, CLEAR_TCP},
+    metrics::{TargetLabels, encode_counters, encode_log2_histograms, zero_per_cpu},
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
     tracefs::{self, TracefsError},
@@ -183,7 +184,8 @@ pub fn probe_globals() -> Globals {
 }
 
 pub struct TcpLatency {
-    stats: PerCpuArray<MapData, TcpStats>,
+    /// Locked to zero retired pod ids.
+    stats: Mutex<PerCpuArray<MapData, TcpStats>>,
     targets: Arc<TargetSet>,
     connect: bool,
     rtt: bool,
@@ -206,8 +208,9 @@ impl TcpLatency {
         connect: bool,
         rtt: bool,
     ) -> Self {
+        targets.instances().add_collector(CLEAR_TCP);
         Self {
-            stats,
+            stats: Mutex::new(stats),
             targets,
             connect,
             rtt,
@@ -221,7 +224,11 @@ impl TcpLatency {
             connect_failures: 0,
             retransmits: 0,
         };
-        match self.stats.get(&id, 0) {
+        let stats = self
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match stats.get(&id, 0) {
             Ok(per_cpu) => {
                 for s in per_cpu.iter() {
                     total.connect.merge(&s.connect);
@@ -238,17 +245,24 @@ impl TcpLatency {
 
 impl Collector for TcpLatency {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        for id in self.targets.instances().take_retired(CLEAR_TCP) {
+            let mut stats = self
+                .stats
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let zero = TcpStats {
+                connect: Log2Hist::ZERO,
+                rtt: Log2Hist::ZERO,
+                connect_failures: 0,
+                retransmits: 0,
+            };
+            zero_per_cpu(&mut stats, id, zero);
+        }
         let all: Vec<(TargetLabels, TcpStats)> = self
             .targets
-            .iter()
-            .map(|(id, t)| {
-                (
-                    TargetLabels {
-                        target: t.name.clone(),
-                    },
-                    self.read(id),
-                )
-            })
+            .ids()
+            .into_iter()
+            .map(|(id, labels)| (labels, self.read(id)))
             .collect();
         if self.connect {
             encode_log2_histograms(
@@ -284,7 +298,6 @@ impl Collector for TcpLatency {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
-    target: String,
     peer: String,
 }
 
@@ -304,7 +317,8 @@ fn peer_name(key: &PeerKey) -> String {
 
 /// The optional per-peer breakdown (`[tcp] per_peer = true`), bounded by the kernel map's size.
 pub struct PeerLatency {
-    peers: BpfHashMap<MapData, PeerKey, PeerStats>,
+    /// Locked to remove retired pod ids' peers.
+    peers: Mutex<BpfHashMap<MapData, PeerKey, PeerStats>>,
     targets: Arc<TargetSet>,
 }
 
@@ -316,28 +330,60 @@ impl std::fmt::Debug for PeerLatency {
 
 impl PeerLatency {
     pub fn new(peers: BpfHashMap<MapData, PeerKey, PeerStats>, targets: Arc<TargetSet>) -> Self {
-        Self { peers, targets }
+        targets.instances().add_collector(CLEAR_PEERS);
+        Self {
+            peers: Mutex::new(peers),
+            targets,
+        }
     }
 }
 
 impl Collector for PeerLatency {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let mut series: Vec<(PeerLabels, PeerStats)> = self
+        let mut peers = self
             .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let retired = self.targets.instances().take_retired(CLEAR_PEERS);
+        if !retired.is_empty() {
+            let gone: Vec<PeerKey> = peers
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| retired.contains(&k.target))
+                .collect();
+            for k in gone {
+                let _ = peers.remove(&k);
+            }
+        }
+        let mut series: Vec<((TargetLabels, PeerLabels), PeerStats)> = peers
             .iter()
             .filter_map(Result::ok)
             .filter_map(|(k, v)| {
-                let target = self.targets.name(k.target)?.to_owned();
+                let target = self.targets.labels(k.target)?;
                 Some((
-                    PeerLabels {
+                    (
                         target,
-                        peer: peer_name(&k),
-                    },
+                        PeerLabels {
+                            peer: peer_name(&k),
+                        },
+                    ),
                     v,
                 ))
             })
             .collect();
-        series.sort_by(|a, b| (&a.0.target, &a.0.peer).cmp(&(&b.0.target, &b.0.peer)));
+        drop(peers);
+        series.sort_by(|a, b| {
+            (
+                &a.0.0.target,
+                &a.0.1.peer,
+                a.0.0.pod.as_ref().map(|p| &p.pod),
+            )
+                .cmp(&(
+                    &b.0.0.target,
+                    &b.0.1.peer,
+                    b.0.0.pod.as_ref().map(|p| &p.pod),
+                ))
+        });
         encode_log2_histograms(
             &mut encoder,
             "pipeprobe_tcp_peer_connect_duration",

@@ -23,6 +23,7 @@ use prometheus_client::metrics::{family::Family as MetricFamily, gauge::Gauge};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
+    instances::PodIdentity,
     kube::{PodLabels, Pods, container_of},
     lost::UserLost,
     metrics::TargetLabels,
@@ -73,6 +74,15 @@ pub struct Tracker {
     kube: Option<Kube>,
 }
 
+/// How a process joins a target.
+#[derive(Debug, Clone, Copy)]
+enum Join {
+    /// It matched configured target `.0` (its kernel id is its pod's, when pods are labelled).
+    Matched(TargetId),
+    /// It inherits kernel id `.0` from its parent.
+    Inherited(TargetId),
+}
+
 /// Pod resolution and the `pipeprobe_target_pod_info` series, with `[kubernetes]` on.
 struct Kube {
     pods: Arc<Pods>,
@@ -83,6 +93,8 @@ struct Kube {
     counts: HashMap<PodLabels, i64>,
     max_series: usize,
     full_logged: bool,
+    /// Each pod of a target gets its own kernel id and labelled series (`crate::instances`).
+    pod_labels: bool,
 }
 
 impl Tracker {
@@ -119,6 +131,7 @@ impl Tracker {
         changed: Arc<tokio::sync::Notify>,
         series: MetricFamily<PodLabels, Gauge>,
         max_series: usize,
+        pod_labels: bool,
     ) -> Self {
         self.kube = Some(Kube {
             pods,
@@ -128,6 +141,7 @@ impl Tracker {
             counts: HashMap::new(),
             max_series,
             full_logged: false,
+            pod_labels,
         });
         self
     }
@@ -195,31 +209,57 @@ impl Tracker {
         self.shared.clone()
     }
 
-    fn publish(&self, id: TargetId) {
-        if let Some(name) = self.targets.name(id) {
+    /// `target_processes{target}` of configured target `target`.
+    fn publish(&self, target: TargetId) {
+        if let Some(name) = self.targets.name(target) {
             self.gauge
-                .get_or_create(&TargetLabels {
-                    target: name.to_owned(),
-                })
-                .set(self.counts[id as usize]);
+                .get_or_create(&TargetLabels::of(name))
+                .set(self.counts[target as usize]);
         }
     }
 
-    fn add(
-        &mut self,
-        tgid: u32,
-        target: TargetId,
-        in_kernel_already: bool,
-        info: Option<&ProcessInfo>,
-    ) {
+    /// The kernel id for a process that matched `target`: its pod's own when pods are labelled.
+    fn kernel_id(&self, target: TargetId, info: Option<&ProcessInfo>) -> TargetId {
+        let pod = self
+            .kube
+            .as_ref()
+            .filter(|k| k.pod_labels)
+            .and(info)
+            .and_then(|i| i.pod.as_ref());
+        match pod {
+            Some(r) => self.targets.instances().acquire(
+                target,
+                PodIdentity {
+                    namespace: r.pod.namespace.clone(),
+                    pod: r.pod.name.clone(),
+                    container: r.container.clone(),
+                },
+            ),
+            None => target,
+        }
+    }
+
+    fn add(&mut self, tgid: u32, join: Join, in_kernel_already: bool, info: Option<&ProcessInfo>) {
         // Never the agent itself: a cmdline selector can match the agent's own --target argument.
         if self.tracked.contains_key(&tgid) || tgid == self.own_pid {
             return;
         }
+        let id = match join {
+            Join::Matched(target) => self.kernel_id(target, info),
+            Join::Inherited(id) => {
+                self.targets.instances().hold(id);
+                id
+            }
+        };
+        let Some(target) = self.targets.target_of_id(id) else {
+            self.targets.instances().release(id);
+            return;
+        };
         if !in_kernel_already
             && let Some(map) = self.map.as_mut()
-            && let Err(e) = map.insert(tgid, target, 0)
+            && let Err(e) = map.insert(tgid, id, 0)
         {
+            self.targets.instances().release(id);
             let full = matches!(&e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
             if full {
                 if self.lost.count(lost::TRACKED_MAP_FULL) {
@@ -235,9 +275,9 @@ impl Tracker {
             }
             return;
         }
-        self.tracked.insert(tgid, target);
+        self.tracked.insert(tgid, id);
         if let Ok(mut m) = self.shared.write() {
-            m.insert(tgid, target);
+            m.insert(tgid, id);
         }
         self.counts[target as usize] += 1;
         self.publish(target);
@@ -246,7 +286,12 @@ impl Tracker {
     }
 
     fn remove(&mut self, tgid: u32, in_kernel_already: bool) {
-        let Some(target) = self.tracked.remove(&tgid) else {
+        let Some(id) = self.tracked.remove(&tgid) else {
+            return;
+        };
+        let target = self.targets.target_of_id(id);
+        self.targets.instances().release(id);
+        let Some(target) = target else {
             return;
         };
         if let Ok(mut m) = self.shared.write() {
@@ -293,10 +338,17 @@ impl Tracker {
         let mut found = Vec::new();
         for (pid, info) in &infos {
             if let Some(t) = self.targets.match_process(info) {
-                found.push((*pid, t));
+                found.push((*pid, Join::Matched(t)));
             }
         }
-        let mut direct: HashMap<u32, TargetId> = found.iter().copied().collect();
+        // Matched here (configured targets), for their descendants.
+        let mut direct: HashMap<u32, TargetId> = found
+            .iter()
+            .filter_map(|(p, j)| match j {
+                Join::Matched(t) => Some((*p, *t)),
+                Join::Inherited(_) => None,
+            })
+            .collect();
         // Descendants of tracked or matched processes inherit their target.
         for &pid in infos.keys() {
             if direct.contains_key(&pid) {
@@ -310,34 +362,41 @@ impl Tracker {
                 if parent == 0 {
                     break;
                 }
-                if let Some(&t) = self.tracked.get(&parent).or_else(|| direct.get(&parent)) {
-                    found.push((pid, t));
+                // A tracked parent's kernel id (its pod's), or the target a parent matched.
+                if let Some(&id) = self.tracked.get(&parent) {
+                    found.push((pid, Join::Inherited(id)));
+                    break;
+                }
+                if let Some(&t) = direct.get(&parent) {
+                    found.push((pid, Join::Matched(t)));
                     break;
                 }
                 cur = parent;
             }
         }
-        for (pid, t) in found {
-            direct.insert(pid, t);
-            self.add(pid, t, false, infos.get(&pid));
+        for (pid, join) in found {
+            if let Join::Matched(t) = join {
+                direct.insert(pid, t);
+            }
+            self.add(pid, join, false, infos.get(&pid));
         }
     }
 
     /// Drops processes of pod-selected targets whose pod left the kubelet's list (or stopped
     /// matching, e.g. a label changed), unless they inherit the target from a tracked parent.
     fn revalidate_pods(&mut self) {
-        let by_pod: Vec<(u32, TargetId)> = self
+        let by_pod: Vec<(u32, TargetId, TargetId)> = self
             .tracked
             .iter()
-            .filter(|(_, t)| self.targets.selects_pods(**t))
-            .map(|(p, t)| (*p, *t))
+            .filter_map(|(p, id)| Some((*p, *id, self.targets.target_of_id(*id)?)))
+            .filter(|(_, _, t)| self.targets.selects_pods(*t))
             .collect();
-        for (pid, target) in by_pod {
+        for (pid, id, target) in by_pod {
             let Some(info) = self.read(pid) else {
                 continue;
             };
-            let still = self.targets.matches(target, &info)
-                || self.tracked.get(&info.ppid) == Some(&target);
+            let still =
+                self.targets.matches(target, &info) || self.tracked.get(&info.ppid) == Some(&id);
             if !still {
                 tracing::info!(
                     pid,
@@ -357,13 +416,13 @@ impl Tracker {
                     return;
                 };
                 if let Some(t) = self.targets.match_process(&info) {
-                    self.add(ev.tgid, t, false, Some(&info));
+                    self.add(ev.tgid, Join::Matched(t), false, Some(&info));
                 }
             }
-            EVENT_FORK if ev.target != NO_TARGET && (ev.target as usize) < self.counts.len() => {
-                // A child runs in its parent's pod: no /proc read unless pods are labelled.
+            EVENT_FORK if ev.target != NO_TARGET && ev.target < agent_common::MAX_TARGETS => {
+                // A child runs in its parent's pod: no /proc read unless Kubernetes is on.
                 let info = self.kube.as_ref().and_then(|_| self.read(ev.tgid));
-                self.add(ev.tgid, ev.target, true, info.as_ref());
+                self.add(ev.tgid, Join::Inherited(ev.target), true, info.as_ref());
             }
             EVENT_EXIT => self.remove(ev.tgid, true),
             _ => {}

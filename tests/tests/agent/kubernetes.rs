@@ -438,3 +438,99 @@ fn kubernetes_config_errors_are_named() {
         assert!(err.contains(says), "{cfg}: expected `{says}` in: {err}");
     }
 }
+
+/// The value of `name` for target stt's pod `pod`.
+fn of_pod(s: &[Sample], name: &str, pod: &str) -> Option<f64> {
+    s.iter()
+        .filter(|x| {
+            x.name == name
+                && x.labels.get("target").map(String::as_str) == Some("stt")
+                && x.labels.get("pod").map(String::as_str) == Some(pod)
+        })
+        .map(|x| x.value)
+        .reduce(|a, b| a + b)
+}
+
+#[test]
+fn each_pod_of_a_target_has_its_own_series_and_a_reused_id_starts_clean() {
+    const UIDS: [&str; 3] = [
+        "11111111-2222-4333-8444-555555555501",
+        "11111111-2222-4333-8444-555555555502",
+        "11111111-2222-4333-8444-555555555503",
+    ];
+    let pod = |i: usize| {
+        pod_json(
+            &format!("stt-{i}"),
+            "speech",
+            UIDS[i],
+            "stt",
+            "server",
+            &container_id((b'a' + i as u8) as char),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t").unwrap();
+    let pods = dir.path().join("pods.json");
+    std::fs::write(&pods, pod_list(&[pod(0), pod(1)])).unwrap();
+    let (_kubelet, port) = kubelet(&pods, "t", None);
+    let cgs: Vec<ContainerCgroup> = (0..3)
+        .map(|i| ContainerCgroup::new(UIDS[i], &container_id((b'a' + i as u8) as char)))
+        .collect();
+    let (agent, _cfg) = start_agent(&format!("http://127.0.0.1:{port}"), &token, "");
+    let mut w0 = cgs[0].run("nanosleep --ms 5 --count 100000");
+    let _w1 = cgs[1].run("nanosleep --ms 5 --count 100000");
+    let sleeps = "pipeprobe_syscall_duration_seconds_count";
+    let mut s = Vec::new();
+    let both = wait_until(Duration::from_secs(5), || {
+        s = agent.scrape();
+        of_pod(&s, sleeps, "stt-0").is_some_and(|n| n > 200.0)
+            && of_pod(&s, sleeps, "stt-1").is_some_and(|n| n > 200.0)
+    });
+    assert!(both.is_some(), "per-pod syscall series:\n{s:?}");
+    assert_eq!(
+        find(&s, "pipeprobe_target_processes", "target", "stt"),
+        Some(2.0)
+    );
+    for family in [
+        "pipeprobe_sched_runqueue_delay_seconds_count",
+        "pipeprobe_syscall_errors_total",
+    ] {
+        for p in ["stt-0", "stt-1"] {
+            assert!(of_pod(&s, family, p).is_some(), "{family} for {p}");
+        }
+    }
+    let series = s
+        .iter()
+        .find(|x| x.name == sleeps && x.labels.get("pod").map(String::as_str) == Some("stt-0"))
+        .unwrap();
+    assert_eq!(series.labels["namespace"], "speech");
+    assert_eq!(series.labels["container"], "server");
+    let before = of_pod(&s, sleeps, "stt-0").unwrap();
+
+    // stt-0 is deleted and its process ends: nothing of it is exported any more.
+    std::fs::write(&pods, pod_list(&[pod(1)])).unwrap();
+    let _ = w0.0.kill();
+    let _ = w0.0.wait();
+    let gone = wait_until(Duration::from_secs(5), || {
+        s = agent.scrape();
+        !s.iter()
+            .any(|x| x.labels.get("pod").map(String::as_str) == Some("stt-0"))
+            && find(&s, "pipeprobe_target_processes", "target", "stt") == Some(1.0)
+    });
+    assert!(gone.is_some(), "stt-0's series linger:\n{s:?}");
+    // A scrape has zeroed its kernel numbers: a new pod may take its id and starts from zero.
+    std::fs::write(&pods, pod_list(&[pod(1), pod(2)])).unwrap();
+    let _w2 = cgs[2].run("nanosleep --ms 5 --count 100000");
+    let new = wait_until(Duration::from_secs(5), || {
+        s = agent.scrape();
+        of_pod(&s, sleeps, "stt-2").is_some()
+    });
+    assert!(new.is_some(), "stt-2 never appeared:\n{}", agent.log());
+    let fresh = of_pod(&s, sleeps, "stt-2").unwrap();
+    eprintln!("stt-0 ended at {before} sleeps; the new pod stt-2 starts at {fresh}");
+    assert!(
+        fresh < before,
+        "stt-2 carries stt-0's numbers: {fresh} >= {before}"
+    );
+}
