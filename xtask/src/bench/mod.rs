@@ -139,6 +139,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             // Each single-purpose pipeprobe variant against the next reference tool listed.
             let single = matches!(v, Variant::Agent(f) if !f.is_empty())
                 || matches!(v, Variant::Capture { .. });
+            if let (Variant::Untracked(_), Some(x)) = (v, vs_floor) {
+                checks.push(Check {
+                    what: format!(
+                        "{}: {} at {x:.2}x the floor's cost (≤ 1.5x)",
+                        s.title,
+                        v.name()
+                    ),
+                    ok: x <= 1.5,
+                });
+            }
             if single {
                 if let Some(j) = (i + 1..s.variants.len())
                     .find(|j| matches!(s.variants[*j], Variant::Reference(..)))
@@ -181,7 +191,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             if s.key == "pipeline" && matches!(v, Variant::Agent([])) {
                 checks.push(Check {
                     what: format!(
-                        "synthetic pipeline loses {} with all probes on (≤ 1 %)",
+                        "synthetic pipeline loses {} with all probes on and its spans enriched (≤ 1 %)",
                         pct(over)
                     ),
                     ok: over <= 0.01,

@@ -22,6 +22,8 @@ pub enum Variant {
     Floor(&'static [&'static str]),
     /// The agent with only these probe families (empty: all of them).
     Agent(&'static [&'static str]),
+    /// The same, with the workload not a target: what every other process on the host pays.
+    Untracked(&'static [&'static str]),
     /// The agent capturing a flamegraph of the workload during the whole run.
     Capture {
         mode: &'static str,
@@ -38,6 +40,9 @@ impl Variant {
             Variant::Floor(hooks) => format!("floor: empty programs on {}", hooks.join(", ")),
             Variant::Agent([]) => "pipeprobe, all probes".into(),
             Variant::Agent(f) => format!("pipeprobe, {} alone", f.join(" + ")),
+            Variant::Untracked(f) => {
+                format!("pipeprobe, {} on, workload not a target", f.join(" + "))
+            }
             Variant::Capture { mode, hz } => {
                 format!("pipeprobe flamegraph --mode {mode} --hz {hz}")
             }
@@ -78,6 +83,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 None,
                 Floor(&["sys_enter", "sys_exit"]),
                 Agent(&["syscalls"]),
+                Untracked(&["syscalls"]),
                 Agent(&[]),
                 Reference("syscount", &["-L", "-p", "{pid}"]),
             ],
@@ -237,7 +243,7 @@ pub fn python() -> Option<std::path::PathBuf> {
 }
 
 fn start(v: &Variant, pid: u32, secs: f64, dir: &Path) -> anyhow::Result<(Tool, Option<Agent>)> {
-    let config = |keep: &[&str]| {
+    let config = |keep: &[&str], tracked: bool| {
         let disable: Vec<String> = FAMILIES
             .iter()
             .filter(|f| !keep.is_empty() && !keep.contains(f))
@@ -245,9 +251,14 @@ fn start(v: &Variant, pid: u32, secs: f64, dir: &Path) -> anyhow::Result<(Tool, 
             .collect();
         format!(
             "[probes]\ndisable = [{}]\n[gpu]\nenabled = false\n[otlp]\nflamegraph_dir = \"{}\"\n\
-             [targets.bench]\npid = {pid}\n",
+             [targets.bench]\n{}\n",
             disable.join(", "),
-            dir.join("flamegraphs").display()
+            dir.join("flamegraphs").display(),
+            if tracked {
+                format!("pid = {pid}")
+            } else {
+                "comm = \"^no-such-process$\"".to_owned()
+            }
         )
     };
     Ok(match v {
@@ -267,9 +278,16 @@ fn start(v: &Variant, pid: u32, secs: f64, dir: &Path) -> anyhow::Result<(Tool, 
             anyhow::ensure!(line.starts_with("ATTACHED"), "floor said {line:?}");
             (Tool(Some(child)), None)
         }
-        Variant::Agent(keep) => (Tool::none(), Some(Agent::start(dir, &config(keep), &[])?)),
+        Variant::Agent(keep) => (
+            Tool::none(),
+            Some(Agent::start(dir, &config(keep, true), &[])?),
+        ),
+        Variant::Untracked(keep) => (
+            Tool::none(),
+            Some(Agent::start(dir, &config(keep, false), &[])?),
+        ),
         Variant::Capture { mode, hz } => {
-            let agent = Agent::start(dir, &config(&["profile"]), &[])?;
+            let agent = Agent::start(dir, &config(&["profile"], true), &[])?;
             let duration = format!("{}s", (DELAY_MS as f64 / 1000.0 + secs + 1.0).ceil());
             let out = dir.join("capture.folded");
             let client = Tool::spawn(&mut agent.flamegraph(&[
