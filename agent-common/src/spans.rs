@@ -28,6 +28,8 @@ pub struct SpanOff {
     pub ts_ns: u64,
     pub user_stack: i32,
     pub kernel_stack: i32,
+    /// Key of its Python stack in SPAN_PY_STACKS, 0 for none.
+    pub py_stack: u64,
 }
 
 #[repr(C)]

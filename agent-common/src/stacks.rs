@@ -78,6 +78,8 @@ pub struct SpanSample {
     /// 0: an on-CPU sample. Else an off-CPU episode of this length that ended at `ts_ns`, with
     /// the stacks the thread blocked in.
     pub off_ns: u64,
+    /// Key of the thread's Python stack in SPAN_PY_STACKS, 0 for none.
+    pub py_stack: u64,
 }
 
 /// Off-CPU episodes shorter than this do not go to the span samples (a thread waiting for the

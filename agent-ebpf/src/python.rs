@@ -32,6 +32,15 @@ static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(PY_STACKS_MA
 #[map]
 static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// The same three for the continuous span sampler, which runs all the time beside captures
+/// (a capture resets its own maps) and may interrupt one on the same CPU (its own scratch).
+#[map]
+static SPAN_PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(PY_PROCS_MAX, 0);
+#[map]
+static SPAN_PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(PY_STACKS_MAX, 0);
+#[map]
+static SPAN_PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
+
 /// Reads a user-space word; 0 when unreadable (the helper zeroes its destination on failure).
 /// No branch on the result: each branch in the frame loop would multiply the states the
 /// verifier walks through its iterations.
@@ -93,8 +102,25 @@ fn thread_state(p: &PyProc, tid: u32) -> u64 {
 /// process runs no known Python or the thread runs no Python code.
 #[inline(always)]
 pub fn stack(tgid: u32, tid: u32) -> u64 {
+    stack_in(&PY_PROCS, &PY_STACKS, &PY_SCRATCH, tgid, tid)
+}
+
+/// [`stack`] for the span sampler, into `SPAN_PY_STACKS`.
+#[inline(always)]
+pub fn span_stack(tgid: u32, tid: u32) -> u64 {
+    stack_in(&SPAN_PY_PROCS, &SPAN_PY_STACKS, &SPAN_PY_SCRATCH, tgid, tid)
+}
+
+#[inline(always)]
+fn stack_in(
+    procs: &HashMap<u32, PyProc>,
+    stacks: &HashMap<u64, PyStack>,
+    scratch: &PerCpuArray<PyStack>,
+    tgid: u32,
+    tid: u32,
+) -> u64 {
     // SAFETY: copied out of the map value at once.
-    let Some(p) = (unsafe { PY_PROCS.get(&tgid).copied() }) else {
+    let Some(p) = (unsafe { procs.get(&tgid).copied() }) else {
         return 0;
     };
     let ts = thread_state(&p, tid);
@@ -106,7 +132,7 @@ pub fn stack(tgid: u32, tid: u32) -> u64 {
     if o.cframe_current != ABSENT {
         frame = read_ptr(frame + u64::from(o.cframe_current));
     }
-    let Some(out) = PY_SCRATCH.get_ptr_mut(0) else {
+    let Some(out) = scratch.get_ptr_mut(0) else {
         return 0;
     };
     // SAFETY: per-CPU scratch value, only this program on this CPU uses it now.
@@ -137,11 +163,9 @@ pub fn stack(tgid: u32, tid: u32) -> u64 {
     out.len = len as u32;
     // Zero is "no Python stack" in the sample key.
     let key = hash | 1;
-    if PY_STACKS.get_ptr(&key).is_none()
-        && PY_STACKS
-            .insert(&key, &*out, u64::from(BPF_NOEXIST))
-            .is_err()
-        && PY_STACKS.get_ptr(&key).is_none()
+    if stacks.get_ptr(&key).is_none()
+        && stacks.insert(&key, &*out, u64::from(BPF_NOEXIST)).is_err()
+        && stacks.get_ptr(&key).is_none()
     {
         count_lost(lost::PYTHON_STACK_MISSING);
         return 0;

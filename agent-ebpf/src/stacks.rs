@@ -258,6 +258,7 @@ pub fn span_sample(ctx: PerfEventContext) -> u32 {
         user_stack,
         kernel_stack,
         off_ns: 0,
+        py_stack: python::span_stack(tgid, ids as u32),
     };
     if SPAN_SAMPLES.output::<SpanSample>(&sample, 0).is_err() {
         count_lost(lost::SAMPLES_FULL);
@@ -300,6 +301,7 @@ fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 TRACEPOINT_FRAMES & u64::from(BPF_F_SKIP_FIELD_MASK),
             )
             .map_or(-1, |id| id as i32);
+        t.span_off.py_stack = python::span_stack(tgid, ids as u32);
         t.span_off.ts_ns = now;
     }
     let Some(t) = thread::existing(next) else {
@@ -319,6 +321,7 @@ fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
             user_stack: off.user_stack,
             kernel_stack: off.kernel_stack,
             off_ns,
+            py_stack: off.py_stack,
         };
         if SPAN_SAMPLES.output::<SpanSample>(&sample, 0).is_err() {
             count_lost(lost::SAMPLES_FULL);

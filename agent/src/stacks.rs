@@ -81,6 +81,9 @@ const SPAN_OFFCPU_PROGRAM: &str = "span_offcpu";
 pub struct SpanSampler {
     pub ring: aya::maps::RingBuf<MapData>,
     pub stacks: StackTraceMap<MapData>,
+    /// Python processes whose frames the sampler walks, and the walked stacks.
+    pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
+    pub py_stacks: aya::maps::HashMap<MapData, u64, PyStack>,
 }
 
 /// Loads `span_sample` and attaches it to every CPU's cpu-clock at `hz` for the agent's
@@ -122,6 +125,12 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
     Ok(SpanSampler {
         ring: kernel.take_map("SPAN_SAMPLES").map_err(|e| e.to_string())?,
         stacks: kernel.take_map("SPAN_STACKS").map_err(|e| e.to_string())?,
+        py_procs: kernel
+            .take_map("SPAN_PY_PROCS")
+            .map_err(|e| e.to_string())?,
+        py_stacks: kernel
+            .take_map("SPAN_PY_STACKS")
+            .map_err(|e| e.to_string())?,
     })
 }
 
@@ -515,27 +524,33 @@ pub struct SpanStack {
     pub tgid: u32,
     pub user: Vec<u64>,
     pub kernel: Vec<u64>,
+    /// Walked Python frame entries (see `Interpreter::frame_code`), root first.
+    pub python: Vec<u64>,
     /// Blocked there, rather than running.
     pub off_cpu: bool,
     /// Microseconds.
     pub weight: u64,
 }
 
-/// Symbolizes and folds weighted stacks. The span flamegraphs' entry point.
-pub fn fold_samples(samples: Vec<SpanStack>) -> Capture {
+/// Symbolizes and folds weighted stacks, with the Python frames of `pythons`' processes. The
+/// span flamegraphs' entry point.
+pub fn fold_samples(samples: Vec<SpanStack>, pythons: &HashMap<u32, Interpreter>) -> Capture {
     let raw = samples
         .into_iter()
         .map(|s| Raw {
+            python: pythons
+                .get(&s.tgid)
+                .map(|i| s.python.iter().filter_map(|e| i.frame_code(*e)).collect())
+                .unwrap_or_default(),
             tgid: s.tgid,
             user: s.user,
             kernel: s.kernel,
-            python: Vec::new(),
             syscall: 0,
             off_cpu: s.off_cpu,
             weight: s.weight,
         })
         .collect();
-    fold(raw, &HashMap::new(), &HashMap::new())
+    fold(raw, &HashMap::new(), pythons)
 }
 
 /// Where the native frames worth keeping start when Python frames stand for the interpreter:

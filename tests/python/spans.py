@@ -128,6 +128,9 @@ def main():
     else:
         sys.exit("unknown scenario " + a.scenario)
     provider.shutdown()
+    # A service outlives its spans: the agent reads the names of its code from the live process
+    # when it draws a slow span's flamegraph.
+    time.sleep(1.0)
 
 
 main()

@@ -133,11 +133,18 @@ async fn span_flamegraph(
 ) -> Option<String> {
     let secs = end.saturating_sub(start) as f64 / 1e9;
     let period_us = 1_000_000 / fg.hz.max(1);
-    let samples = fg.samples.lock().ok().map(|s| {
-        match tid.map(|t| s.window(pid, Some(t), (start, end), period_us)) {
+    let (samples, pythons) = fg.samples.lock().ok().map(|s| {
+        let samples = match tid.map(|t| s.window(pid, Some(t), (start, end), period_us)) {
             Some(v) if !v.is_empty() => v,
             _ => s.window(pid, None, (start, end), period_us),
-        }
+        };
+        let pythons: std::collections::HashMap<_, _> = s
+            .pythons
+            .get(&pid)
+            .map(|i| (pid, i.clone()))
+            .into_iter()
+            .collect();
+        (samples, pythons)
     })?;
     let on_cpu = samples.iter().filter(|s| !s.off_cpu).count();
     let off_ms: u64 = samples
@@ -156,7 +163,7 @@ async fn span_flamegraph(
         fg.hz
     );
     let store = fg.store.clone();
-    tokio::task::spawn_blocking(move || draw(&store, &id, &title, samples))
+    tokio::task::spawn_blocking(move || draw(&store, &id, &title, samples, &pythons))
         .await
         .ok()
         .flatten()

@@ -8,7 +8,7 @@
 //! off-CPU episode the part of it inside the span, under an `[off-CPU]` frame. The SVG is kept
 //! in a directory with limits on count and bytes, oldest removed first.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -16,8 +16,12 @@ use std::{
 
 use agent_common::stacks::{SPAN_STACKS_MAX, SpanSample};
 
-use crate::stacks::SpanStack;
-use aya::maps::{MapData, RingBuf, StackTraceMap};
+use crate::{
+    python::{Finder, Interpreter},
+    stacks::SpanStack,
+    tracker::SharedTracked,
+};
+use aya::maps::MapData;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
@@ -32,11 +36,14 @@ struct Sample {
     tid: u32,
     user: Arc<Vec<u64>>,
     kernel: Arc<Vec<u64>>,
+    python: Arc<Vec<u64>>,
 }
 
 #[derive(Default)]
 pub struct Samples {
     samples: VecDeque<Sample>,
+    /// Tracked processes running a CPython the sampler walks, with what names their frames.
+    pub pythons: HashMap<u32, Interpreter>,
 }
 
 pub type SharedSamples = Arc<Mutex<Samples>>;
@@ -67,6 +74,7 @@ impl Samples {
                     tgid: s.tgid,
                     user: s.user.to_vec(),
                     kernel: s.kernel.to_vec(),
+                    python: s.python.to_vec(),
                     off_cpu: s.off_ns != 0,
                     weight,
                 })
@@ -75,13 +83,62 @@ impl Samples {
     }
 }
 
-/// Reads the sampler's ring buffer into the window until the agent stops.
+/// Finds the CPython of tracked processes not seen yet, for the sampler to walk their Python
+/// frames; forgets the gone. An unsupported Python is profiled with native frames.
+fn register_pythons(
+    tracked: &SharedTracked,
+    finder: &mut Finder,
+    seen: &mut HashSet<u32>,
+    py_procs: &mut aya::maps::HashMap<MapData, u32, agent_common::python::PyProc>,
+    shared: &SharedSamples,
+) {
+    let pids: HashSet<u32> = tracked
+        .read()
+        .map(|t| t.keys().copied().collect())
+        .unwrap_or_default();
+    let mut found = Vec::new();
+    for &pid in pids.difference(&seen.clone()) {
+        seen.insert(pid);
+        match finder.inspect(pid) {
+            Ok(Some(interp)) => match py_procs.insert(pid, interp.proc, 0) {
+                Ok(()) => found.push((pid, interp)),
+                Err(e) => tracing::debug!(pid, "span sampler: Python frames not walked: {e}"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::debug!(pid, "span sampler: {e}"),
+        }
+    }
+    let gone: Vec<u32> = seen.difference(&pids).copied().collect();
+    for pid in &gone {
+        seen.remove(pid);
+        let _ = py_procs.remove(pid);
+    }
+    if let Ok(mut s) = shared.lock() {
+        for pid in &gone {
+            s.pythons.remove(pid);
+        }
+        s.pythons.extend(found);
+    }
+}
+
+/// Reads the sampler's ring buffer into the window until the agent stops, and keeps the
+/// tracked Python processes registered with it.
 pub async fn collect(
-    ring: RingBuf<MapData>,
-    mut stacks: StackTraceMap<MapData>,
+    sampler: crate::stacks::SpanSampler,
+    tracked: SharedTracked,
     window: Duration,
     shared: SharedSamples,
 ) {
+    let crate::stacks::SpanSampler {
+        ring,
+        mut stacks,
+        mut py_procs,
+        mut py_stacks,
+    } = sampler;
+    let mut finder = Finder::default();
+    let mut seen = HashSet::new();
+    let mut python_scan = tokio::time::interval(Duration::from_secs(1));
+    let mut python_frames: HashMap<u64, Arc<Vec<u64>>> = HashMap::new();
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which it outlives.
     let mut ring = match unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1) {
         Ok(r) => r,
@@ -94,7 +151,14 @@ pub async fn collect(
     let mut frames: HashMap<i32, Arc<Vec<u64>>> = HashMap::new();
     let empty = Arc::new(Vec::new());
     loop {
-        let Ok(mut guard) = ring.readable_mut().await else {
+        let ready = tokio::select! {
+            r = ring.readable_mut() => r,
+            _ = python_scan.tick() => {
+                register_pythons(&tracked, &mut finder, &mut seen, &mut py_procs, &shared);
+                continue;
+            }
+        };
+        let Ok(mut guard) = ready else {
             return;
         };
         let mut batch = Vec::new();
@@ -126,6 +190,25 @@ pub async fn collect(
                 })
                 .clone()
         };
+        let mut python = |key: u64| -> Arc<Vec<u64>> {
+            if key == 0 {
+                return empty.clone();
+            }
+            python_frames
+                .entry(key)
+                .or_insert_with(|| {
+                    Arc::new(
+                        py_stacks
+                            .get(&key, 0)
+                            .map(|s| {
+                                let n = (s.len as usize).min(s.frames.len());
+                                s.frames[..n].iter().rev().copied().collect()
+                            })
+                            .unwrap_or_default(),
+                    )
+                })
+                .clone()
+        };
         let converted: Vec<Sample> = batch
             .iter()
             .map(|s| Sample {
@@ -135,8 +218,17 @@ pub async fn collect(
                 tid: s.tid,
                 user: stack(s.user_stack),
                 kernel: stack(s.kernel_stack),
+                python: python(s.py_stack),
             })
             .collect();
+        // Like the stack map, the Python stacks only fill: cleared before they run out.
+        if python_frames.len() as u32 > agent_common::python::PY_STACKS_MAX * 3 / 4 {
+            let keys: Vec<u64> = py_stacks.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                let _ = py_stacks.remove(&k);
+            }
+            python_frames.clear();
+        }
         // The stack map only fills: clear it before it refuses new stacks. Samples already
         // read keep their frames; the few in flight lose theirs.
         if frames.len() as u32 > SPAN_STACKS_MAX * 3 / 4 {
@@ -261,11 +353,17 @@ impl SpanFlamegraphs {
 }
 
 /// Draws and stores the flamegraph of one span; its id, or None without samples.
-pub fn draw(store: &Store, id: &str, title: &str, samples: Vec<SpanStack>) -> Option<String> {
+pub fn draw(
+    store: &Store,
+    id: &str,
+    title: &str,
+    samples: Vec<SpanStack>,
+    pythons: &HashMap<u32, Interpreter>,
+) -> Option<String> {
     if samples.is_empty() {
         return None;
     }
-    let capture = crate::stacks::fold_samples(samples);
+    let capture = crate::stacks::fold_samples(samples, pythons);
     let svg = crate::flamegraph::svg(title, None, "us", &capture.folded()).ok()?;
     match store.save(id, &svg) {
         Ok(()) => Some(id.to_owned()),

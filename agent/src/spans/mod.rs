@@ -306,8 +306,8 @@ pub async fn start(
         Some(s) if flamegraphs::usable(&store.dir) => {
             let samples = flamegraphs::SharedSamples::default();
             tokio::spawn(flamegraphs::collect(
-                s.ring,
-                s.stacks,
+                s,
+                tracked_for_spans.clone(),
                 cfg.history,
                 samples.clone(),
             ));

@@ -290,6 +290,18 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
         svg.contains("libcrypto") || svg.contains("sha256"),
         "the work the thread did is not in its flamegraph"
     );
+    // With its Python frames: the function that hashed, and the one that slept.
+    assert!(
+        svg.contains("<title>work (") && svg.contains("locals&gt;.body ("),
+        "no Python frames in the span flamegraph: {}\n{}",
+        svg.split("<title>")
+            .skip(1)
+            .filter_map(|t| t.split(" (").next())
+            .take(40)
+            .collect::<Vec<_>>()
+            .join(" | "),
+        agent.log()
+    );
     // Its 100 ms asleep is there too, as off-CPU time (inferno titles a frame with its weight:
     // `[off-CPU] (102,345 us, 33.10%)`), about what the span's offcpu attribute says.
     let off_us: u64 = svg
@@ -572,7 +584,12 @@ fn a_span_gets_the_tcp_retransmits_of_its_process() {
         (upload - app).abs() <= (app * 0.05).max(2.0),
         "span {upload} vs TCP_INFO {app}"
     );
-    assert_eq!(idle, Some(0.0), "nothing was sent during the idle span");
+    // Nothing is sent during it; a retransmit in the upload's last tick can spill over (the
+    // history interpolates within a 20 ms tick).
+    assert!(
+        idle.is_some_and(|n| n <= 5.0),
+        "idle span: {idle:?} retransmits"
+    );
 }
 
 #[test]
