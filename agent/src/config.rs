@@ -837,4 +837,35 @@ cgroup = "/system.slice"
             .to_string();
         assert!(e.contains("NAME=KIND:VALUE"), "{e}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Any text, and the example config with bytes changed, loads or is refused with the
+        /// file's name; never a panic.
+        #[test]
+        fn any_config_text_is_loaded_or_refused_naming_the_file(
+            text in "\\PC{0,400}",
+            cut in 0usize..4000,
+            junk in "\\PC{0,12}",
+        ) {
+            let example = std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pipeprobe.example.toml"),
+            )
+            .unwrap();
+            let at = example.char_indices().map(|(i, _)| i).find(|i| *i >= cut.min(example.len())).unwrap_or(example.len());
+            let mutated = format!("{}{junk}{}", &example[..at], &example[at..]);
+            for content in [text, mutated] {
+                let f = tempfile::NamedTempFile::new().unwrap();
+                std::fs::write(f.path(), &content).unwrap();
+                if let Err(e) = Config::load(Some(f.path()), &[], None) {
+                    let msg = e.to_string();
+                    proptest::prop_assert!(
+                        msg.contains(&f.path().display().to_string()) || msg.contains("selector") || msg.contains("target"),
+                        "{msg}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -464,4 +464,22 @@ mod tests {
         assert_eq!(init.unwrap().container, "fetch-model");
         assert!(parse_pod_list(b"{\"items\": 3}").is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever a kubelet (or something posing as one) answers, and whatever a cgroup file
+        /// holds, parsing returns; a pod list is a list or an error.
+        #[test]
+        fn any_kubelet_answer_and_cgroup_file_parse_without_panic(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            json in "\\{\"items\":\\[\\{\"metadata\":\\{[ -~]{0,80}\\}[ -~]{0,80}",
+            cgroup in "([0-9]{1,2}:[a-z=,]{0,12}:(/[a-z0-9_.:-]{0,70}){0,6}\n){0,4}",
+        ) {
+            let _ = parse_pod_list(&body);
+            let _ = parse_pod_list(json.as_bytes());
+            let _ = container_of(&cgroup);
+            let _ = container_id(&cgroup);
+        }
+    }
 }

@@ -376,12 +376,12 @@ impl ProcessInfo {
     /// Reads the process's facts; `None` if it exited meanwhile (or is a kernel thread).
     pub fn read(proc_root: &Path, pid: u32) -> Option<Self> {
         let dir = proc_root.join(pid.to_string());
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // A task name is any bytes (prctl PR_SET_NAME): read both files as bytes.
+        let stat = String::from_utf8_lossy(&std::fs::read(dir.join("stat")).ok()?).into_owned();
         // comm may contain spaces and parentheses: the fields after it follow the last ')'.
         let after = &stat[stat.rfind(')')? + 2..];
         let ppid = after.split(' ').nth(1)?.parse().ok()?;
-        let comm = std::fs::read_to_string(dir.join("comm"))
-            .ok()?
+        let comm = String::from_utf8_lossy(&std::fs::read(dir.join("comm")).ok()?)
             .trim_end_matches('\n')
             .to_owned();
         let raw = std::fs::read(dir.join("cmdline")).ok()?;
@@ -595,5 +595,24 @@ mod tests {
         assert_eq!(info.ppid, std::os::unix::process::parent_id());
         assert!(!info.comm.is_empty() && !info.cmdline.is_empty());
         assert!(list_pids(Path::new("/proc")).unwrap().contains(&me));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any `--target` selector text parses or is refused saying what was given.
+        #[test]
+        fn any_selector_text_parses_or_names_itself(text in "\\PC{0,80}") {
+            if let Err(e) = text.parse::<Selector>() {
+                let msg = e.to_string();
+                proptest::prop_assert!(msg.contains(&format!("`{text}`")) || msg.contains("k8s:"), "{msg}");
+            }
+        }
+
+        /// Kubernetes selectors of any shape, too.
+        #[test]
+        fn any_k8s_selector_parses_or_is_refused(text in "k8s:[a-z.=,^$()*-]{0,40}") {
+            let _ = text.parse::<Selector>();
+        }
     }
 }

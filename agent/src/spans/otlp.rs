@@ -269,3 +269,95 @@ pub fn grpc_router(intake: Intake) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .with_state(intake)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::{
+        common::v1::{AnyValue, KeyValue, any_value::Value},
+        resource::v1::Resource,
+        trace::v1::{ResourceSpans, ScopeSpans, Span},
+    };
+
+    fn new_intake(max_bytes: usize) -> (Intake, mpsc::Receiver<ExportTraceServiceRequest>) {
+        let (tx, rx) = mpsc::channel(4);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = SpanMetrics::new(&mut registry);
+        (
+            Intake {
+                queue: tx,
+                max_bytes,
+                metrics,
+            },
+            rx,
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// Any body, plain or claimed gzip, is taken or refused as invalid: never a panic, never
+        /// more than max_bytes decompressed.
+        #[test]
+        fn any_otlp_body_is_taken_or_refused(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            gz in proptest::prelude::any::<bool>(),
+        ) {
+            let (intake, mut rx) = new_intake(1024);
+            match intake.take(&body, gz) {
+                Ok(()) => proptest::prop_assert!(rx.try_recv().is_ok()),
+                Err(Reject::Invalid(_)) | Err(Reject::Busy) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_max_bytes() {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; 64 << 20]).unwrap();
+        let bomb = gz.finish().unwrap();
+        let (intake, _rx) = new_intake(1 << 20);
+        assert!(bomb.len() < 200_000, "{} bytes compressed", bomb.len());
+        match intake.take(&bomb, true) {
+            Err(Reject::Invalid(why)) => assert!(why.contains("once decompressed"), "{why}"),
+            other => panic!("a 64 MiB bomb was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_span_with_10k_attributes_is_taken() {
+        let attributes: Vec<KeyValue> = (0..10_000)
+            .map(|i| KeyValue {
+                key: format!("k{i}"),
+                value: Some(AnyValue {
+                    value: Some(Value::StringValue("v".repeat(8))),
+                }),
+                ..KeyValue::default()
+            })
+            .collect();
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource::default()),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        name: "wide".into(),
+                        attributes,
+                        ..Span::default()
+                    }],
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            }],
+        };
+        let body = req.encode_to_vec();
+        let (intake, mut rx) = new_intake(4 << 20);
+        assert!(intake.take(&body, false).is_ok());
+        assert_eq!(
+            rx.try_recv().unwrap().resource_spans[0].scope_spans[0].spans[0]
+                .attributes
+                .len(),
+            10_000
+        );
+    }
+}

@@ -85,3 +85,46 @@ fn existing_processes_and_their_children_are_found_at_start() {
         proc.pid()
     );
 }
+
+/// Hostile but valid processes: a 1 MB command line, and a task name with a parenthesis, a
+/// space, a newline and a byte that is not UTF-8 (what /proc/PID/stat parsers trip on).
+#[test]
+fn hostile_processes_are_matched_and_cost_nothing_else() {
+    let marker = format!("hostile-{}", std::process::id());
+    let config = config_file(&format!(
+        "[targets.big]\ncmdline = \"{marker}\"\n[targets.odd]\ncomm = \"^x\\\\) y\"\n"
+    ));
+    let agent = Agent::start(&["--config", config.path().to_str().unwrap()]);
+    // 10 arguments of 100 KiB (one argument may not exceed 128 KiB), carried by a shell.
+    let chunk = "a".repeat(100 << 10);
+    let _big = Proc::spawn(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("sleep 30 # {marker}"))
+            .arg("sh")
+            .args(std::iter::repeat_n(&chunk, 10)),
+    );
+    let _odd = Proc::spawn(std::process::Command::new("python3").arg("-c").arg(
+        "import ctypes, time\n\
+         ctypes.CDLL(None).prctl(15, b'x) y\\n(\\xff', 0, 0, 0)\n\
+         time.sleep(30)\n",
+    ));
+    let ok = wait_until(Duration::from_secs(8), || {
+        agent
+            .value("pipeprobe_target_processes", "target", "big")
+            .is_some_and(|n| n >= 1.0)
+            && agent.value("pipeprobe_target_processes", "target", "odd") == Some(1.0)
+    });
+    assert!(
+        ok.is_some(),
+        "big {:?}, odd {:?}\n{}",
+        agent.value("pipeprobe_target_processes", "target", "big"),
+        agent.value("pipeprobe_target_processes", "target", "odd"),
+        agent.log()
+    );
+    let text = pipeprobe::top::fetch(&format!("http://{}/metrics", agent.addr)).unwrap();
+    assert!(
+        !text.contains(&chunk[..64]),
+        "command lines are never exported"
+    );
+}
