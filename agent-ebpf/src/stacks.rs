@@ -11,7 +11,7 @@ use agent_common::{
     task::TASK_RUNNING,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_SKIP_FIELD_MASK, BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_F_SKIP_FIELD_MASK, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, perf_event},
     maps::{Array, HashMap, RingBuf, StackTrace},
@@ -260,7 +260,11 @@ pub fn span_sample(ctx: PerfEventContext) -> u32 {
         off_ns: 0,
         py_stack: python::span_stack(tgid, ids as u32),
     };
-    if SPAN_SAMPLES.output::<SpanSample>(&sample, 0).is_err() {
+    // No wakeup: user space drains the ring on a timer.
+    if SPAN_SAMPLES
+        .output::<SpanSample>(&sample, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
         count_lost(lost::SAMPLES_FULL);
     }
     0
@@ -323,7 +327,10 @@ fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
             off_ns,
             py_stack: off.py_stack,
         };
-        if SPAN_SAMPLES.output::<SpanSample>(&sample, 0).is_err() {
+        if SPAN_SAMPLES
+            .output::<SpanSample>(&sample, u64::from(BPF_RB_NO_WAKEUP))
+            .is_err()
+        {
             count_lost(lost::SAMPLES_FULL);
         }
     }

@@ -532,6 +532,15 @@ pub struct SpanStack {
     pub weight: u64,
 }
 
+thread_local! {
+    /// The span flamegraphs' symbolizer, kept between flamegraphs on the one thread that draws
+    /// them (it is not Send): a fresh one re-reads /proc/kallsyms and re-inflates the same
+    /// binaries' debug info every time, most of the agent's CPU with a few slow spans a second.
+    /// Renewed every 10 minutes, as it caches per process path and processes come and go.
+    static SPAN_SYMBOLIZER: std::cell::RefCell<(Symbolizer, std::time::Instant)> =
+        std::cell::RefCell::new((Symbolizer::new(), std::time::Instant::now()));
+}
+
 /// Symbolizes and folds weighted stacks, with the Python frames of `pythons`' processes. The
 /// span flamegraphs' entry point.
 pub fn fold_samples(samples: Vec<SpanStack>, pythons: &HashMap<u32, Interpreter>) -> Capture {
@@ -550,7 +559,12 @@ pub fn fold_samples(samples: Vec<SpanStack>, pythons: &HashMap<u32, Interpreter>
             weight: s.weight,
         })
         .collect();
-    fold(raw, &HashMap::new(), pythons)
+    SPAN_SYMBOLIZER.with_borrow_mut(|cached| {
+        if cached.1.elapsed() > Duration::from_secs(600) {
+            *cached = (Symbolizer::new(), std::time::Instant::now());
+        }
+        fold_with(&cached.0, raw, &HashMap::new(), pythons)
+    })
 }
 
 /// Where the native frames worth keeping start when Python frames stand for the interpreter:
@@ -569,7 +583,15 @@ fn fold(
     snapshots: &HashMap<u32, Mappings>,
     pythons: &HashMap<u32, Interpreter>,
 ) -> Capture {
-    let symbolizer = Symbolizer::new();
+    fold_with(&Symbolizer::new(), raw, snapshots, pythons)
+}
+
+fn fold_with(
+    symbolizer: &Symbolizer,
+    raw: Vec<Raw>,
+    snapshots: &HashMap<u32, Mappings>,
+    pythons: &HashMap<u32, Interpreter>,
+) -> Capture {
     let mut names: HashMap<(u32, u64), String> = HashMap::new();
     let mut by_pid: HashMap<u32, Vec<u64>> = HashMap::new();
     let mut kernel_ips: Vec<u64> = Vec::new();
@@ -587,7 +609,7 @@ fn fold(
             ));
             let empty = Mappings::default();
             let snap = snapshots.get(&pid).unwrap_or(&empty);
-            let found = snap.symbolize(&symbolizer, &ips);
+            let found = snap.symbolize(symbolizer, &ips);
             for ip in &ips {
                 names.insert(
                     (pid, *ip),

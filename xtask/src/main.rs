@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 mod test;
 
 #[derive(Parser)]
@@ -27,6 +28,8 @@ enum Command {
     Demo(demo::Options),
     /// Measure what the probes cost the workloads they watch (root; writes docs/benchmarks.md).
     Bench(bench::Options),
+    /// Run the agent under process churn for minutes (root; writes docs/reliability.md).
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
     }
 }

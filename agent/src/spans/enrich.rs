@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::{
     SpanMetrics,
-    flamegraphs::{SpanFlamegraphs, draw},
+    flamegraphs::SpanFlamegraphs,
     history::{Breakdown, SharedHistory, TICK, monotonic_ns, realtime_ns},
 };
 
@@ -162,11 +162,9 @@ async fn span_flamegraph(
         tid.map(|t| format!(" tid {t}")).unwrap_or_default(),
         fg.hz
     );
-    let store = fg.store.clone();
-    tokio::task::spawn_blocking(move || draw(&store, &id, &title, samples, &pythons))
+    fg.drawer
+        .draw(fg.store.clone(), id, title, samples, pythons)
         .await
-        .ok()
-        .flatten()
 }
 
 /// Processes queued requests until the queue closes.
@@ -247,8 +245,14 @@ pub async fn run(sources: Sources) {
                         to_mono(span.start_time_unix_nano),
                         to_mono(span.end_time_unix_nano),
                     );
+                    let slow = flamegraphs
+                        .as_ref()
+                        .is_some_and(|fg| secs >= fg.threshold(&span.name).as_secs_f64());
                     let drawn = match (&flamegraphs, pid) {
-                        (Some(fg), Some(pid)) if secs >= fg.threshold(&span.name).as_secs_f64() => {
+                        (Some(fg), Some(pid))
+                            if secs >= fg.threshold(&span.name).as_secs_f64()
+                                && fg.due(&service_l, &span_l) =>
+                        {
                             span_flamegraph(fg, span, &trace_id, &service, pid, tid, (start, end))
                                 .await
                         }
@@ -266,6 +270,9 @@ pub async fn run(sources: Sources) {
                             ..KeyValue::default()
                         });
                     }
+                    // A slow span the rate limit left without a flamegraph does not replace the
+                    // exemplar of one that has it (its trace id still goes to the backend).
+                    let exemplar = (!slow || drawn.is_some()).then_some(exemplar);
                     metrics.observe_duration(&service_l, &span_l, secs, exemplar);
                     let Some(pid) = pid else { continue };
                     if let Some(util) = gpu

@@ -23,7 +23,9 @@ use crate::{
 };
 use aya::maps::MapData;
 use serde::{Deserialize, Serialize};
-use tokio::io::unix::AsyncFd;
+
+/// How often the sampler's ring is drained; it holds SPAN_SAMPLES_BYTES, about 8,000 samples.
+const DRAIN: Duration = Duration::from_millis(50);
 
 /// Samples kept at most, whatever the window (a bound on memory).
 const MAX_SAMPLES: usize = 500_000;
@@ -139,41 +141,32 @@ pub async fn collect(
     let mut seen = HashSet::new();
     let mut python_scan = tokio::time::interval(Duration::from_secs(1));
     let mut python_frames: HashMap<u64, Arc<Vec<u64>>> = HashMap::new();
-    // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which it outlives.
-    let mut ring = match unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!("cannot poll the span sampler: {e}; span flamegraphs are off");
-            return;
-        }
-    };
+    // The kernel writes samples without waking us (BPF_RB_NO_WAKEUP): a wakeup per sample cost
+    // the agent a context switch each (39 % of a core under process churn, `cargo xtask
+    // soak`); the ring is drained on a timer instead. Spans arrive later than that anyway.
+    let mut ring = ring;
+    let mut drain = tokio::time::interval(DRAIN);
     // Frames per stack id, until the stack map is cleared.
     let mut frames: HashMap<i32, Arc<Vec<u64>>> = HashMap::new();
     let empty = Arc::new(Vec::new());
     loop {
-        let ready = tokio::select! {
-            r = ring.readable_mut() => r,
+        tokio::select! {
+            _ = drain.tick() => {}
             _ = python_scan.tick() => {
                 register_pythons(&tracked, &mut finder, &mut seen, &mut py_procs, &shared);
                 continue;
             }
-        };
-        let Ok(mut guard) = ready else {
-            return;
-        };
+        }
         let mut batch = Vec::new();
-        {
-            let r = guard.get_inner_mut();
-            while let Some(item) = r.next() {
-                if item.len() >= std::mem::size_of::<SpanSample>() {
-                    // SAFETY: the kernel writes whole SpanSamples; read_unaligned copies.
-                    batch.push(unsafe {
-                        std::ptr::read_unaligned(item.as_ptr().cast::<SpanSample>())
-                    });
-                }
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<SpanSample>() {
+                // SAFETY: the kernel writes whole SpanSamples; read_unaligned copies.
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SpanSample>()) });
             }
         }
-        guard.clear_ready();
+        if batch.is_empty() {
+            continue;
+        }
         let mut stack = |id: i32| -> Arc<Vec<u64>> {
             if id < 0 {
                 return empty.clone();
@@ -344,11 +337,74 @@ pub struct SpanFlamegraphs {
     /// Per span name.
     pub thresholds: HashMap<String, Duration>,
     pub hz: u64,
+    pub drawer: Drawer,
+    /// When each (service, span name) last got one.
+    pub last: std::sync::Mutex<HashMap<(String, String), std::time::Instant>>,
 }
+
+/// At most one flamegraph per (service, span name) this often: a burst of slow spans gets a
+/// representative few, not one each (the rest keep their exemplar's trace id).
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 impl SpanFlamegraphs {
     pub fn threshold(&self, span: &str) -> Duration {
         self.thresholds.get(span).copied().unwrap_or(self.threshold)
+    }
+
+    /// Whether a slow span of (service, span) gets a flamegraph now (and notes that it does).
+    pub fn due(&self, service: &str, span: &str) -> bool {
+        let Ok(mut last) = self.last.lock() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let key = (service.to_owned(), span.to_owned());
+        if last
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < MIN_INTERVAL)
+        {
+            return false;
+        }
+        last.insert(key, now);
+        true
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The one thread that draws span flamegraphs, so its symbolizer's caches last; a bounded
+/// queue, a job that does not fit is dropped (the span keeps its trace id).
+pub struct Drawer {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl Drawer {
+    pub fn start() -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(8);
+        std::thread::Builder::new()
+            .name("pipeprobe-flamegraphs".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Draws and stores on the drawing thread; None when the queue is full or nothing drew.
+    pub async fn draw(
+        &self,
+        store: Store,
+        id: String,
+        title: String,
+        samples: Vec<SpanStack>,
+        pythons: HashMap<u32, Interpreter>,
+    ) -> Option<String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(draw(&store, &id, &title, samples, &pythons));
+        });
+        self.jobs.try_send(job).ok()?;
+        rx.await.ok().flatten()
     }
 }
 

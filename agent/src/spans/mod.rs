@@ -162,13 +162,20 @@ impl SpanMetrics {
         m
     }
 
-    fn observe_duration(&self, service: &str, span: &str, secs: f64, exemplar: ExemplarLabels) {
+    /// `exemplar` None keeps the bucket's last one.
+    fn observe_duration(
+        &self,
+        service: &str,
+        span: &str,
+        secs: f64,
+        exemplar: Option<ExemplarLabels>,
+    ) {
         self.duration
             .get_or_create(&SpanLabels {
                 service: service.to_owned(),
                 span: span.to_owned(),
             })
-            .observe(secs, Some(exemplar), None);
+            .observe(secs, exemplar, None);
     }
 
     fn observe_breakdown(&self, service: &str, span: &str, b: &history::Breakdown) {
@@ -302,8 +309,13 @@ pub async fn start(
         max_files: cfg.flamegraph_max_files,
         max_bytes: cfg.flamegraph_max_bytes,
     };
-    let fg = match sampler {
-        Some(s) if flamegraphs::usable(&store.dir) => {
+    let drawer = flamegraphs::Drawer::start()
+        .map_err(|e| {
+            tracing::warn!("cannot start the span flamegraph thread: {e}; span flamegraphs are off")
+        })
+        .ok();
+    let fg = match (sampler, drawer) {
+        (Some(s), Some(drawer)) if flamegraphs::usable(&store.dir) => {
             let samples = flamegraphs::SharedSamples::default();
             tokio::spawn(flamegraphs::collect(
                 s,
@@ -317,13 +329,15 @@ pub async fn start(
                 threshold: cfg.flamegraph_threshold,
                 thresholds: cfg.flamegraph_thresholds.clone(),
                 hz: cfg.sample_hz,
+                drawer,
+                last: std::sync::Mutex::default(),
             }))
         }
-        Some(_) => {
+        (Some(_), Some(_)) => {
             tracing::warn!(dir = %store.dir.display(), "cannot create the span flamegraph directory; span flamegraphs are off");
             None
         }
-        None => None,
+        _ => None,
     };
     let stored = fg.as_ref().map(|f| f.store.clone());
     tokio::spawn(enrich::run(enrich::Sources {

@@ -10,6 +10,7 @@ mod kubernetes;
 mod prometheus;
 mod python;
 mod sched;
+mod soak;
 mod spans;
 mod syscalls;
 mod targets;

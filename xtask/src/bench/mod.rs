@@ -7,7 +7,7 @@
 //! object's own empty programs on the same hooks (`tests/src/bin/floor.rs`).
 mod footprint;
 mod overhead;
-mod tools;
+pub mod tools;
 
 use std::fmt::Write as _;
 

@@ -40,6 +40,24 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
     },
+    /// Process churn for the soak: RATE short-lived children per second for SECS (each a fresh
+    /// exec of this binary running `churn-child`: THREADS threads, some syscalls, a few ms),
+    /// at most 64 at a time; prints `CHILDREN n` at the end. The marker is for a selector.
+    Churn {
+        #[arg(long)]
+        marker: String,
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// One child of `churn`.
+    ChurnChild {
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Waits DELAY_MS, starts CHILDREN `sleep CHILD_SECS` processes, waits for them, then holds
     /// HOLD_SECS. The marker is only there to be matched by a cmdline selector.
     Forker {
@@ -405,6 +423,35 @@ fn serve(
     }
 }
 
+fn churn(rate: f64, secs: f64, threads: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.1));
+    let start = Instant::now();
+    let mut running: Vec<std::process::Child> = Vec::new();
+    let mut started = 0u64;
+    let mut next = start;
+    while start.elapsed().as_secs_f64() < secs {
+        running.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        if running.len() < 64 {
+            running.push(
+                Command::new(&exe)
+                    .args(["churn-child", "--threads", &threads.to_string()])
+                    .spawn()?,
+            );
+            started += 1;
+        }
+        next += period;
+        if let Some(d) = next.checked_duration_since(Instant::now()) {
+            thread::sleep(d);
+        }
+    }
+    for mut c in running {
+        let _ = c.wait();
+    }
+    println!("CHILDREN {started}");
+    Ok(())
+}
+
 fn pipeline(
     rate: f64,
     secs: Option<f64>,
@@ -505,6 +552,31 @@ fn main() -> anyhow::Result<()> {
             while Instant::now() < end {
                 thread::sleep(Duration::from_millis(period_ms));
                 std::hint::black_box(spin(Duration::from_micros(50)));
+            }
+        }
+        Cmd::Churn {
+            marker: _,
+            rate,
+            secs,
+            threads,
+        } => churn(rate, secs, threads)?,
+        Cmd::ChurnChild { threads } => {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    thread::spawn(|| {
+                        let mut buf = [0u8; 512];
+                        if let Ok(mut f) = std::fs::File::open("/dev/zero") {
+                            for _ in 0..16 {
+                                let _ = f.read(&mut buf);
+                            }
+                        }
+                        std::hint::black_box(spin(Duration::from_millis(1)));
+                        thread::sleep(Duration::from_millis(2));
+                    })
+                })
+                .collect();
+            for w in workers {
+                let _ = w.join();
             }
         }
         Cmd::Forker {
