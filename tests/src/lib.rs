@@ -241,6 +241,20 @@ impl Agent {
         self.proc.pid()
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the exit: its status and how long it took.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let start = Instant::now();
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.proc.pid() as libc::pid_t, libc::SIGTERM) };
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.proc.0.try_wait() {
+                return Some((status, start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.dir.path().join("control.sock")
     }

@@ -295,3 +295,63 @@ fn endpoints_and_content_negotiation() {
     }
     assert!(Path::new(&pipeprobe_bin()).exists());
 }
+
+/// Programs loaded in the kernel, by bpftool.
+fn bpf_programs() -> usize {
+    let o = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("bpftool runs");
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+/// SIGTERM, as the kubelet sends it: out within 5 s, every program and map gone, even with a
+/// scraper holding a keep-alive connection and a capture running.
+#[test]
+fn sigterm_stops_within_5_s_and_leaves_no_program_behind() {
+    use std::io::{Read as _, Write as _};
+    let before = bpf_programs();
+    let mut agent = Agent::start(&["--target", "me=comm:^workload$"]);
+    let during = bpf_programs();
+    let mut keep_alive = std::net::TcpStream::connect(agent.addr).unwrap();
+    write!(keep_alive, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let _ = keep_alive.read(&mut buf).unwrap();
+    let _busy = pipeprobe_tests::Proc::workload(&["busy", "--threads", "1", "--secs", "20"]);
+    let capture = Command::new(pipeprobe_tests::pipeprobe_bin())
+        .args([
+            "flamegraph",
+            "--target",
+            "me",
+            "--duration",
+            "30s",
+            "--out",
+            "/dev/null",
+        ])
+        .arg("--control-socket")
+        .arg(agent.control_socket())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (status, took) = agent
+        .terminate(std::time::Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running 5 s after SIGTERM:\n{}", agent.log()));
+    let _ = pipeprobe_tests::Proc(capture);
+    // The kernel frees programs after an RCU grace period, not at the close of the last fd.
+    let mut after = bpf_programs();
+    pipeprobe_tests::wait_until(std::time::Duration::from_secs(3), || {
+        after = bpf_programs();
+        after == before
+    });
+    eprintln!(
+        "exit {status} after {took:?}; BPF programs: {before} before, {during} running, {after} after"
+    );
+    assert!(status.success(), "{status}\n{}", agent.log());
+    assert!(during > before, "the agent loaded no program?");
+    assert_eq!(after, before, "programs left behind");
+    assert!(agent.log().contains("probes detached"), "{}", agent.log());
+}

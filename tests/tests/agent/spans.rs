@@ -655,3 +655,38 @@ fn spans_from_a_container_s_pid_namespace_find_their_host_process() {
         "the span of the pod's process is enriched through k8s.pod.uid"
     );
 }
+
+#[test]
+fn an_unwritable_flamegraph_directory_turns_span_flamegraphs_off_and_nothing_else() {
+    let backend = Backend::start();
+    // Under /proc nothing can be created, even by root.
+    let (agent, _cfg) = agent_with(
+        &format!("http://{}", backend.addr),
+        "flamegraph_threshold_ms = 50\nflamegraph_dir = \"/proc/pipeprobe-flamegraphs\"\n",
+    );
+    let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
+    send(&["quiet"], "http", &http, "stt", 0);
+    wait_until(Duration::from_secs(10), || {
+        backend.span("transcribe").is_some()
+    })
+    .expect("the span was forwarded");
+    let span = backend.span("transcribe").unwrap();
+    assert!(
+        attr(&span, "pipeprobe.offcpu_ms").is_some(),
+        "the span is still enriched"
+    );
+    assert!(
+        !span
+            .attributes
+            .iter()
+            .any(|kv| kv.key == "pipeprobe.flamegraph"),
+        "no flamegraph without a directory"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("cannot create the span flamegraph directory"),
+        "{}",
+        agent.log()
+    );
+}
