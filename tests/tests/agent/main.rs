@@ -7,6 +7,7 @@ mod docs;
 mod flamegraph;
 mod gpu;
 mod kubernetes;
+mod load;
 mod prometheus;
 mod python;
 mod sched;
