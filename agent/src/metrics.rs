@@ -27,6 +27,25 @@ pub fn zero_per_cpu<T: aya::Pod>(
     }
 }
 
+/// Removes the entries of retired pod ids from a hash map whose keys carry a kernel id.
+pub fn remove_retired<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    retired: &[u32],
+    id_of: impl Fn(&K) -> u32,
+) {
+    if retired.is_empty() {
+        return;
+    }
+    let gone: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| retired.contains(&id_of(k)))
+        .collect();
+    for k in gone {
+        let _ = map.remove(&k);
+    }
+}
+
 /// A target's labels: its name, and for a pod's own kernel id (`[kubernetes] pod_labels`) the
 /// pod's namespace, name and container.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]

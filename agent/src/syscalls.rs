@@ -24,7 +24,7 @@ use prometheus_client::{
 
 use crate::{
     instances::CLEAR_SYSCALLS,
-    metrics::{TargetLabels, encode_counters, encode_log2_histograms},
+    metrics::{TargetLabels, encode_counters, encode_log2_histograms, remove_retired},
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
 };
@@ -174,15 +174,8 @@ impl SyscallLatency {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let retired = self.targets.instances().take_retired(CLEAR_SYSCALLS);
+        remove_retired(&mut stats, &retired, |k: &SyscallKey| k.target);
         if !retired.is_empty() {
-            let gone: Vec<SyscallKey> = stats
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| retired.contains(&k.target))
-                .collect();
-            for k in gone {
-                let _ = stats.remove(&k);
-            }
             let mut budget = self
                 .budget
                 .lock()

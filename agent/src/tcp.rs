@@ -20,7 +20,9 @@ use prometheus_client::{
 use crate::{
     btf::KernelBtf,
     instances::{CLEAR_PEERS, CLEAR_TCP},
-    metrics::{TargetLabels, encode_counters, encode_log2_histograms, zero_per_cpu},
+    metrics::{
+        TargetLabels, encode_counters, encode_log2_histograms, remove_retired, zero_per_cpu,
+    },
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
     tracefs::{self, TracefsError},
@@ -345,16 +347,7 @@ impl Collector for PeerLatency {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let retired = self.targets.instances().take_retired(CLEAR_PEERS);
-        if !retired.is_empty() {
-            let gone: Vec<PeerKey> = peers
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| retired.contains(&k.target))
-                .collect();
-            for k in gone {
-                let _ = peers.remove(&k);
-            }
-        }
+        remove_retired(&mut peers, &retired, |k: &PeerKey| k.target);
         let mut series: Vec<((TargetLabels, PeerLabels), PeerStats)> = peers
             .iter()
             .filter_map(Result::ok)

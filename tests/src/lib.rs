@@ -51,6 +51,29 @@ pub fn workload_bin() -> PathBuf {
     bin_dir().join("workload")
 }
 
+/// One raw HTTP/1.x exchange on a fresh connection to `addr` (the request must close it, e.g.
+/// `Connection: close` or HTTP/1.0): the status code (0 when there is none) and the body.
+pub fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    if c.write_all(request).is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = c.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
 /// A child process killed and reaped when dropped.
 pub struct Proc(pub Child);
 

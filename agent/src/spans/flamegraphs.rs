@@ -98,8 +98,9 @@ fn register_pythons(
         .read()
         .map(|t| t.keys().copied().collect())
         .unwrap_or_default();
+    let new: Vec<u32> = pids.difference(seen).copied().collect();
     let mut found = Vec::new();
-    for &pid in pids.difference(&seen.clone()) {
+    for pid in new {
         seen.insert(pid);
         match finder.inspect(pid) {
             Ok(Some(interp)) => match py_procs.insert(pid, interp.proc, 0) {

@@ -1,11 +1,7 @@
 //! Intake pressure: 50 scrapers at once and an OTLP flood, while a target keeps making
 //! syscalls. Scrapes are all answered, the flood is taken or refused with 503 and every refused
 //! span is counted, and the probes keep counting throughout.
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
@@ -15,22 +11,9 @@ use opentelemetry_proto::tonic::{
 use pipeprobe_tests::{Agent, Proc, config_file, find};
 use prost::Message as _;
 
-/// One HTTP/1.1 request on a fresh connection: the status code.
+/// One request on a fresh connection: the status code.
 fn status_of(addr: &str, request: &[u8]) -> u16 {
-    let Ok(mut c) = TcpStream::connect(addr) else {
-        return 0;
-    };
-    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-    if c.write_all(request).is_err() {
-        return 0;
-    }
-    let mut out = Vec::new();
-    let _ = c.read_to_end(&mut out);
-    String::from_utf8_lossy(&out)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    pipeprobe_tests::http(addr, request).0
 }
 
 #[test]

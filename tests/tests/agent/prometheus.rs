@@ -6,8 +6,6 @@
 //! rules evaluate on the agent's real series. The queries' results are then drawn as PNGs.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -95,19 +93,10 @@ impl Prometheus {
 
     /// GET `path`: (status, body).
     fn http(&self, path: &str) -> (u16, String) {
-        let Ok(mut c) = TcpStream::connect(&self.addr) else {
-            return (0, String::new());
-        };
-        write!(c, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).unwrap();
-        let mut raw = String::new();
-        let _ = c.read_to_string(&mut raw);
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, body.to_owned())
+        pipeprobe_tests::http(
+            &self.addr,
+            format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).as_bytes(),
+        )
     }
 
     /// The `data` of a successful API answer; panics with Prometheus's error otherwise.

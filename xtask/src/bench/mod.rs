@@ -139,15 +139,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             // Each single-purpose pipeprobe variant against the next reference tool listed.
             let single = matches!(v, Variant::Agent(f) if !f.is_empty())
                 || matches!(v, Variant::Capture { .. });
+            let against_floor = |x: f64| Check {
+                what: format!(
+                    "{}: {} at {x:.2}x the floor's cost (≤ 1.5x)",
+                    s.title,
+                    v.name()
+                ),
+                ok: x <= 1.5,
+            };
             if let (Variant::Untracked(_), Some(x)) = (v, vs_floor) {
-                checks.push(Check {
-                    what: format!(
-                        "{}: {} at {x:.2}x the floor's cost (≤ 1.5x)",
-                        s.title,
-                        v.name()
-                    ),
-                    ok: x <= 1.5,
-                });
+                checks.push(against_floor(x));
             }
             if single {
                 if let Some(j) = (i + 1..s.variants.len())
@@ -167,14 +168,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                     });
                 }
                 if let Some(x) = vs_floor {
-                    checks.push(Check {
-                        what: format!(
-                            "{}: {} at {x:.2}x the floor's cost (≤ 1.5x)",
-                            s.title,
-                            v.name()
-                        ),
-                        ok: x <= 1.5,
-                    });
+                    checks.push(against_floor(x));
                 } else if floor_in_noise {
                     checks.push(Check {
                         what: format!(
