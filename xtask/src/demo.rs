@@ -106,7 +106,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut pipeline = Command::new(bin.join("workload"));
     pipeline
         .args(["pipeline", "--rate", &opts.rate.to_string()])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+        // The SDK batches every 5 s by default, more than the table's 2 s refresh: rows would
+        // alternate between a burst and nothing.
+        .env("OTEL_BSP_SCHEDULE_DELAY", "500");
     if let Some(d) = opts.duration {
         pipeline.args(["--secs", &(d + 5).to_string()]);
     }
