@@ -244,6 +244,7 @@ struct FileOtlp {
     http_listen: Option<SocketAddr>,
     forward_to: Option<String>,
     max_request_bytes: Option<usize>,
+    intake_queue: Option<usize>,
     max_span_names: Option<usize>,
     history_secs: Option<f64>,
     sample_hz: Option<u64>,
@@ -523,6 +524,8 @@ impl Config {
             1024,
             64 << 20,
         )?;
+        let intake_queue = file.otlp.intake_queue.unwrap_or(defaults.intake_queue);
+        in_range(&where_, "otlp.intake_queue", intake_queue, 1, 65_536)?;
         let max_span_names = file.otlp.max_span_names.unwrap_or(defaults.max_span_names);
         in_range(&where_, "otlp.max_span_names", max_span_names, 1, 10_000)?;
         let history = file
@@ -595,6 +598,7 @@ impl Config {
             http_listen: file.otlp.http_listen.unwrap_or(defaults.http_listen),
             forward_to: file.otlp.forward_to,
             max_request_bytes,
+            intake_queue,
             max_span_names,
             history: Duration::from_secs_f64(history),
         };
@@ -727,6 +731,8 @@ cgroup = "/system.slice"
         assert!(e.contains("otlp.sample_hz") && e.contains("5000"), "{e}");
         let e = err(&format!("[otlp]\nmax_request_bytes = 10\n{t}"), &[]);
         assert!(e.contains("otlp.max_request_bytes"), "{e}");
+        let e = err(&format!("[otlp]\nintake_queue = 0\n{t}"), &[]);
+        assert!(e.contains("otlp.intake_queue"), "{e}");
         let e = err(
             &format!("[otlp.flamegraph_thresholds_ms]\ntts = 0\n{t}"),
             &[],

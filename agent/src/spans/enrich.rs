@@ -300,14 +300,9 @@ pub async fn run(sources: Sources) {
             }
         }
         if let Some(f) = &forward {
-            let n: usize = req
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum();
+            let n = super::span_count(&req);
             if f.try_send(req).is_err() {
-                metrics.dropped_n("forward_queue_full", n as u64);
+                metrics.dropped_n("forward_queue_full", n);
             }
         }
     }

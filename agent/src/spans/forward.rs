@@ -66,12 +66,7 @@ pub async fn run(
 ) {
     let mut logged = false;
     while let Some(req) = queue.recv().await {
-        let n: u64 = req
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len() as u64)
-            .sum();
+        let n = super::span_count(&req);
         match post(&addr, &path, &req.encode_to_vec()).await {
             Ok(code) if (200..300).contains(&code) => {
                 metrics.forwarded.inc_by(n);

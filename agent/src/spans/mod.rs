@@ -192,10 +192,6 @@ impl SpanMetrics {
             .observe(b.syscall_ns as f64 / 1e9);
     }
 
-    fn dropped(&self, reason: &str) {
-        self.dropped_n(reason, 1);
-    }
-
     fn dropped_n(&self, reason: &str, n: u64) {
         self.dropped
             .get_or_create(&ReasonLabels {
@@ -222,6 +218,8 @@ pub struct SpansConfig {
     /// `http://HOST:PORT[/PATH]` of an OTLP/HTTP backend for the enriched spans.
     pub forward_to: Option<String>,
     pub max_request_bytes: usize,
+    /// Requests taken but not yet enriched; past it the receivers answer "retry later".
+    pub intake_queue: usize,
     pub max_span_names: usize,
     pub history: Duration,
     /// Continuous sampling rate of tracked threads for span flamegraphs (0: off).
@@ -243,6 +241,7 @@ impl Default for SpansConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 4318)),
             forward_to: None,
             max_request_bytes: 4 << 20,
+            intake_queue: 256,
             max_span_names: 100,
             history: Duration::from_secs(15),
             sample_hz: 49,
@@ -255,8 +254,19 @@ impl Default for SpansConfig {
     }
 }
 
-/// Requests waiting to be processed, and enriched requests waiting to be forwarded.
-const QUEUE: usize = 256;
+/// The spans a request carries (drop and forward counters count spans, not requests).
+pub(crate) fn span_count(
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> u64 {
+    req.resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len() as u64)
+        .sum()
+}
+
+/// Enriched requests waiting to be forwarded.
+const FORWARD_QUEUE: usize = 256;
 
 /// Binds the receivers and starts processing. A receiver whose port cannot be bound is logged
 /// and left out: the rest of the agent runs. `thread_map` is the kernel's per-thread state (None
@@ -287,7 +297,7 @@ pub async fn start(
             None
         }
     });
-    let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+    let (tx, rx) = tokio::sync::mpsc::channel(cfg.intake_queue);
     let forward = cfg.forward_to.as_deref().and_then(|url| {
         let Some((addr, path)) = forward::parse_endpoint(url) else {
             tracing::warn!(
@@ -296,7 +306,7 @@ pub async fn start(
             );
             return None;
         };
-        let (ftx, frx) = tokio::sync::mpsc::channel(QUEUE);
+        let (ftx, frx) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
         tokio::spawn(forward::run(frx, addr, path, metrics.clone()));
         Some(ftx)
     });

@@ -67,8 +67,14 @@ impl Intake {
         };
         let req = ExportTraceServiceRequest::decode(bytes)
             .map_err(|e| Reject::Invalid(format!("not an OTLP ExportTraceServiceRequest: {e}")))?;
-        self.queue.try_send(req).map_err(|_| {
-            self.metrics.dropped("intake_queue_full");
+        self.queue.try_send(req).map_err(|e| {
+            // The counter counts spans, as the forwarding drops do: a refused request of 500
+            // spans is 500 spans the pipeline's traces lack unless the exporter retries.
+            let spans = match &e {
+                tokio::sync::mpsc::error::TrySendError::Full(r)
+                | tokio::sync::mpsc::error::TrySendError::Closed(r) => super::span_count(r),
+            };
+            self.metrics.dropped_n("intake_queue_full", spans);
             Reject::Busy
         })
     }

@@ -11,6 +11,50 @@ use opentelemetry_proto::tonic::{
 use pipeprobe_tests::{Agent, Proc, config_file, find};
 use prost::Message as _;
 
+/// An OTLP/HTTP POST of `spans` spans (each with a few attributes, as an SDK sends them).
+fn otlp_post(spans: usize) -> Vec<u8> {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    let attr = |k: &str, v: &str| KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(Value::StringValue(v.into())),
+        }),
+        ..KeyValue::default()
+    };
+    let body = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![attr("service.name", "flood")],
+                ..Resource::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: (0..spans)
+                    .map(|i| Span {
+                        name: format!("op{}", i % 7),
+                        trace_id: vec![7; 16],
+                        span_id: (i as u64 + 1).to_be_bytes().to_vec(),
+                        start_time_unix_nano: 1_000_000_000,
+                        end_time_unix_nano: 1_000_000_000 + 1_000_000 * (i as u64 % 50),
+                        attributes: vec![attr("http.route", "/v1/tts"), attr("gen_ai.system", "x")],
+                        ..Span::default()
+                    })
+                    .collect(),
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        }],
+    }
+    .encode_to_vec();
+    let mut post = format!(
+        "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    post.extend_from_slice(&body);
+    post
+}
+
 /// One request on a fresh connection: the status code.
 fn status_of(addr: &str, request: &[u8]) -> u16 {
     pipeprobe_tests::http(addr, request).0
@@ -135,4 +179,91 @@ fn fifty_scrapers_and_an_otlp_flood_do_not_stop_the_probes() {
         "the probes stopped counting: {before} -> {after}"
     );
     assert!(p99 < Duration::from_secs(5), "scrape p99 {p99:?}");
+}
+
+/// A flood that enrichment cannot keep up with (one-request queue, 1,000 spans a request, eight
+/// clients): the receiver refuses with 503 rather than queueing without bound, every refused span
+/// is counted, every taken span is processed, nothing is left unaccounted, and it answers
+/// normally as soon as the flood stops.
+#[test]
+fn an_otlp_flood_past_the_intake_queue_is_refused_counted_and_survived() {
+    const SPANS: usize = 1000;
+    let cfg = config_file(
+        "[otlp]\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nintake_queue = 1\n\
+         [gpu]\nenabled = false\n[targets.work]\ncomm = \"^no-such-process$\"\n",
+    );
+    let agent = Agent::start(&["--config", cfg.path().to_str().unwrap()]);
+    let otlp = agent.otlp_addr("http").to_string();
+    let post = otlp_post(SPANS);
+
+    let codes: Vec<u16> = std::thread::scope(|s| {
+        let flooders: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let end = Instant::now() + Duration::from_secs(3);
+                    let mut codes = Vec::new();
+                    while Instant::now() < end {
+                        codes.push(status_of(&otlp, &post));
+                    }
+                    codes
+                })
+            })
+            .collect();
+        flooders
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let taken = codes.iter().filter(|c| **c == 200).count() as f64;
+    let refused = codes.iter().filter(|c| **c == 503).count() as f64;
+    let counter = |s: &[pipeprobe_tests::Sample], name: &str| {
+        s.iter()
+            .filter(|x| x.name == name)
+            .map(|x| x.value)
+            .sum::<f64>()
+    };
+    // What was taken is processed after the flood: wait for the queue to drain.
+    let mut received = 0.0;
+    pipeprobe_tests::wait_until(Duration::from_secs(20), || {
+        received = counter(&agent.scrape(), "pipeprobe_spans_received_total");
+        received >= taken * SPANS as f64
+    });
+    let s = agent.scrape();
+    let dropped = find(
+        &s,
+        "pipeprobe_spans_dropped_total",
+        "reason",
+        "intake_queue_full",
+    );
+    let after = status_of(&otlp, &otlp_post(1));
+    eprintln!(
+        "{} posts of {SPANS} spans: {taken} taken, {refused} refused (503); spans received {received}, \
+         dropped {dropped:?}; a post after the flood: {after}",
+        codes.len()
+    );
+    assert!(
+        codes.iter().all(|c| *c == 200 || *c == 503),
+        "the flood got other answers: {:?}",
+        codes
+            .iter()
+            .filter(|c| **c != 200 && **c != 503)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        refused > 0.0,
+        "the flood never filled the intake queue ({taken} posts taken): it tests nothing"
+    );
+    assert!(taken > 0.0, "no post was taken during the flood");
+    assert_eq!(
+        dropped,
+        Some(refused * SPANS as f64),
+        "each refused span is counted"
+    );
+    assert_eq!(
+        received,
+        taken * SPANS as f64,
+        "every taken span is processed"
+    );
+    assert_eq!(after, 200, "the receiver refuses after the flood ended");
 }
