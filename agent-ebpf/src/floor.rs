@@ -55,3 +55,22 @@ pub fn floor_tcp_retransmit_skb(_ctx: TracePointContext) -> u32 {
 pub fn floor_cpu_sample(_ctx: PerfEventContext) -> u32 {
     0
 }
+
+// The floor of a latency probe: what timing each syscall costs before any map is touched (a
+// clock read at entry and one at exit). `floor sys_enter+clock sys_exit+clock` attaches these.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn floor_clock_sys_enter(_ctx: BtfTracePointContext) -> i32 {
+    clock()
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn floor_clock_sys_exit(_ctx: BtfTracePointContext) -> i32 {
+    clock()
+}
+
+#[inline(always)]
+fn clock() -> i32 {
+    // SAFETY: no preconditions. The value only has to be computed, not kept.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    i32::from(core::hint::black_box(now) == 0)
+}

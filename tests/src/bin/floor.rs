@@ -4,6 +4,7 @@
 //!     floor sys_enter sys_exit          # tp_btf hooks
 //!     floor sock/inet_sock_set_state    # classic tracepoints
 //!     floor cpu-clock:99                # a perf_event program on every CPU at 99 Hz
+//!     floor sys_enter+clock             # a program that only reads the clock
 use anyhow::{Context as _, bail};
 use aya::{
     Btf, EbpfLoader,
@@ -48,7 +49,10 @@ fn main() -> anyhow::Result<()> {
             p.load()?;
             p.attach(category, name)?;
         } else {
-            let prog = format!("floor_{hook}");
+            let (hook, prog) = match hook.strip_suffix("+clock") {
+                Some(h) => (h, format!("floor_clock_{h}")),
+                None => (hook.as_str(), format!("floor_{hook}")),
+            };
             let p: &mut BtfTracePoint = bpf
                 .program_mut(&prog)
                 .with_context(|| format!("no program {prog}"))?

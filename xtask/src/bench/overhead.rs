@@ -37,6 +37,14 @@ impl Variant {
     pub fn name(&self) -> String {
         match self {
             Variant::None => "no tracing".into(),
+            Variant::Floor(hooks) if hooks.iter().all(|h| h.ends_with("+clock")) => format!(
+                "floor + timing: a clock read alone on {}",
+                hooks
+                    .iter()
+                    .map(|h| h.trim_end_matches("+clock"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Variant::Floor(hooks) => format!("floor: empty programs on {}", hooks.join(", ")),
             Variant::Agent([]) => "pipeprobe, all probes".into(),
             Variant::Agent(f) => format!("pipeprobe, {} alone", f.join(" + ")),
@@ -82,6 +90,8 @@ pub fn scenarios() -> Vec<Scenario> {
             variants: vec![
                 None,
                 Floor(&["sys_enter", "sys_exit"]),
+                // What any latency probe pays before its own work: one timestamp per hook.
+                Floor(&["sys_enter+clock", "sys_exit+clock"]),
                 Agent(&["syscalls"]),
                 Untracked(&["syscalls"]),
                 Agent(&[]),
