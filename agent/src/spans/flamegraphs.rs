@@ -276,9 +276,24 @@ impl Store {
     }
 
     /// Writes `svg` as `id`, then removes the oldest files past the limits.
+    ///
+    /// The file is written aside and renamed, so a volume that fills mid-write leaves no
+    /// truncated flamegraph to be served. A full volume (ENOSPC, EDQUOT) is made room on by
+    /// removing this store's oldest flamegraphs: the newest win, as within the limits, also
+    /// when the volume is smaller than `max_bytes`.
     pub fn save(&self, id: &str, svg: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        std::fs::write(self.path(id), svg)?;
+        let tmp = self.dir.join(format!(".{id}.tmp"));
+        let mut written = std::fs::write(&tmp, svg);
+        if written.as_ref().is_err_and(volume_full) && self.can_make_room(id, svg.len() as u64) {
+            while written.as_ref().is_err_and(volume_full) && self.remove_oldest(id) {
+                written = std::fs::write(&tmp, svg);
+            }
+        }
+        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, self.path(id))) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         let mut all = self.list();
         all.sort_by_key(|e| (e.order, e.id.clone()));
         let mut total: u64 = all.iter().map(|e| e.bytes).sum();
@@ -295,6 +310,26 @@ impl Store {
             total -= e.bytes;
         }
         Ok(())
+    }
+
+    /// Whether removing this store's flamegraphs (but `keep`) could free `need` bytes: when
+    /// something else filled the volume, ours are not deleted in vain.
+    fn can_make_room(&self, keep: &str, need: u64) -> bool {
+        let ours: u64 = self
+            .list()
+            .iter()
+            .filter(|e| e.id != keep)
+            .map(|e| e.bytes)
+            .sum();
+        free_bytes(&self.dir).saturating_add(ours) >= need
+    }
+
+    /// Removes the oldest flamegraph other than `keep`; false when there is none.
+    fn remove_oldest(&self, keep: &str) -> bool {
+        self.list()
+            .into_iter()
+            .find(|e| e.id != keep)
+            .is_some_and(|e| std::fs::remove_file(self.path(&e.id)).is_ok())
     }
 
     pub fn list(&self) -> Vec<Entry> {
@@ -422,13 +457,47 @@ pub fn draw(
     }
     let capture = crate::stacks::fold_samples(samples, pythons);
     let svg = crate::flamegraph::svg(title, None, "us", &capture.folded()).ok()?;
+    // One line when storing starts failing and one when it works again, not one per span.
+    static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     match store.save(id, &svg) {
-        Ok(()) => Some(id.to_owned()),
+        Ok(()) => {
+            if FAILING.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(dir = %store.dir.display(), "span flamegraphs are stored again");
+            }
+            Some(id.to_owned())
+        }
         Err(e) => {
-            tracing::warn!(dir = %store.dir.display(), "cannot store a span flamegraph: {e}");
+            if !FAILING.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    dir = %store.dir.display(),
+                    "cannot store a span flamegraph: {e}; slow spans go without one (the spans \
+                     are still enriched and forwarded) until a flamegraph can be stored again"
+                );
+            }
             None
         }
     }
+}
+
+/// Bytes an unprivileged writer may still use on `dir`'s volume (0 when unknown).
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of the right type; read only on success.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    // SAFETY: statvfs succeeded and filled it.
+    let st = unsafe { st.assume_init() };
+    st.f_bavail.saturating_mul(st.f_frsize)
+}
+
+/// The error of a volume out of space or quota.
+fn volume_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// The directory of `path` exists or can be made.
@@ -457,5 +526,98 @@ mod tests {
         assert_eq!(store.get("cc-03").as_deref(), Some("<svg/>"));
         assert!(store.get("../etc/passwd").is_none());
         assert!(!valid_id("a/b") && valid_id("0af3-19"));
+    }
+
+    /// A tmpfs of 64 KiB, unmounted when dropped.
+    struct SmallVolume(tempfile::TempDir);
+
+    impl SmallVolume {
+        fn mount() -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(Self(dir))
+        }
+    }
+
+    impl Drop for SmallVolume {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    fn svg_of(n: usize, tag: u8) -> Vec<u8> {
+        let mut v = b"<svg>".to_vec();
+        v.resize(n - 6, b'a' + tag % 26);
+        v.extend_from_slice(b"</svg>");
+        v
+    }
+
+    #[test]
+    fn a_full_volume_keeps_the_newest_flamegraphs_whole_and_spares_ours_for_nothing() {
+        let Some(vol) = SmallVolume::mount() else {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        // Limits far above the volume: only the volume's size stops the store.
+        let store = Store {
+            dir: vol.0.path().join("fg"),
+            max_files: 1000,
+            max_bytes: 64 << 20,
+        };
+        let ids: Vec<String> = (0..20).map(|i| format!("{i:04x}-01")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            store
+                .save(id, &svg_of(10_000, i as u8))
+                .unwrap_or_else(|e| panic!("save {id} on a full volume: {e}"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let kept: Vec<String> = store.list().into_iter().map(|e| e.id).collect();
+        assert!(
+            kept.len() >= 3 && kept.len() < 7,
+            "64 KiB holds 3 to 6 of 10 kB: {kept:?}"
+        );
+        assert_eq!(kept, ids[ids.len() - kept.len()..], "the newest are kept");
+        for id in &kept {
+            let body = store.get(id).unwrap();
+            assert!(
+                body.len() == 10_000 && body.ends_with("</svg>"),
+                "{id} is not whole"
+            );
+        }
+        let names: Vec<String> = std::fs::read_dir(&store.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| n.ends_with(".svg")),
+            "left behind: {names:?}"
+        );
+
+        // Something else fills the rest of the volume: a flamegraph that removing ours could
+        // not make room for fails whole, and ours stay.
+        let filler = vol.0.path().join("filler");
+        let _ = std::fs::write(&filler, vec![0u8; 1 << 20]);
+        let before = store.list();
+        let e = store.save("ffff-02", &svg_of(200_000, 1)).unwrap_err();
+        assert!(volume_full(&e), "{e}");
+        assert_eq!(
+            store.list().len(),
+            before.len(),
+            "ours were removed for nothing"
+        );
+        assert!(
+            store.get("ffff-02").is_none(),
+            "a truncated flamegraph is served"
+        );
+        // One that fits once the oldest of ours is gone takes its place.
+        store.save("ffff-02", &svg_of(10_000, 1)).unwrap();
+        assert!(store.get(&before[0].id).is_none(), "the oldest made room");
+        assert_eq!(store.get("ffff-02").map(|b| b.len()), Some(10_000));
     }
 }

@@ -690,3 +690,106 @@ fn an_unwritable_flamegraph_directory_turns_span_flamegraphs_off_and_nothing_els
         agent.log()
     );
 }
+
+/// A tmpfs of `size`, unmounted when dropped.
+struct Volume(tempfile::TempDir);
+
+impl Volume {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(
+            s.success(),
+            "cannot mount a tmpfs on {}",
+            dir.path().display()
+        );
+        Self(dir)
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_flamegraph_volume_costs_only_flamegraphs_and_they_come_back_with_space() {
+    let backend = Backend::start();
+    let vol = Volume::mount("256k");
+    let dir = vol.0.path().join("flamegraphs");
+    let (agent, _cfg) = agent_with(
+        &format!("http://{}", backend.addr),
+        &format!(
+            "flamegraph_threshold_ms = 50\nflamegraph_dir = \"{}\"\n",
+            dir.display()
+        ),
+    );
+    // Something else takes the whole volume.
+    let filler = vol.0.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 1 << 20]);
+    let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
+    let slow_span = || {
+        let out = send(&["quiet"], "http", &http, "stt", 0);
+        let trace = out
+            .lines()
+            .find_map(|l| l.strip_prefix("TRACE "))
+            .expect("spans.py prints its trace id")
+            .to_owned();
+        let mut found = None;
+        wait_until(Duration::from_secs(10), || {
+            found = backend
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|s| hex(&s.trace_id) == trace)
+                .cloned();
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("span of trace {trace} not forwarded"))
+    };
+    let flamegraph_of = |s: &Span| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key == "pipeprobe.flamegraph")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                Value::StringValue(v) => Some(v.clone()),
+                _ => None,
+            })
+    };
+    let full: Vec<Span> = (0..2).map(|_| slow_span()).collect();
+    for s in &full {
+        assert!(
+            attr(s, "pipeprobe.offcpu_ms").is_some(),
+            "a span is no longer enriched"
+        );
+        assert_eq!(flamegraph_of(s), None, "a flamegraph on a full volume");
+    }
+    let log = agent.log();
+    assert_eq!(
+        log.matches("cannot store a span flamegraph").count(),
+        1,
+        "one warning for the whole outage: {log}"
+    );
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(
+        std::fs::read_dir(&dir).unwrap().next().is_none(),
+        "a failed flamegraph left a file behind"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let back = slow_span();
+    let id = flamegraph_of(&back).expect("space is back, the flamegraph is too");
+    let svg = std::fs::read_to_string(dir.join(format!("{id}.svg"))).unwrap();
+    assert!(svg.trim_end().ends_with("</svg>"), "a truncated flamegraph");
+    assert!(agent.log().contains("span flamegraphs are stored again"));
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
