@@ -289,15 +289,14 @@ impl Profiler {
     pub fn resolve(&self, subject: &Subject) -> Result<CaptureConfig, CaptureError> {
         match subject {
             Subject::Target(name) => {
-                let id = self
-                    .targets
+                let configured = self.targets.list();
+                let id = configured
                     .iter()
                     .find(|(_, t)| &t.name == name)
-                    .map(|(id, _)| id)
+                    .map(|(id, _)| *id)
                     .ok_or_else(|| CaptureError::UnknownTarget {
                         name: name.clone(),
-                        known: self
-                            .targets
+                        known: configured
                             .iter()
                             .map(|(_, t)| t.name.as_str())
                             .collect::<Vec<_>>()
@@ -678,6 +677,11 @@ fn fold_with(
             frames.push("[off-CPU]".to_owned());
         }
         frames.extend(r.kernel.iter().map(|ip| sanitize(&names[&(0, *ip)])));
+        // Neither stack could be read (counted in events_lost{stack_missing}) or its id was
+        // evicted: the time stays in the graph, named, not as the pid's own time.
+        if frames.len() == 2 {
+            frames.push(NO_STACK.to_owned());
+        }
         *folded.entry(frames.join(";")).or_default() += r.weight;
         samples += r.weight;
     }
@@ -689,6 +693,9 @@ fn fold_with(
         notes,
     }
 }
+
+/// The frame of a sample whose stacks are all missing.
+pub const NO_STACK: &str = "[no stack]";
 
 /// Folded format separators cannot appear inside a frame.
 fn sanitize(frame: &str) -> String {
@@ -856,6 +863,20 @@ mod tests {
             "{stack}"
         );
         assert!(c.folded().ends_with(" 5\n"));
+
+        // A sample without any stack is named, not drawn as the pid's own time.
+        let empty = Raw {
+            user: vec![],
+            ..raw(4)
+        };
+        let c = fold(vec![empty], &HashMap::new(), &HashMap::new());
+        assert_eq!(
+            c.stacks[0].0,
+            format!(
+                "{};{me};{NO_STACK}",
+                c.stacks[0].0.split(';').next().unwrap()
+            )
+        );
     }
 
     #[test]
