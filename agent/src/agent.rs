@@ -16,7 +16,7 @@ use crate::{
     lost::{LostCollector, UserLost},
     metrics::{AgentMetrics, Metrics, ProbeLabels},
     probes::{self, ProbeError, ProbeStatus},
-    sched, spans, stacks,
+    reload, sched, spans, stacks,
     syscalls::{self, Selection},
     targets::TargetSet,
     tcp, tracefs,
@@ -68,7 +68,19 @@ pub fn run(args: &AgentArgs) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?
-        .block_on(serve(config))
+        .block_on(serve(
+            config,
+            ReloadSource {
+                config: args.config.clone(),
+                cli_targets: args.targets.clone(),
+            },
+        ))
+}
+
+/// Where a reload reads the targets from: the same file and `--target`s as at start.
+struct ReloadSource {
+    config: Option<std::path::PathBuf>,
+    cli_targets: Vec<String>,
 }
 
 /// The kernel half: the loaded object, the maps user space drives, and one collector per
@@ -212,7 +224,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     }
 }
 
-async fn serve(config: Config) -> Result<(), AgentError> {
+async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
     // Bind first: a taken port should fail before anything is loaded into the kernel.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -289,7 +301,15 @@ async fn serve(config: Config) -> Result<(), AgentError> {
         "initial scan done"
     );
     let tracked_pids = tracker.shared();
-    tokio::spawn(tracker.run(events, config.rescan_interval));
+    let (reloads, reload_requests) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(tracker.run(events, config.rescan_interval, reload_requests));
+    let reloader = Arc::new(reload::Reloader::new(
+        source.config,
+        source.cli_targets,
+        reloads,
+        agent_metrics.config_last_reload_successful.clone(),
+    ));
+    tokio::spawn(reload::on_sighup(reloader.clone()));
     let flamegraph_store = if config.spans.enabled {
         spans::start(
             &config.spans,
@@ -330,7 +350,7 @@ async fn serve(config: Config) -> Result<(), AgentError> {
                 Err((k, why)) => (k, Err(why)),
             };
             tracing::info!(path = %config.control_socket.display(), "control API listening");
-            tokio::spawn(control::serve(socket, profiler, flamegraph_store));
+            tokio::spawn(control::serve(socket, profiler, flamegraph_store, reloader));
             keep
         }
         Err(e) => {

@@ -26,6 +26,16 @@ pub enum Command {
     Flamegraph(crate::flamegraph::FlamegraphArgs),
     /// List or fetch the flamegraphs the agent drew for slow spans.
     Flamegraphs(crate::flamegraph::FlamegraphsArgs),
+    /// Make the running agent read its configuration again and apply the new target list,
+    /// without stopping its probes (as SIGHUP does).
+    Reload(ReloadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// The agent's control socket.
+    #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

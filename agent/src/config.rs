@@ -682,10 +682,14 @@ cgroup = "/system.slice"
         assert_eq!(c.disabled_probes, ["sched"]);
         let names: Vec<_> = c
             .targets
+            .list()
             .iter()
-            .map(|(_, t)| (t.name.as_str(), t.selectors.len()))
+            .map(|(_, t)| (t.name.clone(), t.selectors.len()))
             .collect();
-        assert_eq!(names, [("mt", 2), ("stt", 3), ("tts", 2)]);
+        assert_eq!(
+            names,
+            [("mt".into(), 2), ("stt".into(), 3), ("tts".into(), 2)]
+        );
     }
 
     #[test]

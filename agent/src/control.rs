@@ -72,6 +72,8 @@ pub enum Request {
     Get {
         id: String,
     },
+    /// Read the configuration again and apply its targets.
+    Reload,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +96,7 @@ pub enum Response {
         id: String,
         svg: String,
     },
+    Reloaded(crate::targets::Reloaded),
 }
 
 /// Binds the socket with root-only permissions, replacing a stale socket file.
@@ -134,12 +137,14 @@ struct Captures {
     waiting: std::sync::atomic::AtomicUsize,
     /// Span flamegraphs, when the span intake stores them.
     store: Option<crate::spans::flamegraphs::Store>,
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 pub async fn serve(
     listener: UnixListener,
     profiler: Result<Profiler, String>,
     store: Option<crate::spans::flamegraphs::Store>,
+    reloader: Arc<crate::reload::Reloader>,
 ) {
     let (profiler, unavailable) = match profiler {
         Ok(p) => (Some(tokio::sync::Mutex::new(p)), String::new()),
@@ -151,6 +156,7 @@ pub async fn serve(
         running: tokio::sync::Mutex::new(()),
         waiting: Default::default(),
         store,
+        reloader,
     });
     // SAFETY: geteuid has no preconditions.
     let own_uid = unsafe { libc::geteuid() };
@@ -220,6 +226,10 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
                 )),
             },
             None => Response::Error(NO_SPAN_FLAMEGRAPHS.into()),
+        },
+        Request::Reload => match captures.reloader.reload().await {
+            Ok(r) => Response::Reloaded(r),
+            Err(e) => Response::Error(e.to_string()),
         },
     };
     send(&mut stream, &response).await

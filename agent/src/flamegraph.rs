@@ -350,7 +350,10 @@ pub enum StoredCommand {
 }
 
 /// One request, one reply.
-fn ask(socket: &std::path::Path, request: &Request) -> Result<Response, FlamegraphError> {
+pub(crate) fn ask(
+    socket: &std::path::Path,
+    request: &Request,
+) -> Result<Response, FlamegraphError> {
     let mut stream = UnixStream::connect(socket).map_err(|source| FlamegraphError::NoAgent {
         path: socket.to_owned(),
         source,

@@ -202,8 +202,7 @@ fn sample(
     let target_of = |pid: u32| {
         pids.get(&pid)
             .and_then(|id| targets.name(*id))
-            .unwrap_or("other")
-            .to_owned()
+            .unwrap_or_else(|| "other".to_owned())
     };
     let mut out = Vec::new();
     for index in 0..nvml.device_count()? {

@@ -32,6 +32,8 @@ pub const CLEAR_PEERS: u8 = 8;
 #[derive(Debug, Clone)]
 enum Slot {
     Free,
+    /// A configured target's own id.
+    Target,
     Live {
         target: TargetId,
         pod: Arc<PodIdentity>,
@@ -45,7 +47,7 @@ enum Slot {
 
 #[derive(Debug)]
 struct Inner {
-    /// Indexed by kernel id; the first `base` are the configured targets.
+    /// Indexed by kernel id; at start the first ones are the configured targets.
     slots: Vec<Slot>,
     /// Collectors running (they must clear retired ids).
     collectors: u8,
@@ -54,7 +56,6 @@ struct Inner {
 
 #[derive(Debug)]
 pub struct Instances {
-    base: u32,
     inner: Mutex<Inner>,
 }
 
@@ -65,12 +66,15 @@ impl Default for Instances {
 }
 
 impl Instances {
-    /// `base` configured targets.
+    /// `base` configured targets, on the first ids.
     pub fn new(base: u32) -> Self {
+        let mut slots = vec![Slot::Free; MAX_TARGETS as usize];
+        for s in slots.iter_mut().take(base as usize) {
+            *s = Slot::Target;
+        }
         Self {
-            base,
             inner: Mutex::new(Inner {
-                slots: vec![Slot::Free; MAX_TARGETS as usize],
+                slots,
                 collectors: 0,
                 full_logged: false,
             }),
@@ -119,7 +123,6 @@ impl Instances {
                 .slots
                 .iter()
                 .enumerate()
-                .skip(self.base as usize)
                 .find(|(_, s)| matches!(s, Slot::Free))
                 .map(|(i, _)| i)
         };
@@ -145,6 +148,37 @@ impl Instances {
             }
         }
         i as TargetId
+    }
+
+    /// Ids free now (neither a target's, a live pod's nor retired).
+    pub fn free(&self) -> usize {
+        self.inner()
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Free))
+            .count()
+    }
+
+    /// A free id for a target added by a reload.
+    pub fn acquire_target(&self) -> Option<TargetId> {
+        let mut inner = self.inner();
+        let i = inner.slots.iter().position(|s| matches!(s, Slot::Free))?;
+        inner.slots[i] = Slot::Target;
+        Some(i as TargetId)
+    }
+
+    /// A target removed by a reload: its id retires like a gone pod's (each collector zeroes
+    /// its numbers before another target or pod may take it).
+    pub fn retire_target(&self, id: TargetId) {
+        let mut inner = self.inner();
+        let pending = inner.collectors;
+        if let Some(slot @ Slot::Target) = inner.slots.get_mut(id as usize) {
+            *slot = if pending == 0 {
+                Slot::Free
+            } else {
+                Slot::Retired { pending }
+            };
+        }
     }
 
     /// One more process (a fork) under `id`.

@@ -20,6 +20,7 @@ pub mod pprof;
 pub mod probes;
 pub mod procmaps;
 pub mod python;
+pub mod reload;
 pub mod sched;
 pub mod spans;
 pub mod stacks;
@@ -83,6 +84,13 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Flamegraphs(args) => match flamegraph::run_stored(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pipeprobe: error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+        Command::Reload(args) => match reload::run_client(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("pipeprobe: error: {e}");

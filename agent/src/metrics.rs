@@ -97,6 +97,8 @@ pub struct AgentMetrics {
     pub probe_attached: Family<ProbeLabels, Gauge>,
     /// Python processes whose stacks a capture could not walk (version, stripped interpreter).
     pub python_unwind_unsupported: Counter,
+    /// 1 while the last configuration (start or reload) was applied, 0 after a refused reload.
+    pub config_last_reload_successful: Gauge,
 }
 
 /// Everything `/metrics` serves.
@@ -134,6 +136,12 @@ impl Metrics {
             "pipeprobe_python_unwind_unsupported",
             "Python processes of flamegraph captures whose Python frames could not be walked (unsupported version or stripped interpreter); their frames are native only",
             agent.python_unwind_unsupported.clone(),
+        );
+        agent.config_last_reload_successful.set(1);
+        registry.register(
+            "pipeprobe_config_last_reload_successful",
+            "1 if the last configuration (at start, or reloaded by SIGHUP or `pipeprobe reload`) was applied, 0 if the last reload was refused (reason in the log); a refused reload keeps the previous targets",
+            agent.config_last_reload_successful.clone(),
         );
         Self {
             registry,

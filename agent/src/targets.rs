@@ -268,18 +268,144 @@ pub struct Target {
     pub selectors: Vec<Selector>,
 }
 
-/// The configured targets, in order; a target's index is its [`TargetId`], and kernel ids
-/// past them are pods' (`crate::instances`).
-#[derive(Debug, Clone, Default)]
+/// The configured targets. Each has a kernel id ([`TargetId`]) for as long as it is configured:
+/// at start the targets take ids in configuration order, pods the ids after them
+/// (`crate::instances`). A reload ([`TargetSet::reload`]) keeps the id of every target it keeps
+/// (matched by name), gives a new target a free id, and retires a removed target's id the way
+/// a gone pod's is retired, so a target that later takes it starts from zero.
+#[derive(Debug, Default)]
 pub struct TargetSet {
-    targets: Vec<Target>,
+    table: std::sync::RwLock<Table>,
     instances: Arc<Instances>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Table {
+    /// Indexed by kernel id; None where no configured target has that id.
+    by_id: Vec<Option<Arc<Target>>>,
+    /// Ids in configuration order: the order processes are matched in.
+    order: Vec<TargetId>,
+}
+
+/// What a reload changed, by target name.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Kept, with other selectors.
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReloadError {
+    #[error(
+        "no free target id for {wanted} new targets ({free} free of {max}, the others held by \
+         targets and pods); remove targets or restart the agent"
+    )]
+    NoFreeIds {
+        wanted: usize,
+        free: usize,
+        max: u32,
+    },
+}
+
+impl Clone for TargetSet {
+    fn clone(&self) -> Self {
+        Self {
+            table: std::sync::RwLock::new(self.table().clone()),
+            instances: self.instances.clone(),
+        }
+    }
 }
 
 impl TargetSet {
     pub fn new(targets: Vec<Target>) -> Self {
         let instances = Arc::new(Instances::new(targets.len() as u32));
-        Self { targets, instances }
+        let order = (0..targets.len() as TargetId).collect();
+        let by_id = targets.into_iter().map(|t| Some(Arc::new(t))).collect();
+        Self {
+            table: std::sync::RwLock::new(Table { by_id, order }),
+            instances,
+        }
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn target(&self, id: TargetId) -> Option<Arc<Target>> {
+        self.table().by_id.get(id as usize).cloned().flatten()
+    }
+
+    /// Replaces the configured targets with `new`, keeping the id of each target whose name
+    /// stays. Nothing changes when the new targets cannot all have an id.
+    pub fn reload(&self, new: Vec<Target>) -> Result<Reloaded, ReloadError> {
+        let mut table = self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id_of = |t: &Table, name: &str| {
+            t.order.iter().copied().find(|id| {
+                t.by_id[*id as usize]
+                    .as_ref()
+                    .is_some_and(|x| x.name == name)
+            })
+        };
+        let wanted = new
+            .iter()
+            .filter(|t| id_of(&table, &t.name).is_none())
+            .count();
+        let free = self.instances.free();
+        if wanted > free {
+            return Err(ReloadError::NoFreeIds {
+                wanted,
+                free,
+                max: agent_common::MAX_TARGETS,
+            });
+        }
+        let mut out = Reloaded::default();
+        let mut order = Vec::with_capacity(new.len());
+        for t in new {
+            let id = match id_of(&table, &t.name) {
+                Some(id) => {
+                    let old = table.by_id[id as usize].as_ref().expect("found by name");
+                    let same = old
+                        .selectors
+                        .iter()
+                        .map(ToString::to_string)
+                        .eq(t.selectors.iter().map(ToString::to_string));
+                    if same {
+                        &mut out.unchanged
+                    } else {
+                        &mut out.changed
+                    }
+                    .push(t.name.clone());
+                    id
+                }
+                None => {
+                    let id = self.instances.acquire_target().expect("counted free above");
+                    out.added.push(t.name.clone());
+                    id
+                }
+            };
+            if table.by_id.len() <= id as usize {
+                table.by_id.resize(id as usize + 1, None);
+            }
+            table.by_id[id as usize] = Some(Arc::new(t));
+            order.push(id);
+        }
+        for id in std::mem::replace(&mut table.order, order.clone()) {
+            if !order.contains(&id)
+                && let Some(t) = table.by_id[id as usize].take()
+            {
+                self.instances.retire_target(id);
+                out.removed.push(t.name.clone());
+            }
+        }
+        Ok(out)
     }
 
     /// The kernel ids of pods.
@@ -289,70 +415,76 @@ impl TargetSet {
 
     /// The configured target of kernel id `id` (a target's own, or a pod's).
     pub fn target_of_id(&self, id: TargetId) -> Option<TargetId> {
-        if (id as usize) < self.targets.len() {
+        if self.target(id).is_some() {
             return Some(id);
         }
-        self.instances.pod(id).map(|(t, _)| t)
+        self.instances
+            .pod(id)
+            .map(|(t, _)| t)
+            .filter(|t| self.target(*t).is_some())
     }
 
     /// The labels of kernel id `id`: its target's name, and a pod's identity.
     pub fn labels(&self, id: TargetId) -> Option<TargetLabels> {
-        if (id as usize) < self.targets.len() {
-            return Some(TargetLabels::of(&self.targets[id as usize].name));
+        if let Some(t) = self.target(id) {
+            return Some(TargetLabels::of(&t.name));
         }
         let (t, pod) = self.instances.pod(id)?;
         Some(TargetLabels {
-            target: self.targets.get(t as usize)?.name.clone(),
+            target: self.target(t)?.name.clone(),
             pod: Some(pod),
         })
     }
 
     /// Every kernel id with numbers to export now: the targets' own, then live pods'.
     pub fn ids(&self) -> Vec<(TargetId, TargetLabels)> {
-        (0..self.targets.len() as TargetId)
+        let own = self.table().order.clone();
+        own.into_iter()
             .chain(self.instances.live())
             .filter_map(|id| Some((id, self.labels(id)?)))
             .collect()
     }
 
+    /// How many targets are configured.
     pub fn len(&self) -> usize {
-        self.targets.len()
+        self.table().order.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
+        self.len() == 0
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (TargetId, &Target)> {
-        self.targets
+    /// The configured targets with their ids, in configuration order.
+    pub fn list(&self) -> Vec<(TargetId, Arc<Target>)> {
+        let t = self.table();
+        t.order
             .iter()
-            .enumerate()
-            .map(|(i, t)| (i as TargetId, t))
+            .filter_map(|id| Some((*id, t.by_id.get(*id as usize)?.clone()?)))
+            .collect()
     }
 
     /// The name of kernel id `id`'s target.
-    pub fn name(&self, id: TargetId) -> Option<&str> {
+    pub fn name(&self, id: TargetId) -> Option<String> {
         let t = self.target_of_id(id)?;
-        self.targets.get(t as usize).map(|t| t.name.as_str())
+        self.target(t).map(|t| t.name.clone())
     }
 
     /// Whether target `id` has a Kubernetes pod selector.
     pub fn selects_pods(&self, id: TargetId) -> bool {
-        self.targets
-            .get(id as usize)
+        self.target(id)
             .is_some_and(|t| t.selectors.iter().any(|s| matches!(s, Selector::Pod(_))))
     }
 
     /// Whether a selector of target `id` matches `p`.
     pub fn matches(&self, id: TargetId, p: &ProcessInfo) -> bool {
-        self.targets
-            .get(id as usize)
+        self.target(id)
             .is_some_and(|t| t.selectors.iter().any(|s| s.matches(p)))
     }
 
     /// The first target with a selector matching `p`.
     pub fn match_process(&self, p: &ProcessInfo) -> Option<TargetId> {
-        self.iter()
+        self.list()
+            .into_iter()
             .find(|(_, t)| t.selectors.iter().any(|s| s.matches(p)))
             .map(|(id, _)| id)
     }
@@ -571,7 +703,64 @@ mod tests {
             Some(1)
         );
         assert_eq!(set.match_process(&proc(1, "bash", "bash", "/")), None);
-        assert_eq!(set.name(1), Some("py"));
+        assert_eq!(set.name(1).as_deref(), Some("py"));
+    }
+
+    fn target(name: &str, sel: &str) -> Target {
+        Target {
+            name: name.into(),
+            selectors: vec![sel.parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_ids_by_name_and_retires_removed_ones() {
+        let set = TargetSet::new(vec![target("stt", "comm:stt"), target("mt", "comm:mt")]);
+        set.instances().add_collector(crate::instances::CLEAR_SCHED);
+        let r = set
+            .reload(vec![target("mt", "comm:mt2"), target("tts", "comm:tts")])
+            .unwrap();
+        assert_eq!(r.added, ["tts"]);
+        assert_eq!(r.removed, ["stt"]);
+        assert_eq!(r.changed, ["mt"]);
+        let ids: Vec<(TargetId, String)> = set
+            .list()
+            .into_iter()
+            .map(|(id, t)| (id, t.name.clone()))
+            .collect();
+        // mt keeps 1; stt's 0 is retired, not reused: tts takes the first free id.
+        assert_eq!(ids, [(1, "mt".into()), (2, "tts".into())]);
+        assert_eq!(set.name(0), None);
+        assert_eq!(set.target_of_id(0), None);
+        assert!(set.ids().iter().all(|(id, _)| *id != 0));
+        // Configuration order decides matching: mt2 now matches mt.
+        assert_eq!(set.match_process(&proc(5, "mt2", "mt2", "/")), Some(1));
+        assert_eq!(set.match_process(&proc(5, "stt", "stt", "/")), None);
+        // Once the collector zeroed it, id 0 is free for the next new target.
+        assert_eq!(
+            set.instances().take_retired(crate::instances::CLEAR_SCHED),
+            [0]
+        );
+        let r = set
+            .reload(vec![target("stt", "comm:stt"), target("mt", "comm:mt2")])
+            .unwrap();
+        assert_eq!(
+            (r.added.as_slice(), r.unchanged.as_slice()),
+            (&["stt".to_owned()][..], &["mt".to_owned()][..])
+        );
+        assert_eq!(set.list()[0].0, 0, "stt is back on the zeroed id");
+    }
+
+    #[test]
+    fn a_reload_without_free_ids_changes_nothing() {
+        let set = TargetSet::new(vec![target("a", "comm:a")]);
+        let many: Vec<Target> = (0..agent_common::MAX_TARGETS + 1)
+            .map(|i| target(&format!("t{i}"), "comm:x"))
+            .collect();
+        let e = set.reload(many).unwrap_err();
+        assert!(e.to_string().contains("no free target id"), "{e}");
+        assert_eq!(set.list().len(), 1);
+        assert_eq!(set.name(0).as_deref(), Some("a"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use agent_common::{
 };
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, RingBuf};
 use prometheus_client::metrics::{family::Family as MetricFamily, gauge::Gauge};
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::{
     instances::PodIdentity,
@@ -28,8 +28,14 @@ use crate::{
     lost::UserLost,
     metrics::TargetLabels,
     probes::{Family, Hook, ProgramSpec},
-    targets::{ProcessInfo, TargetId, TargetSet, list_pids},
+    targets::{ProcessInfo, ReloadError, Reloaded, Target, TargetId, TargetSet, list_pids},
 };
+
+/// A new target list for the tracker to apply, and where to say how it went.
+pub type ReloadRequest = (
+    Vec<Target>,
+    tokio::sync::oneshot::Sender<Result<Reloaded, ReloadError>>,
+);
 
 pub const FAMILY: Family = Family {
     name: "process_tracking",
@@ -104,7 +110,8 @@ impl Tracker {
         gauge: MetricFamily<TargetLabels, Gauge>,
         lost: Arc<UserLost>,
     ) -> Self {
-        let counts = vec![0; targets.len()];
+        // By kernel id: a reload may give a new target any free id.
+        let counts = vec![0; agent_common::MAX_TARGETS as usize];
         let tracker = Self {
             targets,
             proc_root: PathBuf::from("/proc"),
@@ -117,8 +124,8 @@ impl Tracker {
             shared: SharedTracked::default(),
             kube: None,
         };
-        for id in 0..tracker.counts.len() {
-            tracker.publish(id as TargetId);
+        for (id, _) in tracker.targets.list() {
+            tracker.publish(id);
         }
         tracker
     }
@@ -163,7 +170,7 @@ impl Tracker {
         let Some(k) = self.kube.as_mut() else {
             return;
         };
-        let Some(labels) = info.and_then(|i| i.pod.as_ref()).map(|r| r.labels(name)) else {
+        let Some(labels) = info.and_then(|i| i.pod.as_ref()).map(|r| r.labels(&name)) else {
             return;
         };
         if !k.counts.contains_key(&labels) && k.counts.len() >= k.max_series {
@@ -213,7 +220,7 @@ impl Tracker {
     fn publish(&self, target: TargetId) {
         if let Some(name) = self.targets.name(target) {
             self.gauge
-                .get_or_create(&TargetLabels::of(name))
+                .get_or_create(&TargetLabels::of(&name))
                 .set(self.counts[target as usize]);
         }
     }
@@ -289,20 +296,22 @@ impl Tracker {
         let Some(id) = self.tracked.remove(&tgid) else {
             return;
         };
+        // None when a reload removed the target: the process leaves all the same.
         let target = self.targets.target_of_id(id);
         self.targets.instances().release(id);
-        let Some(target) = target else {
-            return;
-        };
         if let Ok(mut m) = self.shared.write() {
             m.remove(&tgid);
         }
         if !in_kernel_already && let Some(map) = self.map.as_mut() {
             let _ = map.remove(&tgid);
         }
+        self.remove_pod(tgid);
+        let Some(target) = target else {
+            tracing::debug!(tgid, "process left with its removed target");
+            return;
+        };
         self.counts[target as usize] -= 1;
         self.publish(target);
-        self.remove_pod(tgid);
         tracing::debug!(tgid, target = self.targets.name(target), "process gone");
     }
 
@@ -385,27 +394,80 @@ impl Tracker {
     /// Drops processes of pod-selected targets whose pod left the kubelet's list (or stopped
     /// matching, e.g. a label changed), unless they inherit the target from a tracked parent.
     fn revalidate_pods(&mut self) {
-        let by_pod: Vec<(u32, TargetId, TargetId)> = self
-            .tracked
-            .iter()
-            .filter_map(|(p, id)| Some((*p, *id, self.targets.target_of_id(*id)?)))
-            .filter(|(_, _, t)| self.targets.selects_pods(*t))
-            .collect();
-        for (pid, id, target) in by_pod {
-            let Some(info) = self.read(pid) else {
-                continue;
-            };
-            let still =
-                self.targets.matches(target, &info) || self.tracked.get(&info.ppid) == Some(&id);
-            if !still {
+        self.drop_unmatched(true);
+    }
+
+    /// Drops tracked processes that no longer belong to their target: its selectors no longer
+    /// match them, nor do they inherit it from a tracked parent, or the target was removed.
+    /// Repeated until nothing changes, so the children of a process that left leave too.
+    fn drop_unmatched(&mut self, only_pod_targets: bool) {
+        loop {
+            let candidates: Vec<(u32, TargetId, Option<TargetId>)> = self
+                .tracked
+                .iter()
+                .map(|(p, id)| (*p, *id, self.targets.target_of_id(*id)))
+                .filter(|(_, _, t)| {
+                    !only_pod_targets || t.is_some_and(|t| self.targets.selects_pods(t))
+                })
+                .collect();
+            let mut gone = Vec::new();
+            for (pid, id, target) in candidates {
+                let still = match target {
+                    None => false,
+                    // A process that died is the next scan's to remove.
+                    Some(target) => self.read(pid).is_none_or(|info| {
+                        self.targets.matches(target, &info)
+                            || self.tracked.get(&info.ppid) == Some(&id)
+                    }),
+                };
+                if !still {
+                    gone.push((pid, target));
+                }
+            }
+            if gone.is_empty() {
+                return;
+            }
+            for (pid, target) in gone {
                 tracing::info!(
                     pid,
-                    target = self.targets.name(target),
-                    "process left its target: its pod is gone or no longer matches"
+                    target = target.and_then(|t| self.targets.name(t)),
+                    "process left its target: it no longer matches (its pod is gone, a label \
+                     changed, or the target list was reloaded)"
                 );
                 self.remove(pid, false);
             }
         }
+    }
+
+    /// Applies a new target list: kept targets keep their kernel ids (and numbers), removed
+    /// ones lose their processes and series, new ones gain theirs; the probes never stop.
+    pub fn reload(&mut self, new: Vec<Target>) -> Result<Reloaded, ReloadError> {
+        let before = self.targets.list();
+        if self.kube.is_none()
+            && new.iter().any(|t| {
+                t.selectors
+                    .iter()
+                    .any(|s| matches!(s, crate::targets::Selector::Pod(_)))
+            })
+        {
+            tracing::warn!(
+                "a reloaded target selects pods but [kubernetes] was off at start: it matches \
+                 nothing until the agent restarts with kubernetes.enabled"
+            );
+        }
+        let reloaded = self.targets.reload(new)?;
+        self.drop_unmatched(false);
+        for (id, t) in before {
+            if reloaded.removed.contains(&t.name) {
+                self.gauge.remove(&TargetLabels::of(&t.name));
+                self.counts[id as usize] = 0;
+            }
+        }
+        for (id, _) in self.targets.list() {
+            self.publish(id);
+        }
+        self.scan();
+        Ok(reloaded)
     }
 
     /// Applies one kernel event.
@@ -430,7 +492,12 @@ impl Tracker {
     }
 
     /// Follows kernel events and rescans periodically, until the task is dropped.
-    pub async fn run(mut self, events: Option<RingBuf<MapData>>, rescan: Duration) {
+    pub async fn run(
+        mut self,
+        events: Option<RingBuf<MapData>>,
+        rescan: Duration,
+        mut reloads: mpsc::Receiver<ReloadRequest>,
+    ) {
         let mut ticker = tokio::time::interval(rescan);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, which it outlives.
@@ -448,6 +515,9 @@ impl Tracker {
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.scan(),
+                Some((targets, reply)) = reloads.recv() => {
+                    let _ = reply.send(self.reload(targets));
+                }
                 // A new pod list: pods that started or left are applied now, not at the next tick.
                 _ = async { changed.as_ref().expect("guarded").notified().await }, if changed.is_some() => self.scan(),
                 ready = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
