@@ -13,13 +13,19 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, Error)]
 pub enum BtfError {
-    #[error("cannot read kernel BTF {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y)")]
+    #[error(
+        "cannot read kernel BTF {path}: {source} (the kernel needs CONFIG_DEBUG_INFO_BTF=y, and a \
+         container must see the host's /sys/kernel/btf through a hostPath mount)"
+    )]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("malformed BTF in {path}: {reason}")]
+    #[error(
+        "malformed BTF in {path}: {reason} (it should be the kernel's own type information: a \
+         container must see the host's /sys/kernel/btf, e.g. through a hostPath mount)"
+    )]
     Malformed { path: String, reason: &'static str },
     #[error("struct {name} not found in kernel BTF")]
     NoStruct { name: String },

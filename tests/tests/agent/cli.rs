@@ -355,3 +355,51 @@ fn sigterm_stops_within_5_s_and_leaves_no_program_behind() {
     assert_eq!(after, before, "programs left behind");
     assert!(agent.log().contains("probes detached"), "{}", agent.log());
 }
+
+/// Kernel BTF hidden from the agent (absent, then empty) in a mount namespace of its own: no
+/// probe can load, and the agent says why and what to do, serves its metrics with every probe
+/// at 0, and keeps what needs no eBPF (span intake) running.
+#[test]
+fn missing_kernel_btf_is_explained_and_the_rest_runs() {
+    for (how, hide) in [
+        ("absent", "mount -t tmpfs none /sys/kernel/btf"),
+        ("empty", "mount --bind /dev/null /sys/kernel/btf/vmlinux"),
+    ] {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!(r#"{hide} && exec "$0" "$@""#))
+            .arg(pipeprobe_bin());
+        let cfg = config_file(
+            "[otlp]\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[gpu]\nenabled = false\n\
+             [targets.x]\ncomm = \"^workload$\"\n",
+        );
+        let agent = Agent::start_with(cmd, &["--config", cfg.path().to_str().unwrap()]);
+        let log = agent.log();
+        assert!(
+            log.contains("/sys/kernel/btf/vmlinux")
+                && log.contains("no probe can run")
+                && log.contains("hostPath"),
+            "BTF {how}: {log}"
+        );
+        for f in [
+            "process_tracking",
+            "sched",
+            "syscalls",
+            "tcp",
+            "tcp_rtt",
+            "profile",
+        ] {
+            assert_eq!(
+                agent.value("pipeprobe_probe_attached", "probe", f),
+                Some(0.0),
+                "BTF {how}: {f}"
+            );
+        }
+        let (code, _) = pipeprobe_tests::http(
+            &agent.otlp_addr("http").to_string(),
+            b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(code, 200, "BTF {how}: the span intake is down too");
+    }
+}
