@@ -31,6 +31,12 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the control socket directory {path} is {why}: another user could replace the socket; \
+         use a directory owned by root with mode 0700 (the default {DEFAULT_SOCKET}'s), or pass \
+         --control-socket"
+    )]
+    UnsafeDir { path: PathBuf, why: String },
     #[error("another agent is serving the control socket {path}; stop it or pass --control-socket")]
     InUse { path: PathBuf },
     #[error("cannot listen on the control socket {path}: {source}")]
@@ -102,11 +108,21 @@ pub enum Response {
 /// Binds the socket with root-only permissions, replacing a stale socket file.
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ControlError::Dir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        // Only a directory made here is tightened: an existing one is checked, never changed
+        // (a socket pointed into /tmp once turned /tmp itself into 0700).
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|source| ControlError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| ControlError::Dir {
+                    path: dir.to_owned(),
+                    source,
+                },
+            )?;
+        }
+        check_dir(dir)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -127,6 +143,29 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         }
     })?;
     Ok(listener)
+}
+
+/// Whoever can write the socket's directory can put their own socket in its place: the
+/// directory must be ours and writable by nobody else (root can chmod it, not own it).
+fn check_dir(dir: &Path) -> Result<(), ControlError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir).map_err(|source| ControlError::Dir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let why = if meta.uid() != me {
+        format!("owned by uid {}, not by the agent's uid {me}", meta.uid())
+    } else if meta.mode() & 0o022 != 0 {
+        format!("writable by others (mode {:o})", meta.mode() & 0o7777)
+    } else {
+        return Ok(());
+    };
+    Err(ControlError::UnsafeDir {
+        path: dir.to_owned(),
+        why,
+    })
 }
 
 /// Captures run one at a time; later requests wait in order and are told so.

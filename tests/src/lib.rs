@@ -217,19 +217,17 @@ impl Agent {
     /// Starts the agent through `cmd` (a wrapper like setpriv, whose last argument is the agent).
     pub fn start_with(mut cmd: Command, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        cmd.args([
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--control-socket",
-        ])
-        .arg(dir.path().join("control.sock"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["agent", "--listen", "127.0.0.1:0", "--log-format", "json"]);
+        // In a directory the agent makes (0700), as /run/pipeprobe on a fresh node; unless the
+        // test names its own.
+        if !args.contains(&"--control-socket") {
+            cmd.arg("--control-socket")
+                .arg(dir.path().join("run").join("control.sock"));
+        }
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut proc = Proc::spawn(&mut cmd);
         let stderr = proc.0.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -279,7 +277,7 @@ impl Agent {
     }
 
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
+        self.dir.path().join("run").join("control.sock")
     }
 
     /// Runs `pipeprobe flamegraph ARGS` against this agent.

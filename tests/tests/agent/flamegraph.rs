@@ -453,3 +453,64 @@ fn syscall_mode_weights_slow_syscalls_by_duration() {
         "{folded}"
     );
 }
+
+/// A control socket directory someone else could write is refused, and left as it was; the
+/// agent runs on without the control API. One it creates itself is made 0700.
+#[test]
+fn an_unsafe_control_socket_directory_is_refused_and_left_alone() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let base = tempfile::tempdir().unwrap();
+    let shared = base.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let foreign = base.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for (dir, why) in [
+        (&shared, "writable by others (mode 1777)"),
+        (&foreign, "owned by uid 65534"),
+    ] {
+        let sock = dir.join("pp.sock");
+        let agent = Agent::start(&[
+            "--target",
+            "x=pid:1",
+            "--control-socket",
+            sock.to_str().unwrap(),
+        ]);
+        let log = agent.log();
+        assert!(
+            log.contains(why) && log.contains("another user could replace the socket"),
+            "{}: {log}",
+            dir.display()
+        );
+        assert!(!sock.exists(), "a socket in {}", dir.display());
+        assert!(
+            agent
+                .value("pipeprobe_probe_attached", "probe", "sched")
+                .is_some(),
+            "the agent stopped serving"
+        );
+        let meta = std::fs::metadata(dir).unwrap();
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid()),
+            if dir == &shared {
+                (0o1777, 0)
+            } else {
+                (0o700, 65534)
+            },
+            "{} was changed",
+            dir.display()
+        );
+    }
+    let made = base.path().join("made").join("pp.sock");
+    let _agent = Agent::start(&[
+        "--target",
+        "x=pid:1",
+        "--control-socket",
+        made.to_str().unwrap(),
+    ]);
+    let mode = std::fs::metadata(made.parent().unwrap()).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(made.exists());
+}
