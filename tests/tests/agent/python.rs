@@ -354,3 +354,72 @@ fn an_unsupported_python_falls_back_to_native_frames_and_says_so() {
         .map(|s| s.value);
     assert_eq!(counted, Some(1.0));
 }
+
+/// A hostile but valid perf map: CPython 3.12 with `-X perf` writes its own, and 1,000,000
+/// lines more (entries over nothing, junk, 1 KiB names) are appended to it. The capture still
+/// finishes promptly, with its Python frames named, and the agent's memory stays bounded.
+#[test]
+fn a_perf_map_of_a_million_lines_costs_a_bounded_capture() {
+    let Some((_, python)) = interpreters().into_iter().find(|(m, _)| *m >= 12) else {
+        eprintln!("SKIPPED: no CPython 3.12+ for -X perf here");
+        return;
+    };
+    let p = start(&python, &["-X", "perf"], "hot");
+    let map = PathBuf::from(format!("/tmp/perf-{}.map", p.pid()));
+    assert!(map.exists(), "-X perf wrote no {}", map.display());
+    {
+        use std::io::Write as _;
+        let mut f =
+            std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(&map).unwrap());
+        let long = "x".repeat(1024);
+        for i in 0u64..1_000_000 {
+            match i % 10 {
+                // Not a perf map line at all.
+                7 => writeln!(f, "garbage line {i} ;;; \u{fffd}"),
+                8 => writeln!(f, "{:x} zz not_hex_size", 0x7f00_0000_0000u64 + i * 64),
+                9 => writeln!(f, "{:x} 40 {long}{i}", 0x7e00_0000_0000u64 + i * 64),
+                _ => writeln!(
+                    f,
+                    "{:x} 40 py::junk_{i}:/nowhere.py",
+                    0x7d00_0000_0000u64 + i * 64
+                ),
+            }
+            .unwrap();
+        }
+    }
+    let bytes = std::fs::metadata(&map).unwrap().len();
+    let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let folded = capture(
+        &agent,
+        p.pid(),
+        &["--duration", "2s", "--hz", "99"],
+        &dir.path().join("hostile.folded"),
+    );
+    let took = started.elapsed();
+    let hwm_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    let (a, b) = (weight(&folded, "hot_a"), weight(&folded, "hot_b"));
+    eprintln!(
+        "perf map of {bytes} bytes: 2 s capture written after {took:?}, hot_a {a} hot_b {b}, \
+         agent peak RSS {} MB",
+        hwm_kb / 1024
+    );
+    let _ = std::fs::remove_file(&map);
+    assert!(a > 0 && b > 0, "Python frames lost:\n{folded}");
+    assert!(
+        took < std::time::Duration::from_secs(12),
+        "a 2 s capture took {took:?} with the hostile perf map"
+    );
+    assert!(
+        hwm_kb < 512 * 1024,
+        "the agent peaked at {} MB reading a {} MB perf map",
+        hwm_kb / 1024,
+        bytes >> 20
+    );
+}
