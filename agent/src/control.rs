@@ -241,15 +241,9 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
         )
         .await;
     }
-    let request: Request = match serde_json::from_str(&line) {
+    let request = match parse_request(&line) {
         Ok(r) => r,
-        Err(e) => {
-            return send(
-                &mut stream,
-                &Response::Error(format!("malformed request: {e}")),
-            )
-            .await;
-        }
+        Err(e) => return send(&mut stream, &Response::Error(e)).await,
     };
     let response = match request {
         Request::Flamegraph(req) => flamegraph(&mut stream, req, captures).await?,
@@ -274,6 +268,31 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
     send(&mut stream, &response).await
 }
 
+/// One request line, or what is wrong with it.
+fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// What a capture request asks for, or which of its fields is out of range.
+fn check(req: &FlamegraphRequest) -> Result<(Subject, Duration), String> {
+    let subject = match (&req.target, req.pid) {
+        (Some(t), None) => Subject::Target(t.clone()),
+        (None, Some(p)) => Subject::Pid(p),
+        _ => return Err("give exactly one of target and pid".into()),
+    };
+    let duration = Duration::from_millis(req.duration_ms);
+    if duration.is_zero() || duration > MAX_DURATION {
+        return Err(format!(
+            "duration must be between 1 ms and {} s",
+            MAX_DURATION.as_secs()
+        ));
+    }
+    if !(1..=1000).contains(&req.hz) {
+        return Err("hz must be between 1 and 1000".into());
+    }
+    Ok((subject, duration))
+}
+
 const NO_SPAN_FLAMEGRAPHS: &str = "span flamegraphs are off on this node (otlp.enabled, \
      otlp.sample_hz and the profile probe must be on; the agent log says which is not)";
 
@@ -288,21 +307,10 @@ async fn flamegraph(
             captures.unavailable
         )));
     };
-    let subject = match (req.target, req.pid) {
-        (Some(t), None) => Subject::Target(t),
-        (None, Some(p)) => Subject::Pid(p),
-        _ => return Ok(Response::Error("give exactly one of target and pid".into())),
+    let (subject, duration) = match check(&req) {
+        Ok(v) => v,
+        Err(e) => return Ok(Response::Error(e)),
     };
-    let duration = Duration::from_millis(req.duration_ms);
-    if duration.is_zero() || duration > MAX_DURATION {
-        return Ok(Response::Error(format!(
-            "duration must be between 1 ms and {} s",
-            MAX_DURATION.as_secs()
-        )));
-    }
-    if !(1..=1000).contains(&req.hz) {
-        return Ok(Response::Error("hz must be between 1 and 1000".into()));
-    }
     let mut cfg = match profiler.lock().await.resolve(&subject) {
         Ok(c) => c,
         Err(e) => return Ok(Response::Error(e.to_string())),
@@ -339,4 +347,88 @@ async fn flamegraph(
         },
         Err(e) => Response::Error(e.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A flamegraph request with any field values, as JSON the way a client could send it.
+    fn any_flamegraph() -> impl Strategy<Value = (String, FlamegraphRequest)> {
+        (
+            proptest::option::of("\\PC{0,40}"),
+            proptest::option::of(any::<u32>()),
+            prop_oneof![0u64..=700_000, any::<u64>()],
+            prop_oneof![0u64..=1100, any::<u64>()],
+            prop_oneof![Just(Mode::Cpu), Just(Mode::Offcpu), Just(Mode::Syscall)],
+            any::<u64>(),
+        )
+            .prop_map(|(target, pid, duration_ms, hz, mode, min)| {
+                let req = FlamegraphRequest {
+                    target,
+                    pid,
+                    duration_ms,
+                    mode,
+                    hz,
+                    min_duration_us: min,
+                };
+                let line = serde_json::to_string(&Request::Flamegraph(req.clone())).unwrap();
+                (line, req)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Any line, however long or odd, is a request or a "malformed request" answer.
+        #[test]
+        fn any_line_is_a_request_or_refused(line in "\\PC{0,300}") {
+            if let Err(e) = parse_request(&line) {
+                prop_assert!(e.starts_with("malformed request: "), "{e}");
+            }
+        }
+
+        /// JSON with any structure in the right places is parsed or refused, never more.
+        #[test]
+        fn any_json_value_is_a_request_or_refused(
+            key in prop_oneof![
+                Just("flamegraph".to_owned()),
+                Just("get".to_owned()),
+                Just("reload".to_owned()),
+                Just("flamegraphs".to_owned()),
+                "[a-z]{0,12}",
+            ],
+            value in prop_oneof![Just("null".to_owned()), Just("{}".to_owned()), "\\PC{0,60}", any::<i64>().prop_map(|n| n.to_string())],
+        ) {
+            for line in [format!("{{\"{key}\": {value}}}"), format!("\"{key}\""), format!("[\"{key}\", {value}]")] {
+                let _ = parse_request(&line);
+            }
+        }
+
+        /// A capture request round-trips, and is taken exactly when every field is in range;
+        /// otherwise the answer names the field.
+        #[test]
+        fn capture_requests_are_taken_exactly_when_in_range((line, req) in any_flamegraph()) {
+            let Ok(Request::Flamegraph(parsed)) = parse_request(&line) else {
+                return Err(TestCaseError::fail(format!("{line} did not parse")));
+            };
+            let one_subject = parsed.target.is_some() != parsed.pid.is_some();
+            let duration_ok = (1..=MAX_DURATION.as_millis() as u64).contains(&req.duration_ms);
+            let hz_ok = (1..=1000).contains(&req.hz);
+            match check(&parsed) {
+                Ok((subject, d)) => {
+                    prop_assert!(one_subject && duration_ok && hz_ok);
+                    prop_assert_eq!(d.as_millis() as u64, req.duration_ms);
+                    match subject {
+                        Subject::Target(t) => prop_assert_eq!(Some(t), req.target),
+                        Subject::Pid(p) => prop_assert_eq!(Some(p), req.pid),
+                    }
+                }
+                Err(e) if !one_subject => prop_assert!(e.contains("target and pid"), "{e}"),
+                Err(e) if !duration_ok => prop_assert!(e.contains("duration"), "{e}"),
+                Err(e) => prop_assert!(!hz_ok && e.contains("hz"), "{e}"),
+            }
+        }
+    }
 }
