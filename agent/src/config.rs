@@ -350,17 +350,29 @@ impl Config {
         cli_targets: &[String],
         cli_listen: Option<SocketAddr>,
     ) -> Result<Self, ConfigError> {
-        let file = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = path
+            .map(|path| {
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
                     source,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: e.to_string().trim_end().to_owned(),
-                })?
-            }
+                })
+            })
+            .transpose()?;
+        Self::from_text(text.as_deref(), path, cli_targets, cli_listen)
+    }
+
+    /// The configuration in `text` (the file's content; None: no file), errors naming `path`.
+    pub fn from_text(
+        text: Option<&str>,
+        path: Option<&Path>,
+        cli_targets: &[String],
+        cli_listen: Option<SocketAddr>,
+    ) -> Result<Self, ConfigError> {
+        let file = match text {
+            Some(text) => toml::from_str::<FileConfig>(text).map_err(|e| ConfigError::Parse {
+                path: path.map_or_else(|| "the config file".into(), Path::to_owned),
+                message: e.to_string().trim_end().to_owned(),
+            })?,
             None => FileConfig::default(),
         };
         let where_ = path.map_or_else(|| "the config file".to_owned(), |p| p.display().to_string());

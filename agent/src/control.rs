@@ -268,6 +268,18 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
     send(&mut stream, &response).await
 }
 
+/// For `crate::fuzzing`: a request line through the parser and the capture checks.
+#[doc(hidden)]
+pub fn fuzz_request(line: &str) {
+    match parse_request(line) {
+        Ok(Request::Flamegraph(req)) => {
+            let _ = check(&req);
+        }
+        Ok(_) => {}
+        Err(e) => assert!(e.starts_with("malformed request: "), "{e}"),
+    }
+}
+
 /// One request line, or what is wrong with it.
 fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))

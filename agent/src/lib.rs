@@ -10,6 +10,8 @@ pub mod config;
 pub mod control;
 pub mod ebpf;
 pub mod flamegraph;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gpu;
 pub mod http;
 pub mod instances;

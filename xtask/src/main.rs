@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod soak;
 mod test;
@@ -30,6 +31,8 @@ enum Command {
     Bench(bench::Options),
     /// Run the agent under process churn for minutes (root; writes docs/reliability.md).
     Soak(soak::Options),
+    /// Fuzz the parsers of outside input with cargo-fuzz (libFuzzer), a bounded time each.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Soak(opts) => soak::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
     }
 }

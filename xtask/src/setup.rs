@@ -51,6 +51,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     bpf_linker()?;
     python_tools()?;
+    cargo_fuzz()?;
     eprintln!("setup: all prerequisites present");
     Ok(())
 }
@@ -164,6 +165,16 @@ fn bpf_linker() -> anyhow::Result<()> {
     .context(format!(
         "building bpf-linker against LLVM {LLVM} failed (needs llvm-{LLVM}-dev)"
     ))
+}
+
+/// cargo-fuzz, which builds and runs the libFuzzer targets of fuzz/ (`cargo xtask fuzz`).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz (runs the parsers' fuzz targets)");
+    exec(xtask::cargo().args(["install", "cargo-fuzz", "--locked", "--version", "0.13.2"]))
+        .context("cargo install cargo-fuzz failed")
 }
 
 /// Python packages the tests run as references, pinned, in a venv under target/ (cached with

@@ -8,7 +8,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use xtask::{cargo, exec, is_root};
 
-use crate::setup;
+use crate::{fuzz, setup};
+
+/// Seconds each fuzz target runs in the test command (`cargo xtask fuzz` runs longer).
+const FUZZ_SECS: u64 = 20;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -37,7 +40,23 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     // One at a time: the run-queue test measures scheduling and others must not disturb it.
     test.args(["--", "--test-threads=1"]).args(&opts.test_args);
-    let totals = run_counting(&mut test)?;
+    let mut totals = run_counting(&mut test)?;
+    // Each fuzz target counts as a test: it passes when libFuzzer finds nothing in its time.
+    if opts.test_args.is_empty() {
+        fuzz::build()?;
+        for t in fuzz::TARGETS {
+            match fuzz::run_one(t, FUZZ_SECS) {
+                Ok(()) => {
+                    println!("fuzz {t} ({FUZZ_SECS} s) ... ok");
+                    totals.passed += 1;
+                }
+                Err(e) => {
+                    println!("fuzz {t} ({FUZZ_SECS} s) ... FAILED: {e:#}");
+                    totals.failed += 1;
+                }
+            }
+        }
+    }
     // One closing line for all test binaries (cargo's last line is often an empty doc-test run).
     println!(
         "tests: {} passed, {} failed, {} skipped",

@@ -79,6 +79,30 @@ impl Intake {
         })
     }
 
+    /// For `crate::fuzzing`: an intake of its own, drained after each body.
+    #[doc(hidden)]
+    pub fn fuzz_take(body: &[u8], gzip: bool) {
+        use std::sync::{Mutex, OnceLock};
+        static INTAKE: OnceLock<(Intake, Mutex<mpsc::Receiver<ExportTraceServiceRequest>>)> =
+            OnceLock::new();
+        let (intake, rx) = INTAKE.get_or_init(|| {
+            let (queue, rx) = mpsc::channel(1);
+            let mut registry = prometheus_client::registry::Registry::default();
+            let intake = Intake {
+                queue,
+                max_bytes: 1 << 20,
+                metrics: super::SpanMetrics::new(&mut registry),
+            };
+            (intake, Mutex::new(rx))
+        });
+        let taken = intake.take(body, gzip).is_ok();
+        let drained = rx.lock().map(|mut r| r.try_recv().is_ok()).unwrap_or(false);
+        assert_eq!(
+            taken, drained,
+            "a taken request must be queued, a refused one not"
+        );
+    }
+
     fn rejected(&self, kind: &'static str) {
         self.metrics.rejected(kind);
     }
