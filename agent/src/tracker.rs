@@ -394,21 +394,21 @@ impl Tracker {
     /// Drops processes of pod-selected targets whose pod left the kubelet's list (or stopped
     /// matching, e.g. a label changed), unless they inherit the target from a tracked parent.
     fn revalidate_pods(&mut self) {
-        self.drop_unmatched(true);
+        let targets = self.targets.clone();
+        self.drop_unmatched(|t| t.is_some_and(|t| targets.selects_pods(t)));
     }
 
     /// Drops tracked processes that no longer belong to their target: its selectors no longer
     /// match them, nor do they inherit it from a tracked parent, or the target was removed.
-    /// Repeated until nothing changes, so the children of a process that left leave too.
-    fn drop_unmatched(&mut self, only_pod_targets: bool) {
+    /// Repeated until nothing changes, so the children of a process that left leave too. Only
+    /// processes whose target (None: removed) `check` selects are looked at.
+    fn drop_unmatched(&mut self, check: impl Fn(Option<TargetId>) -> bool) {
         loop {
             let candidates: Vec<(u32, TargetId, Option<TargetId>)> = self
                 .tracked
                 .iter()
                 .map(|(p, id)| (*p, *id, self.targets.target_of_id(*id)))
-                .filter(|(_, _, t)| {
-                    !only_pod_targets || t.is_some_and(|t| self.targets.selects_pods(t))
-                })
+                .filter(|(_, _, t)| check(*t))
                 .collect();
             let mut gone = Vec::new();
             for (pid, id, target) in candidates {
@@ -456,7 +456,16 @@ impl Tracker {
             );
         }
         let reloaded = self.targets.reload(new)?;
-        self.drop_unmatched(false);
+        // The processes of unchanged targets stay as they are (an orphaned child that inherited
+        // its target matches no selector, yet belongs to it).
+        let changed: Vec<TargetId> = self
+            .targets
+            .list()
+            .into_iter()
+            .filter(|(_, t)| reloaded.changed.contains(&t.name))
+            .map(|(id, _)| id)
+            .collect();
+        self.drop_unmatched(|t| t.is_none_or(|t| changed.contains(&t)));
         for (id, t) in before {
             if reloaded.removed.contains(&t.name) {
                 self.gauge.remove(&TargetLabels::of(&t.name));
@@ -583,6 +592,55 @@ mod tests {
         );
         // Other tests' children may be tracked too (they descend from this process).
         assert_eq!(t.counts[0] as usize, t.tracked().len());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_orphaned_children_of_unchanged_targets() {
+        use std::io::BufRead as _;
+        // sh starts a sleep and exits a moment later: the sleep is then an orphan that only
+        // belongs to the target by inheritance.
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; sleep 0.5"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(sh.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let orphan: u32 = line.trim().parse().unwrap();
+        let me = format!("pid:{}", std::process::id());
+        let mut t = tracker(&[&me]);
+        t.scan();
+        assert!(
+            t.tracked().contains_key(&orphan),
+            "the sleep is not inherited"
+        );
+        sh.wait().unwrap();
+        let same: Vec<Target> = t
+            .targets
+            .list()
+            .iter()
+            .map(|(_, x)| (**x).clone())
+            .collect();
+        let r = t.reload(same).unwrap();
+        assert_eq!(r.unchanged, ["t"]);
+        assert!(
+            t.tracked().contains_key(&orphan),
+            "a no-op reload dropped an orphan"
+        );
+        // New selectors re-match the target's processes: the orphan matches none of them.
+        let r = t
+            .reload(vec![Target {
+                name: "t".into(),
+                selectors: vec![me.parse().unwrap(), "comm:^no-such$".parse().unwrap()],
+            }])
+            .unwrap();
+        assert_eq!(r.changed, ["t"]);
+        assert!(!t.tracked().contains_key(&orphan));
+        assert!(t.tracked().contains_key(&std::process::id()));
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(orphan as i32, libc::SIGKILL) };
     }
 
     #[test]

@@ -82,29 +82,8 @@ fn fifty_scrapers_and_an_otlp_flood_do_not_stop_the_probes() {
 
     let metrics = agent.addr.to_string();
     let otlp = agent.otlp_addr("http").to_string();
-    let body = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource::default()),
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    name: "flood".into(),
-                    trace_id: vec![7; 16],
-                    span_id: vec![9; 8],
-                    ..Span::default()
-                }],
-                ..ScopeSpans::default()
-            }],
-            ..ResourceSpans::default()
-        }],
-    }
-    .encode_to_vec();
-    let mut post = format!(
-        "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    post.extend_from_slice(&body);
+    // One span a post: the dropped-span counter then counts refused posts.
+    let post = otlp_post(1);
     let scrape = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec();
 
     let (scrapes, floods) = std::thread::scope(|s| {
