@@ -45,28 +45,47 @@ pub fn run_one(target: &str, secs: u64) -> anyhow::Result<()> {
         let seed = seed?.path();
         std::fs::copy(&seed, corpus.join(seed.file_name().expect("a file")))?;
     }
-    exec(
-        cargo_fuzz()
-            .args(["run", "-O", "--target-dir", "target/fuzz", target])
-            .arg(&corpus)
-            .arg("--")
-            .arg(format!("-max_total_time={secs}"))
-            .arg(format!("-artifact_prefix={}/", artifacts.display()))
-            // Inputs the agent would refuse long before (64 KiB control lines, OTLP bodies
-            // capped by max_request_bytes) only slow the search.
-            .args([
-                "-max_len=65536",
-                "-timeout=10",
-                "-rss_limit_mb=2048",
-                "-print_final_stats=1",
-            ]),
-    )
-    .with_context(|| {
-        format!(
-            "fuzz target {target} failed: its input is in {}",
-            artifacts.display()
-        )
-    })
+    // libFuzzer reports every new input: its output goes to a log, the result to the console.
+    let log_path = root()
+        .join("target/fuzz-logs")
+        .join(format!("{target}.log"));
+    std::fs::create_dir_all(log_path.parent().expect("has a parent"))?;
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = cargo_fuzz();
+    cmd.current_dir(root())
+        .args(["run", "-O", "--target-dir", "target/fuzz", target])
+        .arg(&corpus)
+        .arg("--")
+        .arg(format!("-max_total_time={secs}"))
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        // Inputs the agent would refuse long before (64 KiB control lines, OTLP bodies capped
+        // by max_request_bytes) only slow the search.
+        .args([
+            "-max_len=65536",
+            "-timeout=10",
+            "-rss_limit_mb=2048",
+            "-print_final_stats=1",
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    eprintln!("+ {} (output in {})", xtask::show(&cmd), log_path.display());
+    let status = cmd.status().context("cannot run cargo fuzz")?;
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        for l in tail.into_iter().rev() {
+            eprintln!("  {l}");
+        }
+        bail!(
+            "fuzz target {target} failed ({status}): the input is in {}, the log in {}",
+            artifacts.display(),
+            log_path.display()
+        );
+    }
+    if let Some(done) = text.lines().find(|l| l.starts_with("Done ")) {
+        eprintln!("fuzz {target}: {done}, nothing found");
+    }
+    Ok(())
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
