@@ -6,7 +6,8 @@ use agent_common::{
     lost,
     stacks::{
         BLOCKED_MAX, Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, MODE_SYSCALL, SAMPLES_MAX,
-        SPAN_OFFCPU_MIN_NS, SPAN_SAMPLES_BYTES, SPAN_STACKS_MAX, STACKS_MAX, SpanSample, StackKey,
+        SPAN_OFFCPU_MIN_NS, SPAN_SAMPLES_BYTES, SPAN_SENDER_TTL_NS, SPAN_SENDERS_MAX,
+        SPAN_STACKS_MAX, STACKS_MAX, SpanSample, StackKey,
     },
     task::TASK_RUNNING,
 };
@@ -14,7 +15,7 @@ use aya_ebpf::{
     bindings::{BPF_F_SKIP_FIELD_MASK, BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, perf_event},
-    maps::{Array, HashMap, RingBuf, StackTrace},
+    maps::{Array, HashMap, LruHashMap, RingBuf, StackTrace},
     programs::{BtfTracePointContext, PerfEventContext, tracing::StackIdContext},
 };
 
@@ -237,6 +238,22 @@ static SPAN_STACKS: StackTrace = StackTrace::with_max_entries(SPAN_STACKS_MAX, 0
 #[map]
 static SPAN_SAMPLES: RingBuf = RingBuf::with_byte_size(SPAN_SAMPLES_BYTES, 0);
 
+/// Threads, and processes, that sent a span lately -> when (user space fills them from the
+/// span intake): only their blocking switches take off-CPU stacks.
+#[map]
+static SPAN_SENDER_TIDS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SPAN_SENDERS_MAX, 0);
+#[map]
+static SPAN_SENDER_TGIDS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SPAN_SENDERS_MAX, 0);
+
+#[inline(always)]
+fn sends_spans(tgid: u32, tid: u32, now: u64) -> bool {
+    let fresh = |m: &LruHashMap<u32, u64>, k: u32| {
+        // SAFETY: copied out at once.
+        unsafe { m.get(&k).copied() }.is_some_and(|t| now.saturating_sub(t) < SPAN_SENDER_TTL_NS)
+    };
+    fresh(&SPAN_SENDER_TIDS, tid) || fresh(&SPAN_SENDER_TGIDS, tgid)
+}
+
 /// Continuous low-rate sampling of every tracked thread, attached for the agent's lifetime when
 /// span flamegraphs are on: a span that turns out slow gets the samples of its window.
 #[perf_event]
@@ -294,6 +311,7 @@ fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
         && preempt & 0xff == 0
         && target_of(tgid).is_some()
         && task::state(prev)? != TASK_RUNNING
+        && sends_spans(tgid, ids as u32, now)
         && let Some(t) = thread::state(prev)
     {
         t.span_off.user_stack = ctx

@@ -84,6 +84,8 @@ pub struct SpanSampler {
     /// Python processes whose frames the sampler walks, and the walked stacks.
     pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
     pub py_stacks: aya::maps::HashMap<MapData, u64, PyStack>,
+    /// The threads and processes whose off-CPU stacks are taken (`spans::flamegraphs::Senders`).
+    pub senders: Option<crate::spans::flamegraphs::Senders>,
 }
 
 /// Loads `span_sample` and attaches it to every CPU's cpu-clock at `hz` for the agent's
@@ -131,6 +133,14 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
         py_stacks: kernel
             .take_map("SPAN_PY_STACKS")
             .map_err(|e| e.to_string())?,
+        senders: Some(crate::spans::flamegraphs::Senders::new(
+            kernel
+                .take_map("SPAN_SENDER_TIDS")
+                .map_err(|e| e.to_string())?,
+            kernel
+                .take_map("SPAN_SENDER_TGIDS")
+                .map_err(|e| e.to_string())?,
+        )),
     })
 }
 

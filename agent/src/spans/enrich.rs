@@ -245,6 +245,13 @@ pub async fn run(sources: Sources) {
                         to_mono(span.start_time_unix_nano),
                         to_mono(span.end_time_unix_nano),
                     );
+                    // Its thread's next blocking switches take off-CPU stacks, for its next spans.
+                    if let (Some(fg), Some(pid)) = (&flamegraphs, pid)
+                        && let Some(senders) = &fg.senders
+                        && let Ok(mut senders) = senders.lock()
+                    {
+                        senders.mark(pid, tid);
+                    }
                     let slow = flamegraphs
                         .as_ref()
                         .is_some_and(|fg| secs >= fg.threshold(&span.name).as_secs_f64());

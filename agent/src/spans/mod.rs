@@ -325,8 +325,9 @@ pub async fn start(
         })
         .ok();
     let fg = match (sampler, drawer) {
-        (Some(s), Some(drawer)) if flamegraphs::usable(&store.dir) => {
+        (Some(mut s), Some(drawer)) if flamegraphs::usable(&store.dir) => {
             let samples = flamegraphs::SharedSamples::default();
+            let senders = s.senders.take().map(std::sync::Mutex::new);
             tokio::spawn(flamegraphs::collect(
                 s,
                 tracked_for_spans.clone(),
@@ -341,6 +342,7 @@ pub async fn start(
                 hz: cfg.sample_hz,
                 drawer,
                 last: std::sync::Mutex::default(),
+                senders,
             }))
         }
         (Some(_), Some(_)) => {
