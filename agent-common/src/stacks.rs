@@ -86,10 +86,11 @@ pub struct SpanSample {
 /// next request blocks for long; one spinning on locks blocks often and briefly).
 pub const SPAN_OFFCPU_MIN_NS: u64 = 1_000_000;
 
-/// Threads (and processes, for spans without a thread id) whose off-CPU stacks the span sampler
-/// takes: those that sent a span lately. Taking both stacks at every blocking switch of every
-/// tracked thread cost 1.9 us a switch, 785 ms of CPU in 3 s of a pipe ping-pong that sends no
-/// span at all (`cargo xtask bench`, context-switch workload).
+/// Processes whose threads' off-CPU stacks the span sampler takes: those that sent a span
+/// lately. Taking both stacks at every blocking switch of every tracked thread cost 1.9 us a
+/// switch, 785 ms of CPU in 3 s of a pipe ping-pong that sends no span at all (`cargo xtask
+/// bench`, context-switch workload). By process, not thread: servers that take a thread per
+/// connection would lose the off-CPU time of every new thread's first span.
 pub const SPAN_SENDERS_MAX: u32 = 4096;
 /// A sender stays one this long after its last span (value: CLOCK_MONOTONIC ns, as
 /// bpf_ktime_get_ns).

@@ -238,20 +238,16 @@ static SPAN_STACKS: StackTrace = StackTrace::with_max_entries(SPAN_STACKS_MAX, 0
 #[map]
 static SPAN_SAMPLES: RingBuf = RingBuf::with_byte_size(SPAN_SAMPLES_BYTES, 0);
 
-/// Threads, and processes, that sent a span lately -> when (user space fills them from the
-/// span intake): only their blocking switches take off-CPU stacks.
+/// Processes that sent a span lately -> when (user space fills it from the span intake): only
+/// their threads' blocking switches take off-CPU stacks.
 #[map]
-static SPAN_SENDER_TIDS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SPAN_SENDERS_MAX, 0);
-#[map]
-static SPAN_SENDER_TGIDS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SPAN_SENDERS_MAX, 0);
+static SPAN_SENDERS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(SPAN_SENDERS_MAX, 0);
 
 #[inline(always)]
-fn sends_spans(tgid: u32, tid: u32, now: u64) -> bool {
-    let fresh = |m: &LruHashMap<u32, u64>, k: u32| {
-        // SAFETY: copied out at once.
-        unsafe { m.get(&k).copied() }.is_some_and(|t| now.saturating_sub(t) < SPAN_SENDER_TTL_NS)
-    };
-    fresh(&SPAN_SENDER_TIDS, tid) || fresh(&SPAN_SENDER_TGIDS, tgid)
+fn sends_spans(tgid: u32, now: u64) -> bool {
+    // SAFETY: copied out at once.
+    unsafe { SPAN_SENDERS.get(&tgid).copied() }
+        .is_some_and(|t| now.saturating_sub(t) < SPAN_SENDER_TTL_NS)
 }
 
 /// Continuous low-rate sampling of every tracked thread, attached for the agent's lifetime when
@@ -311,7 +307,7 @@ fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
         && preempt & 0xff == 0
         && target_of(tgid).is_some()
         && task::state(prev)? != TASK_RUNNING
-        && sends_spans(tgid, ids as u32, now)
+        && sends_spans(tgid, now)
         && let Some(t) = thread::state(prev)
     {
         t.span_off.user_stack = ctx

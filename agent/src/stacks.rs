@@ -84,7 +84,7 @@ pub struct SpanSampler {
     /// Python processes whose frames the sampler walks, and the walked stacks.
     pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
     pub py_stacks: aya::maps::HashMap<MapData, u64, PyStack>,
-    /// The threads and processes whose off-CPU stacks are taken (`spans::flamegraphs::Senders`).
+    /// The processes whose off-CPU stacks are taken (`spans::flamegraphs::Senders`).
     pub senders: Option<crate::spans::flamegraphs::Senders>,
 }
 
@@ -134,12 +134,7 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
             .take_map("SPAN_PY_STACKS")
             .map_err(|e| e.to_string())?,
         senders: Some(crate::spans::flamegraphs::Senders::new(
-            kernel
-                .take_map("SPAN_SENDER_TIDS")
-                .map_err(|e| e.to_string())?,
-            kernel
-                .take_map("SPAN_SENDER_TGIDS")
-                .map_err(|e| e.to_string())?,
+            kernel.take_map("SPAN_SENDERS").map_err(|e| e.to_string())?,
         )),
     })
 }

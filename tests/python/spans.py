@@ -83,8 +83,8 @@ def main():
                 print("TRACE %032x" % s.get_span_context().trace_id, flush=True)
 
     if a.scenario == "breakdown":
-        # A service's first span only marks its thread: the agent takes off-CPU stacks for the
-        # span flamegraphs of threads that sent a span lately, as a service always has.
+        # A service's first span only marks its process: the agent takes off-CPU stacks for the
+        # span flamegraphs of processes that sent a span lately, as a service always has.
         span("warmup", lambda: None, report=False)
         time.sleep(0.2)
         stop = threading.Event()

@@ -245,12 +245,12 @@ pub async fn run(sources: Sources) {
                         to_mono(span.start_time_unix_nano),
                         to_mono(span.end_time_unix_nano),
                     );
-                    // Its thread's next blocking switches take off-CPU stacks, for its next spans.
+                    // Its process's next blocking switches take off-CPU stacks, for its next spans.
                     if let (Some(fg), Some(pid)) = (&flamegraphs, pid)
                         && let Some(senders) = &fg.senders
                         && let Ok(mut senders) = senders.lock()
                     {
-                        senders.mark(pid, tid);
+                        senders.mark(pid);
                     }
                     let slow = flamegraphs
                         .as_ref()

@@ -381,56 +381,45 @@ pub struct SpanFlamegraphs {
     pub senders: Option<Mutex<Senders>>,
 }
 
-/// The threads (or, for spans without `thread.id`, processes) that sent a span lately: only
-/// their blocking switches take off-CPU stacks in the kernel (`SPAN_SENDER_TIDS`/`_TGIDS`,
-/// LRU-bounded, each entry fresh for `SPAN_SENDER_TTL_NS`). A thread's first span comes before
-/// its mark, so it has on-CPU samples only.
+/// The processes that sent a span lately: only their threads' blocking switches take off-CPU
+/// stacks in the kernel (`SPAN_SENDERS`, LRU-bounded, each entry fresh for
+/// `SPAN_SENDER_TTL_NS`). A process's first span comes before its mark, so it has on-CPU
+/// samples only.
 pub struct Senders {
-    tids: aya::maps::HashMap<MapData, u32, u64>,
-    tgids: aya::maps::HashMap<MapData, u32, u64>,
-    /// When each was last written, not to write a map per span.
-    written: HashMap<(bool, u32), u64>,
+    map: aya::maps::HashMap<MapData, u32, u64>,
+    /// When each was last written, not to write the map per span.
+    written: HashMap<u32, u64>,
 }
 
 impl Senders {
-    pub fn new(
-        tids: aya::maps::HashMap<MapData, u32, u64>,
-        tgids: aya::maps::HashMap<MapData, u32, u64>,
-    ) -> Self {
+    pub fn new(map: aya::maps::HashMap<MapData, u32, u64>) -> Self {
         Self {
-            tids,
-            tgids,
+            map,
             written: HashMap::new(),
         }
     }
 
-    /// `tid` of process `pid` sent a span now (its process, without a thread id).
-    pub fn mark(&mut self, pid: u32, tid: Option<u32>) {
-        use agent_common::stacks::SPAN_SENDER_REFRESH_NS;
+    /// Process `pid` sent a span now.
+    pub fn mark(&mut self, pid: u32) {
+        use agent_common::stacks::{SPAN_SENDER_REFRESH_NS, SPAN_SENDER_TTL_NS, SPAN_SENDERS_MAX};
         let now = super::history::monotonic_ns();
-        let key = (tid.is_some(), tid.unwrap_or(pid));
         if self
             .written
-            .get(&key)
+            .get(&pid)
             .is_some_and(|t| now.saturating_sub(*t) < SPAN_SENDER_REFRESH_NS)
         {
             return;
         }
-        let map = if key.0 {
-            &mut self.tids
-        } else {
-            &mut self.tgids
-        };
-        if let Err(e) = map.insert(key.1, now, 0) {
-            tracing::debug!(id = key.1, "cannot mark a span sender: {e}");
+        if let Err(e) = self.map.insert(pid, now, 0) {
+            tracing::debug!(pid, "cannot mark a span sender: {e}");
             return;
         }
         // Bounded like the kernel's LRU: drop what is long stale.
-        if self.written.len() >= agent_common::stacks::SPAN_SENDERS_MAX as usize {
+        if self.written.len() >= SPAN_SENDERS_MAX as usize {
             self.written
-                .retain(|_, t| now.saturating_sub(*t) < agent_common::stacks::SPAN_SENDER_TTL_NS);
+                .retain(|_, t| now.saturating_sub(*t) < SPAN_SENDER_TTL_NS);
         }
-        self.written.insert(key, now);
+        self.written.insert(pid, now);
     }
 }
 
