@@ -55,6 +55,27 @@ fn otlp_post(spans: usize) -> Vec<u8> {
     post
 }
 
+/// `clients` threads posting `post` to `otlp` as fast as they can for 3 s; their status codes.
+fn flood<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    clients: usize,
+    otlp: &'s str,
+    post: &'s [u8],
+) -> Vec<std::thread::ScopedJoinHandle<'s, Vec<u16>>> {
+    (0..clients)
+        .map(|_| {
+            s.spawn(move || {
+                let end = Instant::now() + Duration::from_secs(3);
+                let mut codes = Vec::new();
+                while Instant::now() < end {
+                    codes.push(status_of(otlp, post));
+                }
+                codes
+            })
+        })
+        .collect()
+}
+
 /// One request on a fresh connection: the status code.
 fn status_of(addr: &str, request: &[u8]) -> u16 {
     pipeprobe_tests::http(addr, request).0
@@ -87,18 +108,7 @@ fn fifty_scrapers_and_an_otlp_flood_do_not_stop_the_probes() {
     let scrape = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec();
 
     let (scrapes, floods) = std::thread::scope(|s| {
-        let flooders: Vec<_> = (0..4)
-            .map(|_| {
-                s.spawn(|| {
-                    let end = Instant::now() + Duration::from_secs(3);
-                    let mut codes = Vec::new();
-                    while Instant::now() < end {
-                        codes.push(status_of(&otlp, &post));
-                    }
-                    codes
-                })
-            })
-            .collect();
+        let flooders = flood(s, 4, &otlp, &post);
         let scrapers: Vec<_> = (0..50)
             .map(|_| {
                 s.spawn(|| {
@@ -176,18 +186,7 @@ fn an_otlp_flood_past_the_intake_queue_is_refused_counted_and_survived() {
     let post = otlp_post(SPANS);
 
     let codes: Vec<u16> = std::thread::scope(|s| {
-        let flooders: Vec<_> = (0..8)
-            .map(|_| {
-                s.spawn(|| {
-                    let end = Instant::now() + Duration::from_secs(3);
-                    let mut codes = Vec::new();
-                    while Instant::now() < end {
-                        codes.push(status_of(&otlp, &post));
-                    }
-                    codes
-                })
-            })
-            .collect();
+        let flooders = flood(s, 8, &otlp, &post);
         flooders
             .into_iter()
             .flat_map(|h| h.join().unwrap())
