@@ -36,6 +36,7 @@ mod pod {
     unsafe impl aya::Pod for crate::stacks::CaptureConfig {}
     unsafe impl aya::Pod for crate::stacks::StackKey {}
     unsafe impl aya::Pod for crate::stacks::Blocked {}
+    unsafe impl aya::Pod for crate::stacks::KernelStack {}
     unsafe impl aya::Pod for crate::stacks::SpanSample {}
     unsafe impl aya::Pod for crate::tcp::PeerStats {}
     unsafe impl aya::Pod for crate::python::PyProc {}

@@ -27,8 +27,22 @@ pub struct SpanOff {
     /// Blocked since (0: not blocked).
     pub ts_ns: u64,
     pub user_stack: i32,
-    pub kernel_stack: i32,
+    pub _pad: u32,
     /// Key of its Python stack in SPAN_PY_STACKS, 0 for none.
+    pub py_stack: u64,
+}
+
+/// Where a thread of an off-CPU capture's subject blocked (`offcpu_switch`): kept in its task
+/// storage, which costs no map insert and delete per switch and cannot fill up.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct CaptureOff {
+    /// Blocked since (0: not blocked).
+    pub ts_ns: u64,
+    /// `CaptureConfig::generation` of the capture it blocked in.
+    pub generation: u32,
+    pub user_stack: i32,
+    /// Key of its Python stack in PY_STACKS, 0 for none.
     pub py_stack: u64,
 }
 
@@ -39,4 +53,5 @@ pub struct ThreadState {
     pub syscall: SyscallStart,
     pub totals: ThreadTotals,
     pub span_off: SpanOff,
+    pub capture_off: CaptureOff,
 }

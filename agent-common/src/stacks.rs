@@ -7,6 +7,10 @@ pub const STACKS_MAX: u32 = 4096;
 pub const SAMPLES_MAX: u32 = 16_384;
 /// Threads of the subject blocked at once (off-CPU mode).
 pub const BLOCKED_MAX: u32 = 16_384;
+/// Distinct kernel stacks of off-CPU episodes per capture.
+pub const KSTACKS_MAX: u32 = 4096;
+/// Kernel frames kept per off-CPU episode (a blocked thread's stack rarely passes 30).
+pub const KSTACK_FRAMES: usize = 64;
 
 /// On-CPU sampling: weights are sample counts.
 pub const MODE_CPU: u32 = 0;
@@ -23,7 +27,9 @@ pub struct CaptureConfig {
     /// Process to sample, or 0 when `targets` selects.
     pub pid: u32,
     pub mode: u32,
-    pub _pad: u32,
+    /// Sequence number of the capture, never 0: per-thread state a thread left in an earlier
+    /// capture (it lives in the thread's task storage, which no capture clears) is ignored.
+    pub generation: u32,
     /// Off-CPU episodes shorter than this are not counted.
     pub min_ns: u64,
     /// Kernel target ids to sample, one bit each (MAX_TARGETS is 64): a target's own id and
@@ -46,6 +52,16 @@ pub struct Blocked {
     pub python_stack: u64,
 }
 
+/// A blocked thread's kernel stack, innermost frame first, taken when its episode ends
+/// (off-CPU mode): only episodes of at least `min_ns` pay for the unwinding.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct KernelStack {
+    pub len: u32,
+    pub _pad: u32,
+    pub ips: [u64; KSTACK_FRAMES],
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
@@ -57,6 +73,9 @@ pub struct StackKey {
     pub syscall: u32,
     /// Key of the Python stack in `PY_STACKS`, or 0 when the thread runs no Python.
     pub python_stack: u64,
+    /// Key of the kernel stack in `KSTACKS` (off-CPU mode, where `kernel_stack` is negative),
+    /// or 0.
+    pub kernel_frames: u64,
 }
 
 /// Distinct stacks the continuous span sampler can hold before user space clears them.
@@ -80,6 +99,9 @@ pub struct SpanSample {
     pub off_ns: u64,
     /// Key of the thread's Python stack in SPAN_PY_STACKS, 0 for none.
     pub py_stack: u64,
+    /// Off-CPU episodes: key of the kernel stack it blocked in, in SPAN_KSTACKS (then
+    /// `kernel_stack` is negative), else 0.
+    pub kernel_frames: u64,
 }
 
 /// Off-CPU episodes shorter than this do not go to the span samples (a thread waiting for the

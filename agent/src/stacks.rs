@@ -16,7 +16,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use agent_common::{
     python::{PyProc, PyStack},
-    stacks::{Blocked, CaptureConfig, MODE_CPU, MODE_OFFCPU, StackKey},
+    stacks::{Blocked, CaptureConfig, KernelStack, MODE_CPU, MODE_OFFCPU, StackKey},
 };
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, StackTraceMap},
@@ -84,6 +84,8 @@ pub struct SpanSampler {
     /// Python processes whose frames the sampler walks, and the walked stacks.
     pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
     pub py_stacks: aya::maps::HashMap<MapData, u64, PyStack>,
+    /// Kernel stacks of off-CPU episodes (`SpanSample::kernel_frames`).
+    pub kstacks: aya::maps::HashMap<MapData, u64, KernelStack>,
     /// The processes whose off-CPU stacks are taken (`spans::flamegraphs::Senders`).
     pub senders: Option<crate::spans::flamegraphs::Senders>,
 }
@@ -133,6 +135,7 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
         py_stacks: kernel
             .take_map("SPAN_PY_STACKS")
             .map_err(|e| e.to_string())?,
+        kstacks: kernel.take_map("SPAN_KSTACKS").map_err(|e| e.to_string())?,
         senders: Some(crate::spans::flamegraphs::Senders::new(
             kernel.take_map("SPAN_SENDERS").map_err(|e| e.to_string())?,
         )),
@@ -201,6 +204,8 @@ pub struct CaptureMaps {
     samples: BpfHashMap<MapData, StackKey, u64>,
     stacks: StackTraceMap<MapData>,
     blocked: BpfHashMap<MapData, u32, Blocked>,
+    /// Kernel stacks of off-CPU episodes (`StackKey::kernel_frames`).
+    kstacks: BpfHashMap<MapData, u64, KernelStack>,
     py_procs: BpfHashMap<MapData, u32, PyProc>,
     py_stacks: BpfHashMap<MapData, u64, PyStack>,
 }
@@ -212,6 +217,7 @@ impl CaptureMaps {
             samples: kernel.take_map("STACK_WEIGHTS")?,
             stacks: kernel.take_map("STACKS")?,
             blocked: kernel.take_map("BLOCKED")?,
+            kstacks: kernel.take_map("KSTACKS")?,
             py_procs: kernel.take_map("PY_PROCS")?,
             py_stacks: kernel.take_map("PY_STACKS")?,
         })
@@ -231,6 +237,8 @@ pub struct Profiler {
     /// Said about the running capture before it ends (Python processes it cannot unwind).
     notes: Vec<String>,
     python_unsupported: prometheus_client::metrics::counter::Counter,
+    /// `CaptureConfig::generation` of the latest capture.
+    generation: u32,
 }
 
 impl Profiler {
@@ -252,6 +260,7 @@ impl Profiler {
             pythons: HashMap::new(),
             notes: Vec::new(),
             python_unsupported,
+            generation: 0,
         }
     }
 
@@ -319,7 +328,7 @@ impl Profiler {
                     active: 1,
                     pid: 0,
                     mode: MODE_CPU,
-                    _pad: 0,
+                    generation: 0,
                     min_ns: 0,
                     targets,
                 })
@@ -332,7 +341,7 @@ impl Profiler {
                     active: 1,
                     pid: *pid,
                     mode: MODE_CPU,
-                    _pad: 0,
+                    generation: 0,
                     min_ns: 0,
                     targets: 0,
                 })
@@ -358,8 +367,10 @@ impl Profiler {
 
     /// Attaches what `cfg.mode` needs (cpu: the sampler on every online CPU at `hz`) and
     /// starts selecting `cfg`.
-    pub fn start(&mut self, cfg: CaptureConfig, hz: u64) -> Result<Links, CaptureError> {
+    pub fn start(&mut self, mut cfg: CaptureConfig, hz: u64) -> Result<Links, CaptureError> {
         self.reset()?;
+        self.generation = self.generation.wrapping_add(1).max(1);
+        cfg.generation = self.generation;
         self.snapshots.clear();
         self.pythons.clear();
         self.notes.clear();
@@ -447,6 +458,10 @@ impl Profiler {
         for tid in tids {
             let _ = m.blocked.remove(&tid);
         }
+        let keys: Vec<u64> = m.kstacks.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = m.kstacks.remove(&k);
+        }
         let pids: Vec<u32> = m.py_procs.keys().filter_map(Result::ok).collect();
         for pid in pids {
             let _ = m.py_procs.remove(&pid);
@@ -471,6 +486,15 @@ impl Profiler {
                 .map(|t| t.frames().iter().map(|f| f.ip).rev().collect())
                 .unwrap_or_default()
         };
+        let kernel = |k: &StackKey| -> Vec<u64> {
+            if k.kernel_frames == 0 {
+                return stack(k.kernel_stack);
+            }
+            m.kstacks
+                .get(&k.kernel_frames, 0)
+                .map(|s| kernel_frames(&s))
+                .unwrap_or_default()
+        };
         let python = |key: u64, tgid: u32| -> Vec<u64> {
             let Some(interp) = self.pythons.get(&tgid).filter(|_| key != 0) else {
                 return Vec::new();
@@ -492,7 +516,7 @@ impl Profiler {
             .map(|(k, c)| Raw {
                 tgid: k.tgid,
                 user: stack(k.user_stack),
-                kernel: stack(k.kernel_stack),
+                kernel: kernel(k),
                 python: python(k.python_stack, k.tgid),
                 syscall: k.syscall,
                 off_cpu: false,
@@ -506,6 +530,12 @@ impl Profiler {
         capture.notes.splice(0..0, self.notes.drain(..));
         Ok(capture)
     }
+}
+
+/// A kernel stack taken at the end of an off-CPU episode, root first.
+pub fn kernel_frames(s: &KernelStack) -> Vec<u64> {
+    let n = (s.len as usize).min(s.ips.len());
+    s.ips[..n].iter().rev().copied().collect()
 }
 
 /// One counted stack as the kernel gave it; frames root first.

@@ -137,12 +137,14 @@ pub async fn collect(
         mut stacks,
         mut py_procs,
         mut py_stacks,
+        mut kstacks,
         senders: _,
     } = sampler;
     let mut finder = Finder::default();
     let mut seen = HashSet::new();
     let mut python_scan = tokio::time::interval(Duration::from_secs(1));
     let mut python_frames: HashMap<u64, Arc<Vec<u64>>> = HashMap::new();
+    let mut blocked_frames: HashMap<u64, Arc<Vec<u64>>> = HashMap::new();
     // The kernel writes samples without waking us (BPF_RB_NO_WAKEUP): a wakeup per sample cost
     // the agent a context switch each (39 % of a core under process churn, `cargo xtask
     // soak`); the ring is drained on a timer instead. Spans arrive later than that anyway.
@@ -204,6 +206,19 @@ pub async fn collect(
                 })
                 .clone()
         };
+        let mut blocked_in = |key: u64| -> Arc<Vec<u64>> {
+            blocked_frames
+                .entry(key)
+                .or_insert_with(|| {
+                    Arc::new(
+                        kstacks
+                            .get(&key, 0)
+                            .map(|s| crate::stacks::kernel_frames(&s))
+                            .unwrap_or_default(),
+                    )
+                })
+                .clone()
+        };
         let converted: Vec<Sample> = batch
             .iter()
             .map(|s| Sample {
@@ -212,7 +227,11 @@ pub async fn collect(
                 tgid: s.tgid,
                 tid: s.tid,
                 user: stack(s.user_stack),
-                kernel: stack(s.kernel_stack),
+                kernel: if s.kernel_frames != 0 {
+                    blocked_in(s.kernel_frames)
+                } else {
+                    stack(s.kernel_stack)
+                },
                 python: python(s.py_stack),
             })
             .collect();
@@ -223,6 +242,13 @@ pub async fn collect(
                 let _ = py_stacks.remove(&k);
             }
             python_frames.clear();
+        }
+        if blocked_frames.len() as u32 > SPAN_STACKS_MAX * 3 / 4 {
+            let keys: Vec<u64> = kstacks.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                let _ = kstacks.remove(&k);
+            }
+            blocked_frames.clear();
         }
         // The stack map only fills: clear it before it refuses new stacks. Samples already
         // read keep their frames; the few in flight lose theirs.
