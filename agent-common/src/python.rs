@@ -9,6 +9,9 @@
 pub const PY_PROCS_MAX: u32 = 1024;
 /// Distinct Python stacks per capture.
 pub const PY_STACKS_MAX: u32 = 8192;
+/// Of those, how many may differ by line: the rest is kept for stacks stored by their
+/// functions alone once this many are in (a hot loop's lines multiply its stacks).
+pub const PY_LINE_STACKS_MAX: u64 = PY_STACKS_MAX as u64 * 3 / 4;
 /// Frames walked per sample, innermost first; deeper stacks are cut at the root side.
 pub const PY_FRAMES_MAX: usize = 96;
 /// Threads of one interpreter searched for the sampled thread.
@@ -46,7 +49,10 @@ pub struct PyOffsets {
     pub frame_owner: u32,
     /// `owner` value of the C-stack shim frames that hold no Python code (3.12+).
     pub owner_cstack: u32,
-    pub _pad: u32,
+    /// Where the frame's position in its bytecode is: `f_lasti` (3.10, an index), or the
+    /// `prev_instr` (3.11, 3.12) or `instr_ptr` (3.13) pointer. The low 32 bits of the word
+    /// there are kept; user space turns them into a line.
+    pub frame_instr: u32,
 }
 
 /// What the kernel side needs to walk one process's Python stacks.
@@ -58,12 +64,19 @@ pub struct PyProc {
     pub offsets: PyOffsets,
 }
 
+/// [`PyStack::flags`]: `instrs` hold each frame's position (else they are not part of the
+/// stack: the map was full of stacks that differ by line only, and this one was stored by its
+/// functions alone).
+pub const PY_STACK_LINES: u32 = 1;
+
 /// One walked stack, innermost frame first. Each entry is the frame's code-object address in
 /// the low [`CODE_BITS`] bits and its `owner` byte above them (meaningful from 3.12 on).
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct PyStack {
     pub len: u32,
-    pub _pad: u32,
+    pub flags: u32,
     pub frames: [u64; PY_FRAMES_MAX],
+    /// Low 32 bits of each frame's `PyOffsets::frame_instr` word.
+    pub instrs: [u32; PY_FRAMES_MAX],
 }

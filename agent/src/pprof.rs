@@ -87,6 +87,8 @@ struct Builder {
     profile: Profile,
     strings: HashMap<String, i64>,
     locations: HashMap<String, u64>,
+    /// Function ids by (name, file): the lines of one Python function are one function.
+    functions: HashMap<(i64, i64), u64>,
 }
 
 impl Builder {
@@ -100,31 +102,33 @@ impl Builder {
         i
     }
 
-    /// One function and one location per distinct frame name.
+    /// One location per distinct frame name; one function per function name and file.
     fn location(&mut self, frame: &str) -> u64 {
         if let Some(id) = self.locations.get(frame) {
             return *id;
         }
         let id = self.profile.location.len() as u64 + 1;
         // Python frames carry their source: pprof shows the function name alone, with the file
-        // and line where tools expect them.
+        // and line where tools expect them (`-lines` splits a function by line). The line is
+        // the frame's current one, so the function's first line is left unknown (0).
         let (name, filename, line) = match source_of(frame) {
             Some((function, file, line)) => (self.string(function), self.string(file), line),
             None => (self.string(frame), 0, 0),
         };
-        self.profile.function.push(Function {
-            id,
-            name,
-            system_name: name,
-            filename,
-            start_line: line,
-        });
+        let next = self.profile.function.len() as u64 + 1;
+        let function_id = *self.functions.entry((name, filename)).or_insert(next);
+        if function_id == next {
+            self.profile.function.push(Function {
+                id: function_id,
+                name,
+                system_name: name,
+                filename,
+                start_line: 0,
+            });
+        }
         self.profile.location.push(Location {
             id,
-            line: vec![Line {
-                function_id: id,
-                line,
-            }],
+            line: vec![Line { function_id, line }],
         });
         self.locations.insert(frame.to_owned(), id);
         id
@@ -228,7 +232,10 @@ mod tests {
         assert_eq!(p.period, 10_000_000);
         assert_eq!(p.duration_nanos, 2_000_000_000);
         // Leaf first: hot_a, then main, then the pid and process roots.
-        let name = |loc: u64| p.string_table[p.function[(loc - 1) as usize].name as usize].clone();
+        let name = |loc: u64| {
+            let f = p.location[(loc - 1) as usize].line[0].function_id;
+            p.string_table[p.function[(f - 1) as usize].name as usize].clone()
+        };
         let first = &p.sample[0];
         assert_eq!(name(first.location_id[0]), "hot_a");
         assert_eq!(name(*first.location_id.last().unwrap()), "app");
@@ -246,7 +253,7 @@ mod tests {
         assert_eq!(source_of("std::vector<int>::push_back(int const&)"), None);
         assert_eq!(source_of("[unknown] libz.so+0x10"), None);
         let gz = from_folded(
-            "python3;7;main (app.py:3);hot_a (app.py:10) 5\n",
+            "python3;7;main (app.py:3);hot_a (app.py:10) 5\npython3;7;main (app.py:3);hot_a (app.py:11) 2\n",
             Weights::CpuSamples { hz: 99 },
             Duration::from_secs(1),
         )
@@ -256,9 +263,20 @@ mod tests {
             .read_to_end(&mut raw)
             .unwrap();
         let p = Profile::decode(&raw[..]).unwrap();
-        let leaf = &p.function[(p.sample[0].location_id[0] - 1) as usize];
-        assert_eq!(p.string_table[leaf.name as usize], "hot_a");
-        assert_eq!(p.string_table[leaf.filename as usize], "app.py");
-        assert_eq!(leaf.start_line, 10);
+        let leaf = |sample: usize| {
+            let loc = &p.location[(p.sample[sample].location_id[0] - 1) as usize];
+            (
+                &p.function[(loc.line[0].function_id - 1) as usize],
+                loc.line[0].line,
+            )
+        };
+        let (f, line) = leaf(0);
+        assert_eq!(p.string_table[f.name as usize], "hot_a");
+        assert_eq!(p.string_table[f.filename as usize], "app.py");
+        assert_eq!(line, 10);
+        // Two lines of one function: two locations, one function.
+        let (g, line) = leaf(1);
+        assert_eq!((g.id, line), (f.id, 11));
+        assert_eq!(p.function.len(), 4);
     }
 }

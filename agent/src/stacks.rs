@@ -84,6 +84,8 @@ pub struct SpanSampler {
     /// Python processes whose frames the sampler walks, and the walked stacks.
     pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
     pub py_stacks: aya::maps::HashMap<MapData, u64, PyStack>,
+    /// How many of `py_stacks` have lines: zeroed with it.
+    pub py_line_stacks: Array<MapData, u64>,
     /// Kernel stacks of off-CPU episodes (`SpanSample::kernel_frames`).
     pub kstacks: aya::maps::HashMap<MapData, u64, KernelStack>,
     /// The processes whose off-CPU stacks are taken (`spans::flamegraphs::Senders`).
@@ -134,6 +136,9 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
             .map_err(|e| e.to_string())?,
         py_stacks: kernel
             .take_map("SPAN_PY_STACKS")
+            .map_err(|e| e.to_string())?,
+        py_line_stacks: kernel
+            .take_map("SPAN_PY_LINE_STACKS")
             .map_err(|e| e.to_string())?,
         kstacks: kernel.take_map("SPAN_KSTACKS").map_err(|e| e.to_string())?,
         senders: Some(crate::spans::flamegraphs::Senders::new(
@@ -208,6 +213,7 @@ pub struct CaptureMaps {
     kstacks: BpfHashMap<MapData, u64, KernelStack>,
     py_procs: BpfHashMap<MapData, u32, PyProc>,
     py_stacks: BpfHashMap<MapData, u64, PyStack>,
+    py_line_stacks: Array<MapData, u64>,
 }
 
 impl CaptureMaps {
@@ -220,6 +226,7 @@ impl CaptureMaps {
             kstacks: kernel.take_map("KSTACKS")?,
             py_procs: kernel.take_map("PY_PROCS")?,
             py_stacks: kernel.take_map("PY_STACKS")?,
+            py_line_stacks: kernel.take_map("PY_LINE_STACKS")?,
         })
     }
 }
@@ -470,6 +477,7 @@ impl Profiler {
         for k in keys {
             let _ = m.py_stacks.remove(&k);
         }
+        m.py_line_stacks.set(0, 0, 0)?;
         Ok(())
     }
 
@@ -495,19 +503,19 @@ impl Profiler {
                 .map(|s| kernel_frames(&s))
                 .unwrap_or_default()
         };
-        let python = |key: u64, tgid: u32| -> Vec<u64> {
+        // Samples whose Python stack was stored by its functions alone (PY_STACKS was full).
+        let without_lines = std::cell::Cell::new(0u64);
+        let python = |key: u64, tgid: u32, weight: u64| -> Vec<(u64, Option<u32>)> {
             let Some(interp) = self.pythons.get(&tgid).filter(|_| key != 0) else {
                 return Vec::new();
             };
             m.py_stacks
                 .get(&key, 0)
                 .map(|s| {
-                    let n = (s.len as usize).min(s.frames.len());
-                    s.frames[..n]
-                        .iter()
-                        .rev()
-                        .filter_map(|e| interp.frame_code(*e))
-                        .collect()
+                    if s.flags & agent_common::python::PY_STACK_LINES == 0 {
+                        without_lines.set(without_lines.get() + weight);
+                    }
+                    interp.code_frames(&crate::python::frames_of(&s))
                 })
                 .unwrap_or_default()
         };
@@ -517,7 +525,7 @@ impl Profiler {
                 tgid: k.tgid,
                 user: stack(k.user_stack),
                 kernel: kernel(k),
-                python: python(k.python_stack, k.tgid),
+                python: python(k.python_stack, k.tgid, *c),
                 syscall: k.syscall,
                 off_cpu: false,
                 weight: *c,
@@ -528,6 +536,16 @@ impl Profiler {
         let pythons = std::mem::take(&mut self.pythons);
         let mut capture = fold(raw, &snapshots, &pythons);
         capture.notes.splice(0..0, self.notes.drain(..));
+        if without_lines.get() > 0 {
+            capture.notes.push(format!(
+                "{} of {} weight in Python stacks without line numbers: the capture met more \
+                 distinct Python stacks with lines than the kernel keeps ({}), so later ones were \
+                 kept by function (at the function's first line); a shorter capture keeps them",
+                without_lines.get(),
+                capture.samples,
+                agent_common::python::PY_LINE_STACKS_MAX
+            ));
+        }
         Ok(capture)
     }
 }
@@ -543,8 +561,8 @@ struct Raw {
     tgid: u32,
     user: Vec<u64>,
     kernel: Vec<u64>,
-    /// Code-object addresses of the Python frames.
-    python: Vec<u64>,
+    /// Code-object addresses of the Python frames, with their bytecode positions.
+    python: Vec<(u64, Option<u32>)>,
     /// Syscall number + 1 in syscall mode, else 0.
     syscall: u32,
     /// Time blocked (span flamegraphs): an `[off-CPU]` frame between user and kernel frames.
@@ -558,8 +576,8 @@ pub struct SpanStack {
     pub tgid: u32,
     pub user: Vec<u64>,
     pub kernel: Vec<u64>,
-    /// Walked Python frame entries (see `Interpreter::frame_code`), root first.
-    pub python: Vec<u64>,
+    /// Walked Python frames, root first.
+    pub python: Vec<crate::python::PyFrame>,
     /// Blocked there, rather than running.
     pub off_cpu: bool,
     /// Microseconds.
@@ -583,7 +601,7 @@ pub fn fold_samples(samples: Vec<SpanStack>, pythons: &HashMap<u32, Interpreter>
         .map(|s| Raw {
             python: pythons
                 .get(&s.tgid)
-                .map(|i| s.python.iter().filter_map(|e| i.frame_code(*e)).collect())
+                .map(|i| i.code_frames(&s.python))
                 .unwrap_or_default(),
             tgid: s.tgid,
             user: s.user,
@@ -701,7 +719,11 @@ fn fold_with(
             let reader = code_readers
                 .entry(tgid)
                 .or_insert_with(|| CodeReader::new(tgid, interp.minor));
-            frames.extend(r.python.iter().map(|c| sanitize(&reader.name(*c))));
+            frames.extend(
+                r.python
+                    .iter()
+                    .map(|(code, instr)| sanitize(&reader.name(*code, *instr))),
+            );
             native = &native[native_start(native, interp)..];
         }
         frames.extend(native.iter().map(|ip| sanitize(&names[&(tgid, *ip)])));

@@ -4,6 +4,8 @@
     work.py threads  two threads, each spinning in its own function
     work.py zlib     compress_big compresses a large buffer with zlib, over and over
     work.py sleep    nap sleeps 200 ms per call, twitch 1 ms
+    work.py many     2,000 generated functions with long loops, called in turn: more distinct
+                     (function, line) stacks than one capture keeps
     work.py bench SECS DELAY_MS
                      the hot loop for SECS after DELAY_MS, then prints OPS_PER_SEC (rounds/s)
                      and exits (cargo xtask bench)
@@ -77,6 +79,19 @@ def main():
         print("READY", flush=True)
         while True:
             compress_big(data)
+    elif mode == "many":
+        body = "".join(f"        x = (x + j * {k}) % 7919\n" for k in range(1, 11))
+        src = "".join(
+            f"def f{i}(n):\n    x = 0\n    for j in range(n):\n{body}    return x\n"
+            for i in range(2000)
+        )
+        ns = {}
+        exec(compile(src, "many.py", "exec"), ns)
+        fns = [ns[f"f{i}"] for i in range(2000)]
+        print("READY", flush=True)
+        while True:
+            for f in fns:
+                f(20)
     elif mode == "bench":
         secs, delay = float(sys.argv[2]), float(sys.argv[3]) / 1000
         time.sleep(delay)

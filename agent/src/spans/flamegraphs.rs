@@ -17,7 +17,7 @@ use std::{
 use agent_common::stacks::{SPAN_STACKS_MAX, SpanSample};
 
 use crate::{
-    python::{Finder, Interpreter},
+    python::{Finder, Interpreter, PyFrame},
     stacks::SpanStack,
     tracker::SharedTracked,
 };
@@ -38,7 +38,7 @@ struct Sample {
     tid: u32,
     user: Arc<Vec<u64>>,
     kernel: Arc<Vec<u64>>,
-    python: Arc<Vec<u64>>,
+    python: Arc<Vec<PyFrame>>,
 }
 
 #[derive(Default)]
@@ -137,13 +137,14 @@ pub async fn collect(
         mut stacks,
         mut py_procs,
         mut py_stacks,
+        mut py_line_stacks,
         mut kstacks,
         senders: _,
     } = sampler;
     let mut finder = Finder::default();
     let mut seen = HashSet::new();
     let mut python_scan = tokio::time::interval(Duration::from_secs(1));
-    let mut python_frames: HashMap<u64, Arc<Vec<u64>>> = HashMap::new();
+    let mut python_frames: HashMap<u64, Arc<Vec<PyFrame>>> = HashMap::new();
     let mut blocked_frames: HashMap<u64, Arc<Vec<u64>>> = HashMap::new();
     // The kernel writes samples without waking us (BPF_RB_NO_WAKEUP): a wakeup per sample cost
     // the agent a context switch each (39 % of a core under process churn, `cargo xtask
@@ -153,6 +154,7 @@ pub async fn collect(
     // Frames per stack id, until the stack map is cleared.
     let mut frames: HashMap<i32, Arc<Vec<u64>>> = HashMap::new();
     let empty = Arc::new(Vec::new());
+    let no_python = Arc::new(Vec::new());
     loop {
         tokio::select! {
             _ = drain.tick() => {}
@@ -187,9 +189,9 @@ pub async fn collect(
                 })
                 .clone()
         };
-        let mut python = |key: u64| -> Arc<Vec<u64>> {
+        let mut python = |key: u64| -> Arc<Vec<PyFrame>> {
             if key == 0 {
-                return empty.clone();
+                return no_python.clone();
             }
             python_frames
                 .entry(key)
@@ -197,10 +199,7 @@ pub async fn collect(
                     Arc::new(
                         py_stacks
                             .get(&key, 0)
-                            .map(|s| {
-                                let n = (s.len as usize).min(s.frames.len());
-                                s.frames[..n].iter().rev().copied().collect()
-                            })
+                            .map(|s| crate::python::frames_of(&s))
                             .unwrap_or_default(),
                     )
                 })
@@ -241,6 +240,7 @@ pub async fn collect(
             for k in keys {
                 let _ = py_stacks.remove(&k);
             }
+            let _ = py_line_stacks.set(0, 0, 0);
             python_frames.clear();
         }
         if blocked_frames.len() as u32 > SPAN_STACKS_MAX * 3 / 4 {

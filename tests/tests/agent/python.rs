@@ -152,6 +152,149 @@ fn python_names_and_weights_agree_with_the_workload_and_py_spy_in_every_cpython(
             "{}: pipeprobe {r_ours} vs py-spy {r_spy}",
             python.display()
         );
+        // Lines: hot_a only ever runs its one line, the call into spin; spin's samples fall on
+        // its loop's two lines, split as py-spy splits them.
+        let call = source_line("return spin(30000 * k)");
+        let (for_line, add_line) = (source_line("for i in range(n):"), source_line("x += i * i"));
+        let hot_a_lines = lines_of(&ours, "hot_a");
+        assert!(
+            !hot_a_lines.is_empty() && hot_a_lines.keys().all(|l| *l == call),
+            "{}: hot_a at lines {hot_a_lines:?}, not only {call}:\n{ours}",
+            python.display()
+        );
+        let share = |f: &str| {
+            let spin = lines_of(f, "spin");
+            let all: u64 = spin.values().sum();
+            let in_loop = spin.get(&for_line).unwrap_or(&0) + spin.get(&add_line).unwrap_or(&0);
+            let add = *spin.get(&add_line).unwrap_or(&0);
+            (
+                in_loop as f64 / all.max(1) as f64,
+                add as f64 / all.max(1) as f64,
+            )
+        };
+        let ((loop_ours, add_ours), (_, add_spy)) = (share(&ours), share(&theirs));
+        eprintln!(
+            "{}: spin's samples on `x += i * i`: pipeprobe {add_ours:.2}, py-spy {add_spy:.2}",
+            python.display()
+        );
+        assert!(
+            loop_ours >= 0.95,
+            "{}: {loop_ours} of spin's samples on its loop lines {for_line}, {add_line}:\n{ours}",
+            python.display()
+        );
+        assert!(
+            (add_ours - add_spy).abs() <= 0.1,
+            "{}: spin's share on line {add_line}: pipeprobe {add_ours}, py-spy {add_spy}",
+            python.display()
+        );
+    }
+}
+
+/// The line of work.py holding `text`.
+fn source_line(text: &str) -> i64 {
+    let src = std::fs::read_to_string(work_py()).unwrap();
+    src.lines()
+        .position(|l| l.trim() == text)
+        .map(|i| i as i64 + 1)
+        .unwrap_or_else(|| panic!("`{text}` is not in work.py"))
+}
+
+/// Weight per line of the frames of `function` (`function (file:line)`).
+fn lines_of(folded: &str, function: &str) -> std::collections::BTreeMap<i64, u64> {
+    let prefix = format!("{function} (");
+    let mut out = std::collections::BTreeMap::new();
+    for (stack, n) in folded.lines().filter_map(|l| l.rsplit_once(' ')) {
+        let Ok(n) = n.trim().parse::<u64>() else {
+            continue;
+        };
+        // The innermost frame of the function in the stack: a recursive one counts once.
+        if let Some(line) = stack
+            .split(';')
+            .rev()
+            .find(|f| f.starts_with(&prefix))
+            .and_then(|f| f.strip_suffix(')')?.rsplit_once(':')?.1.parse().ok())
+        {
+            *out.entry(line).or_default() += n;
+        }
+    }
+    out
+}
+
+/// pipeprobe's line-table decoders and code-object layout, against each interpreter's own
+/// `co_lines()` for ~300 standard-library functions and against its live objects (ctypes).
+#[test]
+fn line_tables_and_layouts_agree_with_every_cpython() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/lines.py");
+    for (minor, python) in interpreters() {
+        let out = Command::new(&python).arg(&script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let codes = v["codes"].as_array().unwrap();
+        assert!(
+            codes.len() > 200,
+            "{}: {} code objects",
+            python.display(),
+            codes.len()
+        );
+        for c in codes {
+            let hex = c["table"].as_str().unwrap();
+            let table: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let first = c["first"].as_i64().unwrap() as i32;
+            let want: Vec<(u32, u32, Option<i32>)> = c["lines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r[0].as_u64().unwrap() as u32,
+                        r[1].as_u64().unwrap() as u32,
+                        r[2].as_i64().map(|l| l as i32),
+                    )
+                })
+                .collect();
+            // Interpreters differ in whether co_lines() merges neighbouring ranges of one
+            // line: compare the line of every instruction.
+            let ours = pipeprobe::python::lines::ranges(minor, &table, first);
+            let end = want.iter().map(|r| r.1).max().unwrap_or(0);
+            for addr in (0..end + 4).step_by(2) {
+                assert_eq!(
+                    pipeprobe::python::lines::line_in(&ours, addr),
+                    pipeprobe::python::lines::line_in(&want, addr),
+                    "{}: byte {addr} of table {hex} from line {first}: ours {ours:?}, co_lines {want:?}",
+                    python.display()
+                );
+            }
+        }
+        let measured = |key: &str| -> Vec<u64> {
+            v["layout"][key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(serde_json::Value::as_u64)
+                .collect()
+        };
+        let layout = pipeprobe::python::code_layout(minor);
+        let offsets = pipeprobe::python::offsets(minor).unwrap();
+        for (key, ours) in [
+            ("linetable", layout.linetable),
+            ("code_adaptive", layout.code_adaptive),
+            ("frame_instr", u64::from(offsets.frame_instr)),
+        ] {
+            assert!(
+                measured(key).contains(&ours),
+                "{}: {key} at {ours}, measured {:?}",
+                python.display(),
+                measured(key)
+            );
+        }
     }
 }
 
@@ -230,6 +373,60 @@ fn native_frames_of_a_c_extension_sit_under_the_python_caller() {
     assert!(in_libz as f64 > 0.5 * compress as f64, "{folded}");
 }
 
+/// Lines multiply the distinct Python stacks of a capture; past what the kernel keeps, a
+/// stack is kept by its functions alone. Nothing is lost, and the capture says so.
+#[test]
+fn more_python_stacks_than_the_kernel_keeps_lose_their_lines_not_their_samples() {
+    let (_, python) = interpreters().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&python, &[], "many");
+    let agent = Agent::start(&["--target", &format!("py=pid:{}", p.pid())]);
+    let out = dir.path().join("many.folded");
+    let pid = p.pid().to_string();
+    let o = agent.flamegraph(&[
+        "--pid",
+        &pid,
+        "--duration",
+        "10s",
+        "--hz",
+        "1000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let folded = std::fs::read_to_string(&out).unwrap();
+    let (all, in_python) = (total(&folded), weight(&folded, "main"));
+    let generated: u64 = folded
+        .lines()
+        .filter(|l| l.contains("(many.py:"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    eprintln!(
+        "{all} samples, {in_python} with Python frames, {generated} in generated functions; {}",
+        stderr.trim()
+    );
+    assert!(
+        stderr.contains("without line numbers"),
+        "no note on the stacks kept by function: {stderr}"
+    );
+    assert!(all > 5000, "{all} samples in 10 s at 1000 Hz");
+    assert!(
+        in_python as f64 >= 0.97 * all as f64 && generated as f64 >= 0.9 * all as f64,
+        "samples lost their Python frames: {in_python} / {generated} of {all}"
+    );
+    let lost = agent
+        .scrape()
+        .iter()
+        .filter(|s| {
+            s.name == "pipeprobe_events_lost_total"
+                && s.labels.get("reason").map(String::as_str) == Some("python_stack_missing")
+        })
+        .map(|s| s.value)
+        .sum::<f64>();
+    assert!(lost < 0.01 * all as f64, "{lost} Python stacks lost");
+}
+
 #[test]
 fn offcpu_python_sleeps_are_weighted_by_their_time() {
     let (_, python) = interpreters().pop().unwrap();
@@ -286,15 +483,33 @@ fn pprof_output_names_python_functions_for_go_tool_pprof() {
         .expect("go (golang-go) is needed: run `cargo xtask setup`");
     let report = String::from_utf8_lossy(&top.stdout);
     eprintln!("{report}");
-    // Function names alone: the file and line are in the Function and Line records.
+    // Function names alone, each once (its lines are one function): the file and line are in
+    // the Function and Line records.
     for f in ["hot_a", "hot_b", "spin", "main"] {
-        assert!(
+        assert_eq!(
             report
                 .lines()
-                .any(|l| l.trim_end().ends_with(&format!(" {f}"))),
-            "{f} missing from go tool pprof -top:\n{report}"
+                .filter(|l| l.trim_end().ends_with(&format!(" {f}")))
+                .count(),
+            1,
+            "{f} not once in go tool pprof -top:\n{report}"
         );
     }
+    // `-lines` splits them by line: spin's loop body is there, at its line in work.py.
+    let by_line = Command::new("go")
+        .args(["tool", "pprof", "-top", "-lines", "-nodecount=30"])
+        .arg(&pb)
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let by_line = String::from_utf8_lossy(&by_line.stdout);
+    let add = format!("work.py:{}", source_line("x += i * i"));
+    assert!(
+        by_line
+            .lines()
+            .any(|l| l.contains(" spin ") && l.trim_end().ends_with(&add)),
+        "no `spin ... {add}` in go tool pprof -top -lines:\n{by_line}"
+    );
     // ... and `-list` finds their source lines by file and line.
     let list = Command::new("go")
         .args(["tool", "pprof", "-traces"])

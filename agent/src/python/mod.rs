@@ -6,19 +6,47 @@
 //! ELF symbols (blazesym, through /proc/PID/map_files so container files and deleted files
 //! work). The struct offsets of that version go to the kernel side with the address. After the
 //! capture the walked code-object addresses are named by reading the code objects from the
-//! live process (`co_qualname`, `co_filename`, `co_firstlineno`), once per address.
+//! live process (`co_qualname`, `co_filename`, `co_firstlineno`, and `co_linetable` to turn
+//! each frame's bytecode position into its line, see [`lines`]), once per address.
 //!
 //! The offsets are those of CPython's release builds (the same for every patch release of a
-//! minor version, on x86_64 and aarch64); `tests/agent/flamegraph.rs` checks each against a real
-//! interpreter. Debug and free-threaded builds lay their structs out differently: their
+//! minor version, on x86_64 and aarch64); `tests/agent/python.rs` checks the code-object and
+//! frame-position offsets against live objects of every installed interpreter, and the rest
+//! through the frames the walk finds. Debug and free-threaded builds lay their structs out differently: their
 //! `_PyRuntime` is found but the walk yields nothing and their frames stay native.
 use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
 
-use agent_common::python::{ABSENT, CODE_BITS, PyOffsets, PyProc};
+use agent_common::python::{ABSENT, CODE_BITS, PY_STACK_LINES, PyOffsets, PyProc, PyStack};
 use blazesym::inspect::{Inspector, source::Elf, source::Source};
 use thiserror::Error;
 
 use crate::procmaps::{MapLine, read as read_maps};
+
+pub mod lines;
+
+/// One walked Python frame: its entry (code object and `owner`, see
+/// [`Interpreter::frame_code`]) and the raw bytecode position the kernel side read, when the
+/// stack kept positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    pub entry: u64,
+    pub instr: Option<u32>,
+}
+
+/// The frames of a walked stack, root first.
+pub fn frames_of(s: &PyStack) -> Vec<PyFrame> {
+    let n = (s.len as usize).min(s.frames.len());
+    let lines = s.flags & PY_STACK_LINES != 0;
+    s.frames[..n]
+        .iter()
+        .zip(&s.instrs)
+        .rev()
+        .map(|(entry, instr)| PyFrame {
+            entry: *entry,
+            instr: lines.then_some(*instr),
+        })
+        .collect()
+}
 
 /// Minor versions of CPython 3 whose stacks are walked.
 pub const SUPPORTED: std::ops::RangeInclusive<u32> = 10..=13;
@@ -61,6 +89,14 @@ impl Interpreter {
         (code != 0 && (o.owner_cstack == ABSENT || owner != o.owner_cstack)).then_some(code)
     }
 
+    /// The frames of `walked` that run Python code, as (code object, bytecode position).
+    pub fn code_frames(&self, walked: &[PyFrame]) -> Vec<(u64, Option<u32>)> {
+        walked
+            .iter()
+            .filter_map(|f| Some((self.frame_code(f.entry)?, f.instr)))
+            .collect()
+    }
+
     pub fn contains(&self, ip: u64) -> bool {
         self.ranges.iter().any(|(lo, hi)| (*lo..*hi).contains(&ip))
     }
@@ -76,7 +112,8 @@ pub fn offsets(minor: u32) -> Option<PyOffsets> {
              cframe_current,
              frame_previous,
              frame_code,
-             frame_owner| PyOffsets {
+             frame_owner,
+             frame_instr| PyOffsets {
         runtime_interp_head,
         interp_threads_head,
         tstate_next: 8,
@@ -89,39 +126,47 @@ pub fn offsets(minor: u32) -> Option<PyOffsets> {
         frame_owner,
         // FRAME_OWNED_BY_CSTACK
         owner_cstack: if frame_owner == ABSENT { ABSENT } else { 3 },
-        _pad: 0,
+        frame_instr,
     };
     Some(match minor {
-        // PyFrameObject chain; threads known by pthread_t only.
-        10 => o(32, 8, 176, 1, 24, ABSENT, 24, 32, ABSENT),
-        // _PyInterpreterFrame through tstate->cframe; no C-stack shim frames yet.
-        11 => o(40, 16, 160, 0, 56, 8, 48, 32, ABSENT),
-        12 => o(40, 72, 144, 0, 56, 0, 8, 0, 70),
-        // cframe gone: tstate->current_frame; f_executable.
-        13 => o(632, 7344, 160, 0, 72, ABSENT, 8, 0, 70),
+        // PyFrameObject chain; threads known by pthread_t only; f_lasti.
+        10 => o(32, 8, 176, 1, 24, ABSENT, 24, 32, ABSENT, 96),
+        // _PyInterpreterFrame through tstate->cframe; no C-stack shim frames yet; prev_instr.
+        11 => o(40, 16, 160, 0, 56, 8, 48, 32, ABSENT, 56),
+        12 => o(40, 72, 144, 0, 56, 0, 8, 0, 70, 56),
+        // cframe gone: tstate->current_frame; f_executable; instr_ptr.
+        13 => o(632, 7344, 160, 0, 72, ABSENT, 8, 0, 70, 56),
         _ => return None,
     })
 }
 
 /// Code object layout per version, for naming frames.
-struct CodeLayout {
-    name: u64,
+#[derive(Debug, Clone, Copy)]
+pub struct CodeLayout {
+    pub name: u64,
     /// `co_qualname` (3.11+: `Class.method`), else `co_name`.
-    qualname: u64,
-    filename: u64,
-    firstlineno: u64,
+    pub qualname: u64,
+    pub filename: u64,
+    pub firstlineno: u64,
+    /// `co_linetable`, a bytes object.
+    pub linetable: u64,
+    /// `co_code_adaptive`, the bytecode inside the code object (3.11+), which frames point
+    /// into; 0 for 3.10, whose frames hold an index.
+    pub code_adaptive: u64,
     /// sizeof(PyASCIIObject) and sizeof(PyCompactUnicodeObject): where string data starts.
-    ascii_data: u64,
-    compact_data: u64,
+    pub ascii_data: u64,
+    pub compact_data: u64,
 }
 
-fn code_layout(minor: u32) -> CodeLayout {
+pub fn code_layout(minor: u32) -> CodeLayout {
     match minor {
         10 => CodeLayout {
             name: 112,
             qualname: 112,
             filename: 104,
             firstlineno: 40,
+            linetable: 120,
+            code_adaptive: 0,
             ascii_data: 48,
             compact_data: 72,
         },
@@ -130,15 +175,30 @@ fn code_layout(minor: u32) -> CodeLayout {
             qualname: 128,
             filename: 112,
             firstlineno: 72,
+            linetable: 136,
+            code_adaptive: 184,
             ascii_data: 48,
             compact_data: 72,
         },
         // 3.12 dropped the `wstr` field from the string headers.
+        12 => CodeLayout {
+            name: 120,
+            qualname: 128,
+            filename: 112,
+            firstlineno: 68,
+            linetable: 136,
+            code_adaptive: 192,
+            ascii_data: 40,
+            compact_data: 56,
+        },
+        // 3.13 added `co_executors` before the bytecode.
         _ => CodeLayout {
             name: 120,
             qualname: 128,
             filename: 112,
             firstlineno: 68,
+            linetable: 136,
+            code_adaptive: 200,
             ascii_data: 40,
             compact_data: 56,
         },
@@ -282,18 +342,32 @@ fn file_facts(pid: u32, m: &MapLine, module: &str) -> Result<FileFacts, PythonEr
     })
 }
 
-/// Names code objects of a live process: `qualname (file:first line)`.
+/// What a code object says of itself: its name, file, first line and line table.
+struct Code {
+    name: String,
+    file: String,
+    first_line: i32,
+    /// `(start, end, line)` byte ranges of its bytecode.
+    lines: Vec<(u32, u32, Option<i32>)>,
+}
+
+/// Names the frames of a live process: `qualname (file:line)`, the line the frame is at (as
+/// py-spy shows), else the function's first line.
 pub struct CodeReader {
     mem: Option<File>,
+    minor: u32,
     layout: CodeLayout,
-    names: HashMap<u64, String>,
+    codes: HashMap<u64, Option<Code>>,
+    names: HashMap<(u64, Option<u32>), String>,
 }
 
 impl CodeReader {
     pub fn new(pid: u32, minor: u32) -> Self {
         Self {
             mem: File::open(format!("/proc/{pid}/mem")).ok(),
+            minor,
             layout: code_layout(minor),
+            codes: HashMap::new(),
             names: HashMap::new(),
         }
     }
@@ -351,7 +425,18 @@ impl CodeReader {
             .is_some_and(|n| &n == b"code\0")
     }
 
-    fn describe(&self, code: u64) -> Option<String> {
+    /// A `bytes` object's contents (ob_size at 16, data at 32), bounded.
+    fn bytes(&self, obj: u64) -> Option<Vec<u8>> {
+        let len = self.ptr(obj + 16)? as usize;
+        if len > 1 << 20 {
+            return None;
+        }
+        let mut buf = vec![0u8; len];
+        self.mem.as_ref()?.read_exact_at(&mut buf, obj + 32).ok()?;
+        Some(buf)
+    }
+
+    fn read_code(&self, code: u64) -> Option<Code> {
         if !self.is_code(code) {
             return None;
         }
@@ -364,21 +449,56 @@ impl CodeReader {
             .ptr(code + l.filename)
             .and_then(|s| self.string(s))
             .unwrap_or_default();
-        let line = self
+        let first_line = self
             .read::<4>(code + l.firstlineno)
             .map_or(0, i32::from_le_bytes);
-        Some(format!("{name} ({}:{line})", short_path(&file)))
+        let lines = self
+            .ptr(code + l.linetable)
+            .and_then(|t| self.bytes(t))
+            .map(|t| lines::ranges(self.minor, &t, first_line))
+            .unwrap_or_default();
+        Some(Code {
+            name,
+            file: short_path(&file).to_owned(),
+            first_line,
+            lines,
+        })
     }
 
-    /// The frame name of `code`; `[python] 0xADDR` when it cannot be read (process gone).
-    pub fn name(&mut self, code: u64) -> String {
-        if let Some(n) = self.names.get(&code) {
+    /// The byte offset in `code`'s bytecode of a raw position read from its frame.
+    fn addr(&self, code: u64, instr: u32) -> Option<u32> {
+        if self.layout.code_adaptive == 0 {
+            // 3.10: f_lasti, an index of code units; -1 before the first instruction.
+            let lasti = instr as i32;
+            return (lasti >= 0).then(|| (lasti as u32).wrapping_mul(2));
+        }
+        // The low 32 bits of a pointer into the bytecode: the difference is exact as long as
+        // the bytecode is under 4 GiB. A frame that has not started points before it.
+        let start = code.wrapping_add(self.layout.code_adaptive) as u32;
+        Some(instr.wrapping_sub(start)).filter(|a| *a < 1 << 30)
+    }
+
+    /// The frame name of `code` at bytecode position `instr`; `[python] 0xADDR` when it
+    /// cannot be read (process gone).
+    pub fn name(&mut self, code: u64, instr: Option<u32>) -> String {
+        if let Some(n) = self.names.get(&(code, instr)) {
             return n.clone();
         }
-        let n = self
-            .describe(code)
-            .unwrap_or_else(|| format!("[python] {code:#x}"));
-        self.names.insert(code, n.clone());
+        if !self.codes.contains_key(&code) {
+            let c = self.read_code(code);
+            self.codes.insert(code, c);
+        }
+        let addr = instr.and_then(|i| self.addr(code, i));
+        let n = match &self.codes[&code] {
+            Some(c) => {
+                let line = addr
+                    .and_then(|a| lines::line_in(&c.lines, a))
+                    .unwrap_or(c.first_line);
+                format!("{} ({}:{line})", c.name, c.file)
+            }
+            None => format!("[python] {code:#x}"),
+        };
+        self.names.insert((code, instr), n.clone());
         n
     }
 }
