@@ -35,10 +35,18 @@ fn runqueue_delay_agrees_with_runqlat_and_quiet_process_stays_sub_ms() {
     std::thread::sleep(Duration::from_secs(1));
 
     let before = agent.scrape();
+    // A second runqlat watches the quiet process over the same seconds: on a busy CI host its
+    // CPU is shared with whatever else runs, and the reference says what that cost it.
+    let quiet_ref = Command::new("runqlat")
+        .args(["-p", &quiet.pid().to_string(), "6", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("runqlat runs");
     let out = Command::new("runqlat")
         .args(["-p", &busy.pid().to_string(), "6", "1"])
         .output()
         .expect("runqlat runs");
+    let quiet_ref = quiet_ref.wait_with_output().expect("runqlat runs");
     let after = agent.scrape();
     let runqlat = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -90,14 +98,27 @@ fn runqueue_delay_agrees_with_runqlat_and_quiet_process_stays_sub_ms() {
         quiet_h.count
     );
     let p99 = quiet_h.buckets[quiet_h.bucket_of(0.99).expect("quiet p99")].0;
+    let quiet_rows = parse_runqlat(&String::from_utf8_lossy(&quiet_ref.stdout));
+    let quiet_total: u64 = quiet_rows.iter().map(|r| r.2).sum();
+    let mut seen = 0;
+    let ref_p99_le_us = quiet_rows
+        .iter()
+        .find(|r| {
+            seen += r.2;
+            seen * 100 >= quiet_total * 99
+        })
+        .map_or(0.0, |r| (r.1 + 1) as f64);
     eprintln!(
-        "quiet p99 bucket le={}us over {} wakeups",
+        "quiet p99 bucket le={}us over {} wakeups; runqlat's p99 row ends at {ref_p99_le_us}us ({quiet_total} events)",
         p99 * 1e6,
         quiet_h.count
     );
+    // Sub-millisecond, unless the host really delayed it: then runqlat saw the same, within
+    // one log2 bucket.
+    let agrees = ref_p99_le_us > 0.0 && ((p99 * 1e6).log2() - ref_p99_le_us.log2()).abs() <= 1.0;
     assert!(
-        p99 <= 1.024e-3,
-        "quiet process p99 bucket le={p99}s is not sub-millisecond"
+        p99 <= 1.024e-3 || agrees,
+        "quiet process p99 bucket le={p99}s is not sub-millisecond, and runqlat's p99 row ends at {ref_p99_le_us}us"
     );
 }
 
