@@ -11,6 +11,8 @@
 #[cfg(target_arch = "bpf")]
 mod aggregate;
 #[cfg(target_arch = "bpf")]
+mod clock;
+#[cfg(target_arch = "bpf")]
 mod floor;
 #[cfg(target_arch = "bpf")]
 mod lost;

@@ -13,13 +13,13 @@ use agent_common::{
     task::TASK_RUNNING,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
     maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 
-use crate::{lost::count as count_lost, targets::target_of, task, thread};
+use crate::{clock::Now, lost::count as count_lost, targets::target_of, task, thread};
 
 /// One histogram per target id.
 #[map]
@@ -40,72 +40,65 @@ fn enqueue(task: *const u8, target: u32, now: u64) {
     t.runq.target = target;
 }
 
-fn wakeup(ctx: &BtfTracePointContext) -> Result<(), i64> {
+fn wakeup(ctx: &BtfTracePointContext) {
     let task: *const u8 = ctx.arg(0);
-    // An untracked task costs this read and one lookup.
-    let Some(target) = target_of(task::tgid(task)?) else {
-        return Ok(());
+    // An untracked task costs two loads and one lookup.
+    let Some(target) = target_of(task::tgid(task)) else {
+        return;
     };
     // The idle task never waits on a run queue.
-    if task::pid(task)? != 0 {
+    if task::pid(task) != 0 {
         // SAFETY: no preconditions.
         enqueue(task, target, unsafe { bpf_ktime_get_ns() });
     }
-    Ok(())
 }
 
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
-    match wakeup(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    wakeup(&ctx);
+    0
 }
 
 #[btf_tracepoint(function = "sched_wakeup_new")]
 pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
-    match wakeup(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    wakeup(&ctx);
+    0
 }
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
-    match try_sched_switch(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    try_sched_switch(&ctx);
+    0
 }
 
-fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
+fn try_sched_switch(ctx: &BtfTracePointContext) {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...).
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let mut now = Now::default();
 
-    // The tracepoint runs in prev's context, so prev's ids come from the helper.
-    let prev_ids = bpf_get_current_pid_tgid();
-    if let Some(target) = target_of((prev_ids >> 32) as u32)
-        && prev_ids as u32 != 0
+    if let Some(target) = target_of(task::tgid(prev))
+        && task::pid(prev) != 0
     {
         // An involuntary preemption leaves prev on the run queue whatever its state says.
-        if preempt & 0xff != 0 || task::state(prev)? == TASK_RUNNING {
-            enqueue(prev, target, now);
+        if preempt & 0xff != 0 || task::state(prev) == TASK_RUNNING {
+            enqueue(prev, target, now.get());
         } else if let Some(t) = thread::state(prev) {
             // Blocking: off CPU until its wakeup.
-            t.runq.blocked_ns = now;
+            t.runq.blocked_ns = now.get();
         }
     }
 
     let Some(t) = thread::existing(next) else {
-        return Ok(());
+        return;
     };
     let start = t.runq;
     if start.ts_ns == 0 {
-        return Ok(());
+        return;
     }
     t.runq.ts_ns = 0;
-    let delta = now.saturating_sub(start.ts_ns);
+    let delta = now.get().saturating_sub(start.ts_ns);
     if let Some(hist) = RUNQ_HIST.get_ptr_mut(start.target) {
         // SAFETY: per-CPU value; programs on one CPU do not run concurrently.
         let hist = unsafe { &mut *hist };
@@ -115,5 +108,4 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
         hist.sum_ns += delta;
     }
     t.totals.runq_ns += delta;
-    Ok(())
 }

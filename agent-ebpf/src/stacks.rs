@@ -20,7 +20,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    aggregate::atomic_add, lost::count as count_lost, python, targets::target_of, task, thread,
+    aggregate::atomic_add, clock::Now, lost::count as count_lost, python, targets::target_of, task,
+    thread,
 };
 
 #[map]
@@ -125,24 +126,22 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn offcpu_switch(ctx: BtfTracePointContext) -> i32 {
-    match try_offcpu_switch(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    try_offcpu_switch(&ctx);
+    0
 }
 
-fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
+fn try_offcpu_switch(ctx: &BtfTracePointContext) {
     let Some(cfg) = capture(MODE_OFFCPU) else {
-        return Ok(());
+        return;
     };
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...); the
     // tracepoint runs in prev's context, so its user stack is the current one.
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *mut u8 = ctx.arg(2);
-    let ids = bpf_get_current_pid_tgid();
-    let tgid = (ids >> 32) as u32;
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The tracepoint's own task pointers: plain loads, where the pid_tgid helper is a call.
+    let (tgid, tid) = (task::tgid(prev), task::pid(prev));
+    let mut now = Now::default();
     // Blocking, not preempted: the time until it runs again is off-CPU time. Only the user
     // stacks are taken here, where they must be (another task's user memory cannot be read at
     // switch-in); the kernel stack waits for the episode's end, so the many short episodes
@@ -150,32 +149,32 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // switch, pipe ping-pong, `kernel.bpf_stats_enabled`).
     if selected(&cfg, tgid)
         && preempt & 0xff == 0
-        && task::state(prev)? != TASK_RUNNING
+        && task::state(prev) != TASK_RUNNING
         && let Some(t) = thread::state(prev)
     {
         t.capture_off.user_stack = ctx
             .get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
             .map_or(-1, |id| id as i32);
-        t.capture_off.py_stack = python::stack(tgid, ids as u32);
+        t.capture_off.py_stack = python::stack(tgid, tid);
         t.capture_off.generation = cfg.generation;
-        t.capture_off.ts_ns = now;
+        t.capture_off.ts_ns = now.get();
     }
     let Some(t) = thread::existing(next.cast_const()) else {
-        return Ok(());
+        return;
     };
     let off = t.capture_off;
     if off.ts_ns == 0 {
-        return Ok(());
+        return;
     }
     t.capture_off.ts_ns = 0;
-    let blocked = now.saturating_sub(off.ts_ns);
+    let blocked = now.get().saturating_sub(off.ts_ns);
     if off.generation == cfg.generation && blocked >= cfg.min_ns {
         let kernel_frames = blocked_kernel_stack(next, &KSTACKS);
         if off.user_stack < 0 && kernel_frames == 0 {
             count_lost(lost::STACK_MISSING);
         }
         let key = StackKey {
-            tgid: task::tgid(next)?,
+            tgid: task::tgid(next),
             user_stack: off.user_stack,
             kernel_stack: -1,
             syscall: 0,
@@ -184,7 +183,6 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) -> Result<(), i64> {
         };
         add_weight(&key, blocked);
     }
-    Ok(())
 }
 
 /// The kernel stack `task` sleeps in (it is not running: the scheduler is about to switch to
@@ -353,12 +351,11 @@ pub fn span_sample(ctx: PerfEventContext) -> u32 {
 /// SPAN_OFFCPU_MIN_NS long, to the span samples when it runs again.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn span_offcpu(ctx: BtfTracePointContext) -> i32 {
-    match try_span_offcpu(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    try_span_offcpu(&ctx);
+    0
 }
 
-fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
+fn try_span_offcpu(ctx: &BtfTracePointContext) {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...); the
     // tracepoint runs in prev's context, so its user stack is the current one. The kernel
     // stack is taken when the episode ends, and only if it is long enough to be sent (as in
@@ -366,37 +363,36 @@ fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *mut u8 = ctx.arg(2);
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let ids = bpf_get_current_pid_tgid();
-    let tgid = (ids >> 32) as u32;
+    let (tgid, tid) = (task::tgid(prev), task::pid(prev));
+    let mut now = Now::default();
     if tgid != 0
         && preempt & 0xff == 0
         && target_of(tgid).is_some()
-        && task::state(prev)? != TASK_RUNNING
-        && sends_spans(tgid, now)
+        && task::state(prev) != TASK_RUNNING
+        && sends_spans(tgid, now.get())
         && let Some(t) = thread::state(prev)
     {
         t.span_off.user_stack = ctx
             .get_stackid(&SPAN_STACKS, u64::from(BPF_F_USER_STACK))
             .map_or(-1, |id| id as i32);
-        t.span_off.py_stack = python::span_stack(tgid, ids as u32);
-        t.span_off.ts_ns = now;
+        t.span_off.py_stack = python::span_stack(tgid, tid);
+        t.span_off.ts_ns = now.get();
     }
     let Some(t) = thread::existing(next.cast_const()) else {
-        return Ok(());
+        return;
     };
     let off = t.span_off;
     if off.ts_ns == 0 {
-        return Ok(());
+        return;
     }
     t.span_off.ts_ns = 0;
+    let now = now.get();
     let off_ns = now.saturating_sub(off.ts_ns);
     if off_ns >= SPAN_OFFCPU_MIN_NS {
         let sample = SpanSample {
             ts_ns: now,
-            tgid: task::tgid(next)?,
-            tid: task::pid(next)?,
+            tgid: task::tgid(next),
+            tid: task::pid(next),
             user_stack: off.user_stack,
             kernel_stack: -1,
             off_ns,
@@ -410,5 +406,4 @@ fn try_span_offcpu(ctx: &BtfTracePointContext) -> Result<(), i64> {
             count_lost(lost::SAMPLES_FULL);
         }
     }
-    Ok(())
 }

@@ -10,7 +10,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap},
     programs::BtfTracePointContext,
@@ -20,7 +20,7 @@ use crate::{
     aggregate::{atomic_add, record},
     lost::count as count_lost,
     targets::target_of,
-    thread,
+    task, thread,
 };
 
 /// Set by the loader: 1 traces every syscall, 0 only those marked in `SYSCALL_FILTER`.
@@ -37,8 +37,10 @@ static SYSCALL_STATS: HashMap<SyscallKey, SyscallStats> = HashMap::with_max_entr
 
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
-    let ids = bpf_get_current_pid_tgid();
-    let Some(target) = target_of((ids >> 32) as u32) else {
+    // One task pointer for the filter and the storage: its tgid is a plain load, where the
+    // pid_tgid helper would be one more call on every syscall of the host.
+    let current = thread::current();
+    let Some(target) = target_of(task::tgid(current)) else {
         return 0;
     };
     // TP_PROTO(struct pt_regs *regs, long id)
@@ -59,7 +61,7 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
         nr,
         target,
     };
-    match thread::state(thread::current()) {
+    match thread::state(current) {
         Some(t) => t.syscall = start,
         None => count_lost(lost::SYSCALL_PENDING_FULL),
     }

@@ -63,23 +63,22 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
-    match try_sched_process_fork(&ctx) {
-        Ok(()) | Err(_) => 0,
-    }
+    try_sched_process_fork(&ctx);
+    0
 }
 
-fn try_sched_process_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
+fn try_sched_process_fork(ctx: &BtfTracePointContext) {
     // The tracepoint fires in the parent's context.
     let parent_tgid = current_tgid();
     let Some(target) = target_of(parent_tgid) else {
-        return Ok(());
+        return;
     };
     let child: *const u8 = ctx.arg(1);
-    let child_pid = task::pid(child)?;
-    let child_tgid = task::tgid(child)?;
+    let child_pid = task::pid(child);
+    let child_tgid = task::tgid(child);
     if child_pid != child_tgid {
         // A new thread: it shares the tracked tgid already.
-        return Ok(());
+        return;
     }
     if TRACKED.insert(&child_tgid, &target, 0).is_err() {
         count_lost(lost::TRACKED_MAP_FULL);
@@ -87,10 +86,9 @@ fn try_sched_process_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
             ctx,
             "tracked-process map full: child {} of {} not tracked", child_tgid, parent_tgid
         );
-        return Ok(());
+        return;
     }
     emit(EVENT_FORK, child_tgid, parent_tgid, target);
-    Ok(())
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]
