@@ -3,10 +3,11 @@
 //!
 //! Overheads come from alternating runs (variant A B C, A B C, ...) in one invocation so machine
 //! noise falls on every variant alike; each figure is the median over rounds, and each overhead
-//! the median of the per-round ratios to that round's untraced run. The floor is the agent
-//! object's own empty programs on the same hooks (`tests/src/bin/floor.rs`).
+//! the median of the per-round ratios to that round's untraced run, with its standard error. The
+//! floor is the agent object's own empty programs on the same hooks (`tests/src/bin/floor.rs`).
 mod footprint;
 mod overhead;
+mod progcost;
 pub mod tools;
 
 use std::fmt::Write as _;
@@ -19,15 +20,16 @@ use overhead::{Results, Variant};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Alternating rounds (each runs every variant of a workload once).
+    /// Alternating rounds (each runs every variant of a workload once, starting one variant
+    /// later than the round before).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Seconds each workload run measures.
     #[arg(long, default_value_t = 3.0)]
     secs: f64,
     /// Only these parts (workload keys: syscall, ctxswitch, tcp, cpu, python, pipeline; or
-    /// footprint, scrape, flamegraph, nvml, capacity). Partial runs print their tables and
-    /// leave docs/ alone.
+    /// progcost, footprint, scrape, flamegraph, nvml, capacity). Partial runs print their tables
+    /// and leave docs/ alone.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -71,8 +73,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             continue;
         }
         let mut rates = vec![Vec::new(); s.variants.len()];
+        let n = s.variants.len();
         for round in 1..=opts.rounds {
-            for (i, v) in s.variants.iter().enumerate() {
+            // Each round starts one variant later: a variant that always ran right after the
+            // same other one (whose agent is still being torn down, say) would carry that
+            // position's effect in every round, which alternation alone does not cancel.
+            for i in (0..n).map(|k| (k + round - 1) % n) {
+                let v = &s.variants[i];
                 let r = overhead::run_once(&s, v, opts.secs, &dir)?;
                 eprintln!(
                     "{} round {round}/{}: {:<60} {r:>12.1} {}",
@@ -94,19 +101,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .variants
             .iter()
             .position(|v| matches!(v, Variant::Floor(_)));
-        // The untraced runs' spread: differences smaller than this are not measured.
-        let noise = {
-            let b = &res.rates[0];
-            let (lo, hi) = (
-                b.iter().copied().fold(f64::MAX, f64::min),
-                b.iter().copied().fold(0.0, f64::max),
-            );
-            (hi - lo) / tools::median(b.clone())
+        // A floor whose cost is not told apart from nothing cannot be a divisor; the most it
+        // could cost (two standard errors above its median) bounds what the probes may cost.
+        let floor_at = floor;
+        let floor = floor.filter(|f| res.resolved(*f));
+        let floor_bound = match (floor_at, floor) {
+            (Some(f), None) => Some(res.overhead(f).max(0.0) + 2.0 * res.overhead_se(f)),
+            _ => None,
         };
-        // A floor lost in the noise cannot be a divisor.
-        let floor = floor.filter(|f| res.overhead(*f) > noise);
-        let floor_in_noise =
-            s.variants.iter().any(|v| matches!(v, Variant::Floor(_))) && floor.is_none();
+        let floor_in_noise = floor_bound.is_some();
         let mut rows = Vec::new();
         for (i, v) in s.variants.iter().enumerate() {
             let r = &res.rates[i];
@@ -115,9 +118,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 r.iter().copied().fold(0.0, f64::max),
             );
             let over = res.overhead(i);
+            // A variant measured cheaper than nothing costs 0x the floor, not a negative ratio.
             let vs_floor = floor
                 .filter(|f| *f != i && i != 0)
-                .map(|f| over / res.overhead(f).max(1e-9));
+                .map(|f| over.max(0.0) / res.overhead(f).max(1e-9));
             let _ = writeln!(
                 md,
                 "| {} | {} ({}–{}) | {} | {} |",
@@ -125,16 +129,22 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 si(tools::median(r.clone())),
                 si(min),
                 si(max),
-                if i == 0 { "—".into() } else { pct(over) },
+                if i == 0 {
+                    "—".into()
+                } else {
+                    format!("{} ± {}", pct(over), pct(res.overhead_se(i)))
+                },
                 match vs_floor {
                     Some(x) => format!("{x:.2}x"),
-                    None if floor_in_noise && i != 0 => "floor in the noise".into(),
+                    None if floor_in_noise && i != 0 => "floor not resolved".into(),
                     None => "—".into(),
                 },
             );
             rows.push(serde_json::json!({
                 "variant": v.name(), "median": tools::median(r.clone()), "min": min, "max": max,
-                "overhead": if i == 0 { 0.0 } else { over }, "vs_floor": vs_floor,
+                "overhead": if i == 0 { 0.0 } else { over },
+                "overhead_se": if i == 0 { 0.0 } else { res.overhead_se(i) },
+                "vs_floor": vs_floor,
             }));
             // Each single-purpose pipeprobe variant against the next reference tool listed.
             let single = matches!(v, Variant::Agent(f) if !f.is_empty())
@@ -156,29 +166,31 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 {
                     checks.push(Check {
                         what: format!(
-                            "{}: {} costs {} ≤ {} for {} (noise ±{})",
+                            "{}: {} costs {} ± {} ≤ {} ± {} for {}",
                             s.title,
                             v.name(),
                             pct(over),
+                            pct(res.overhead_se(i)),
                             pct(res.overhead(j)),
+                            pct(res.overhead_se(j)),
                             s.variants[j].name(),
-                            pct(noise)
                         ),
                         ok: over <= res.overhead(j),
                     });
                 }
                 if let Some(x) = vs_floor {
                     checks.push(against_floor(x));
-                } else if floor_in_noise {
+                } else if let Some(bound) = floor_bound {
                     checks.push(Check {
                         what: format!(
-                            "{}: the floor's cost is within the noise (±{}); {} costs {}",
+                            "{}: the floor's cost is not told apart from nothing (at most {}); {} \
+                             costs {}, at most 1.5x that bound",
                             s.title,
-                            pct(noise),
+                            pct(bound),
                             v.name(),
                             pct(over)
                         ),
-                        ok: over <= 1.5 * noise,
+                        ok: over <= 1.5 * bound,
                     });
                 }
             }
@@ -198,6 +210,48 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             s.key, opts.rounds, opts.secs
         );
         json.insert(s.key.into(), rows.into());
+    }
+
+    if wanted("progcost") {
+        let _ = writeln!(
+            md,
+            "## Cost per program run\n\nThe kernel's own accounting (`kernel.bpf_stats_enabled`) \
+             of each BPF program a variant loaded, over {} s of the workload: runs per second and \
+             mean time per run. The accounting's two clock reads are part of every run: the \
+             floor's empty programs show that share, so differences between rows are what the \
+             programs do.\n\n| workload | variant | program | runs/s | ns per run |\n\
+             | --- | --- | --- | --- | --- |",
+            opts.secs
+        );
+        let mut rows = Vec::new();
+        for s in overhead::scenarios()
+            .into_iter()
+            .filter(|s| ["syscall", "ctxswitch"].contains(&s.key))
+        {
+            for v in s.variants.iter().filter(|v| !matches!(v, Variant::None)) {
+                for c in progcost::measure(&s, v, opts.secs, &dir)? {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | `{}` | {} | {:.0} |",
+                        s.title,
+                        v.name(),
+                        c.program,
+                        si(c.runs_per_sec),
+                        c.ns_per_run
+                    );
+                    rows.push(serde_json::json!({
+                        "workload": s.key, "variant": v.name(), "program": c.program,
+                        "runs_per_sec": c.runs_per_sec, "ns_per_run": c.ns_per_run,
+                    }));
+                }
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nReproduce: `sudo -E cargo xtask bench --only progcost --secs {}`\n",
+            opts.secs
+        );
+        json.insert("progcost".into(), rows.into());
     }
 
     if wanted("footprint") {
@@ -384,9 +438,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut head = String::from(
         "# Benchmarks\n\nWritten by `cargo xtask bench` (root). Overheads: alternating rounds in one \
          invocation, each figure the median over rounds with min and max, each overhead the median \
-         of the per-round losses against that round's untraced run; \"vs floor\" divides a \
-         variant's overhead by the floor's (empty BPF programs of the agent's own object on the \
-         same hooks). Release builds of the agent and the workloads.\n\n",
+         of the per-round losses against that round's untraced run, with its standard error \
+         (± , from the rounds' median absolute deviation); \"vs floor\" divides a variant's \
+         overhead by the floor's (empty BPF programs of the agent's own object on the same \
+         hooks) where the floor's is more than two standard errors above zero; otherwise the \
+         floor is \"not resolved\" and the probes are held to 1.5x its upper bound (median + 2 \
+         standard errors). Release builds of the agent and the workloads.\n\n",
     );
     let _ = writeln!(head, "## Targets\n");
     for c in &checks {
@@ -398,7 +455,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         );
     }
     head.push('\n');
-    let md = head + &md;
+    let mut md = head + &md;
+    // What the tables cannot say (why a figure is what it is, what a profile changed) is kept by
+    // hand beside them, so a full run rewrites the figures without losing it.
+    let notes = root().join("docs/benchmarks-notes.md");
+    match std::fs::read_to_string(&notes) {
+        Ok(text) => {
+            md.push_str(&text);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot read {}: {e}", notes.display()),
+    }
     println!("{md}");
     if opts.only.is_empty() {
         std::fs::create_dir_all(root().join("docs"))?;

@@ -330,7 +330,8 @@ fn start(v: &Variant, pid: u32, secs: f64, dir: &Path) -> anyhow::Result<(Tool, 
 }
 
 /// One run of `s` under `v`: the workload's rate.
-pub fn run_once(s: &Scenario, v: &Variant, secs: f64, dir: &Path) -> anyhow::Result<f64> {
+/// Starts the scenario's workload for `secs` of measurement (after DELAY_MS of warm-up).
+pub fn spawn_workload(s: &Scenario, secs: f64) -> anyhow::Result<std::process::Child> {
     let args: Vec<String> = s
         .workload
         .iter()
@@ -361,14 +362,36 @@ pub fn run_once(s: &Scenario, v: &Variant, secs: f64, dir: &Path) -> anyhow::Res
         ]);
         c
     };
-    let child = cmd
-        .stdout(Stdio::piped())
+    cmd.stdout(Stdio::piped())
         .spawn()
-        .with_context(|| format!("starting {}", xtask::show(&cmd)))?;
+        .with_context(|| format!("starting {}", xtask::show(&cmd)))
+}
+
+/// The workload's rate under variant `v`.
+pub fn run_once(s: &Scenario, v: &Variant, secs: f64, dir: &Path) -> anyhow::Result<f64> {
+    let child = spawn_workload(s, secs)?;
     let held = start(v, child.id(), secs, dir)?;
     let ops = ops_per_sec(child);
     drop(held);
     ops
+}
+
+/// Runs the workload under variant `v` and calls `during` once the warm-up is over, for the
+/// `secs` of measurement; returns what `during` returned.
+pub fn run_during<T>(
+    s: &Scenario,
+    v: &Variant,
+    secs: f64,
+    dir: &Path,
+    during: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut child = spawn_workload(s, secs)?;
+    let held = start(v, child.id(), secs, dir)?;
+    std::thread::sleep(std::time::Duration::from_millis(DELAY_MS + 200));
+    let out = during();
+    drop(held);
+    let _ = child.wait();
+    out
 }
 
 /// Per variant: the rates of every round, in round order.
@@ -377,14 +400,70 @@ pub struct Results {
 }
 
 impl Results {
+    /// Each round's loss against that round's untraced run: pairing cancels the drift between
+    /// rounds, which on a shared VM is larger than most of what is measured.
+    fn losses(&self, i: usize) -> Vec<f64> {
+        self.rates[i]
+            .iter()
+            .zip(&self.rates[0])
+            .map(|(x, base)| 1.0 - x / base)
+            .collect()
+    }
+
     /// Median over rounds of each round's loss against that round's untraced run.
     pub fn overhead(&self, i: usize) -> f64 {
-        median(
-            self.rates[i]
-                .iter()
-                .zip(&self.rates[0])
-                .map(|(x, base)| 1.0 - x / base)
-                .collect(),
-        )
+        median(self.losses(i))
+    }
+
+    /// Standard error of `overhead(i)`, from the rounds' scatter around it (median absolute
+    /// deviation scaled to a normal sigma, times the median's 1.25 efficiency factor).
+    pub fn overhead_se(&self, i: usize) -> f64 {
+        let losses = self.losses(i);
+        let n = losses.len();
+        if n < 2 {
+            return f64::INFINITY;
+        }
+        let m = median(losses.clone());
+        let mad = median(losses.iter().map(|l| (l - m).abs()).collect());
+        1.2533 * 1.4826 * mad / (n as f64).sqrt()
+    }
+
+    /// Whether variant `i`'s cost is told apart from nothing: its median loss is more than two
+    /// standard errors above zero.
+    pub fn resolved(&self, i: usize) -> bool {
+        self.overhead(i) > 2.0 * self.overhead_se(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Results;
+
+    fn results(floor: &[f64]) -> Results {
+        Results {
+            rates: vec![vec![100.0; floor.len()], floor.to_vec()],
+        }
+    }
+
+    #[test]
+    fn a_steady_small_cost_is_resolved_and_scatter_around_zero_is_not() {
+        // Losses of 2, 3, 1, 2, 2 %: small, but the same in every round.
+        let steady = results(&[98.0, 97.0, 99.0, 98.0, 98.0]);
+        assert!((steady.overhead(1) - 0.02).abs() < 1e-9);
+        assert!(steady.resolved(1), "se {}", steady.overhead_se(1));
+        // Losses of -1, 1, -0.5, 0.5, 0 %: nothing but noise.
+        let noise = results(&[101.0, 99.0, 100.5, 99.5, 100.0]);
+        assert!(noise.overhead(1).abs() < 1e-9);
+        assert!(!noise.resolved(1));
+        assert!(noise.overhead_se(1) > 0.0);
+    }
+
+    #[test]
+    fn rounds_are_paired_with_their_own_untraced_run() {
+        // The machine halves its speed in round 2: a 10 % loss in both rounds, not 55 %.
+        let r = Results {
+            rates: vec![vec![100.0, 50.0], vec![90.0, 45.0]],
+        };
+        assert!((r.overhead(1) - 0.10).abs() < 1e-9);
     }
 }
