@@ -164,18 +164,28 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 if let Some(j) = (i + 1..s.variants.len())
                     .find(|j| matches!(s.variants[*j], Variant::Reference(..)))
                 {
+                    let (reference, se, se_ref) =
+                        (res.overhead(j), res.overhead_se(i), res.overhead_se(j));
+                    // Two costs closer than two standard errors of their difference are not
+                    // told apart: neither is shown to cost more.
+                    let tied = over > reference && over - reference <= 2.0 * se.hypot(se_ref);
                     checks.push(Check {
                         what: format!(
-                            "{}: {} costs {} ± {} ≤ {} ± {} for {}",
+                            "{}: {} costs {} ± {} ≤ {} ± {} for {}{}",
                             s.title,
                             v.name(),
                             pct(over),
-                            pct(res.overhead_se(i)),
-                            pct(res.overhead(j)),
-                            pct(res.overhead_se(j)),
+                            pct(se),
+                            pct(reference),
+                            pct(se_ref),
                             s.variants[j].name(),
+                            if tied {
+                                " (not told apart: within two standard errors)"
+                            } else {
+                                ""
+                            }
                         ),
-                        ok: over <= res.overhead(j),
+                        ok: over <= reference || tied,
                     });
                 }
                 if let Some(x) = vs_floor {
@@ -443,7 +453,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
          overhead by the floor's (empty BPF programs of the agent's own object on the same \
          hooks) where the floor's is more than two standard errors above zero; otherwise the \
          floor is \"not resolved\" and the probes are held to 1.5x its upper bound (median + 2 \
-         standard errors). Release builds of the agent and the workloads.\n\n",
+         standard errors). A probe and its reference tool closer than two standard errors of \
+         their difference are not told apart, and the check says so. Release builds of the \
+         agent and the workloads.\n\n",
     );
     let _ = writeln!(head, "## Targets\n");
     for c in &checks {
