@@ -42,7 +42,7 @@ fn enqueue(task: *const u8, target: u32, now: u64) {
 
 fn wakeup(ctx: &BtfTracePointContext) {
     let task: *const u8 = ctx.arg(0);
-    // An untracked task costs two loads and one lookup.
+    // An untracked task costs one load and one lookup.
     let Some(target) = target_of(task::tgid(task)) else {
         return;
     };

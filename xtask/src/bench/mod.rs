@@ -103,13 +103,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .position(|v| matches!(v, Variant::Floor(_)));
         // A floor whose cost is not told apart from nothing cannot be a divisor; the most it
         // could cost (two standard errors above its median) bounds what the probes may cost.
-        let floor_at = floor;
-        let floor = floor.filter(|f| res.resolved(*f));
-        let floor_bound = match (floor_at, floor) {
-            (Some(f), None) => Some(res.overhead(f).max(0.0) + 2.0 * res.overhead_se(f)),
-            _ => None,
+        let (floor, floor_bound) = match floor {
+            Some(f) if res.resolved(f) => (Some(f), None),
+            Some(f) => (
+                None,
+                Some(res.overhead(f).max(0.0) + 2.0 * res.overhead_se(f)),
+            ),
+            None => (None, None),
         };
-        let floor_in_noise = floor_bound.is_some();
         let mut rows = Vec::new();
         for (i, v) in s.variants.iter().enumerate() {
             let r = &res.rates[i];
@@ -136,7 +137,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 },
                 match vs_floor {
                     Some(x) => format!("{x:.2}x"),
-                    None if floor_in_noise && i != 0 => "floor not resolved".into(),
+                    None if floor_bound.is_some() && i != 0 => "floor not resolved".into(),
                     None => "—".into(),
                 },
             );
@@ -166,9 +167,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 {
                     let (reference, se, se_ref) =
                         (res.overhead(j), res.overhead_se(i), res.overhead_se(j));
-                    // Two costs closer than two standard errors of their difference are not
-                    // told apart: neither is shown to cost more.
-                    let tied = over > reference && over - reference <= 2.0 * se.hypot(se_ref);
+                    let tied = res.not_told_apart(i, j);
                     checks.push(Check {
                         what: format!(
                             "{}: {} costs {} ± {} ≤ {} ± {} for {}{}",

@@ -329,7 +329,6 @@ fn start(v: &Variant, pid: u32, secs: f64, dir: &Path) -> anyhow::Result<(Tool, 
     })
 }
 
-/// One run of `s` under `v`: the workload's rate.
 /// Starts the scenario's workload for `secs` of measurement (after DELAY_MS of warm-up).
 pub fn spawn_workload(s: &Scenario, secs: f64) -> anyhow::Result<std::process::Child> {
     let args: Vec<String> = s
@@ -433,6 +432,13 @@ impl Results {
     pub fn resolved(&self, i: usize) -> bool {
         self.overhead(i) > 2.0 * self.overhead_se(i)
     }
+
+    /// Whether variant `i` costs more than variant `j` only by less than two standard errors
+    /// of their difference: neither is then shown to cost more.
+    pub fn not_told_apart(&self, i: usize, j: usize) -> bool {
+        let (a, b) = (self.overhead(i), self.overhead(j));
+        a > b && a - b <= 2.0 * self.overhead_se(i).hypot(self.overhead_se(j))
+    }
 }
 
 #[cfg(test)]
@@ -465,5 +471,26 @@ mod tests {
             rates: vec![vec![100.0, 50.0], vec![90.0, 45.0]],
         };
         assert!((r.overhead(1) - 0.10).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_difference_within_the_errors_is_not_told_apart() {
+        let r = Results {
+            rates: vec![
+                vec![100.0; 5],
+                // Losses of 1, 3, 0, 2, -1 %: about 1 % with a wide scatter.
+                vec![99.0, 97.0, 100.0, 98.0, 101.0],
+                // Losses of 0, 0.5, -0.5, 0, 0 %: about 0 %.
+                vec![100.0, 99.5, 100.5, 100.0, 100.0],
+                // Losses of 20 %: clearly dearer.
+                vec![80.0; 5],
+            ],
+        };
+        assert!(r.not_told_apart(1, 2));
+        assert!(
+            !r.not_told_apart(2, 1),
+            "the cheaper one is never 'not told apart'"
+        );
+        assert!(!r.not_told_apart(3, 2));
     }
 }

@@ -63,13 +63,13 @@ impl Drop for Stats {
 pub fn measure(s: &Scenario, v: &Variant, secs: f64, dir: &Path) -> anyhow::Result<Vec<ProgCost>> {
     let before = snapshot()?;
     let _stats = Stats::on()?;
+    let window = (secs - 0.5).max(0.5);
     let (a, b) = run_during(s, v, secs, dir, || {
         let a = snapshot()?;
-        std::thread::sleep(Duration::from_secs_f64((secs - 0.5).max(0.5)));
+        std::thread::sleep(Duration::from_secs_f64(window));
         let b = snapshot()?;
         Ok((a, b))
     })?;
-    let window = (secs - 0.5).max(0.5);
     let mut costs: Vec<ProgCost> = b
         .iter()
         .filter(|(id, _)| !before.contains_key(id))
