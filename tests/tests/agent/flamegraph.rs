@@ -401,6 +401,21 @@ fn capture_sleeper(
     (folded, long, short)
 }
 
+/// sleep_short asks for 1 ms, under a 10 ms --min-duration. On a loaded machine one of them
+/// now and then really does take longer than 10 ms (CI saw 10.8 ms) and then rightly counts.
+/// What the threshold must hold to: whatever counted is whole episodes of at least 10 ms, and
+/// far less than the ~150 ms that the ~140 short sleeps of a 3 s capture add up to unfiltered.
+fn assert_only_late_short_sleeps(short: u64, folded: &str) {
+    assert!(
+        short == 0 || short >= 10_000_000,
+        "sleep_short counted {short} ns, less than one 10 ms episode:\n{folded}"
+    );
+    assert!(
+        short < 60_000_000,
+        "sleep_short counted {short} ns: 1 ms sleeps passed a 10 ms --min-duration:\n{folded}"
+    );
+}
+
 #[test]
 fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
     let dir = tempfile::tempdir().unwrap();
@@ -408,10 +423,7 @@ fn offcpu_counts_only_blocking_episodes_above_the_threshold() {
     let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
     let (folded, long, short) =
         capture_sleeper(&agent, p.pid(), "offcpu", "10ms", "3s", dir.path());
-    assert_eq!(
-        short, 0,
-        "1 ms sleeps are below --min-duration 10ms:\n{folded}"
-    );
+    assert_only_late_short_sleeps(short, &folded);
     // Cycles of ~21 ms, 20 of them blocked in sleep_long: about 2.85 s over 3 s.
     let secs = long as f64 / 1e9;
     assert!(
@@ -441,10 +453,7 @@ fn syscall_mode_weights_slow_syscalls_by_duration() {
     let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", p.pid())]);
     let (folded, long, short) =
         capture_sleeper(&agent, p.pid(), "syscall", "10ms", "3s", dir.path());
-    assert_eq!(
-        short, 0,
-        "1 ms syscalls are below --min-duration 10ms:\n{folded}"
-    );
+    assert_only_late_short_sleeps(short, &folded);
     let secs = long as f64 / 1e9;
     assert!(
         (2.3..=3.05).contains(&secs),
