@@ -24,8 +24,11 @@ pub const STACK_MISSING: u32 = 8;
 pub const SAMPLES_FULL: u32 = 9;
 /// A Python stack could not be walked (unreadable thread state) or stored (map full).
 pub const PYTHON_STACK_MISSING: u32 = 10;
+/// A CPU sample's copy of its user stack did not fit in the ring buffer to user space: its
+/// user stack was taken by frame pointers instead.
+pub const STACK_COPIES_FULL: u32 = 11;
 /// Size of the `LOST` array.
-pub const COUNT: u32 = 11;
+pub const COUNT: u32 = 12;
 
 /// Label value for each reason, by index.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -40,4 +43,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "stack_missing",
     "samples_full",
     "python_stack_missing",
+    "stack_copies_full",
 ];

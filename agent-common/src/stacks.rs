@@ -35,6 +35,39 @@ pub struct CaptureConfig {
     /// Kernel target ids to sample, one bit each (MAX_TARGETS is 64): a target's own id and
     /// those of its pods.
     pub targets: u64,
+    /// CPU mode: 1 to send each sample's registers and a copy of its user stack to user space
+    /// (`StackCopy`), which unwinds it with the modules' .eh_frame; 0 to walk frame pointers
+    /// in the kernel.
+    pub copy_stacks: u32,
+    pub _pad: u32,
+}
+
+/// Bytes of user stack a CPU sample copies from its stack pointer up (perf's
+/// `--call-graph dwarf` copies 8 KiB by default). Enough for the native frames between a leaf
+/// and the interpreter frame running the innermost Python function, which is where native
+/// frames stop mattering under Python frames; a deeper native stack is cut at its outer end.
+pub const STACK_COPY_BYTES: usize = 16 * 1024;
+/// The ring buffer of stack copies: ~250 samples, drained every `STACK_COPY_DRAIN_MS`.
+pub const STACK_COPIES_BYTES: u32 = 4 * 1024 * 1024;
+/// How often user space drains the stack copies during a capture.
+pub const STACK_COPY_DRAIN_MS: u64 = 20;
+
+/// One CPU sample with what user space needs to unwind its user stack: the user registers
+/// at the interrupted instruction (or at kernel entry) and the stack memory above `sp`.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct StackCopy {
+    pub tgid: u32,
+    /// Stack id of the kernel stack in the capture's stack map, or negative.
+    pub kernel_stack: i32,
+    /// Key of the Python stack in `PY_STACKS`, or 0.
+    pub python_stack: u64,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Bytes of `stack` that hold the memory at `sp..sp + len`; 0 when none could be read.
+    pub len: u64,
+    pub stack: [u8; STACK_COPY_BYTES],
 }
 
 /// A thread of the subject that blocked or entered a syscall: when, and where (off-CPU and

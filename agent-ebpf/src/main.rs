@@ -34,6 +34,8 @@ mod task_storage;
 mod tcp;
 #[cfg(target_arch = "bpf")]
 mod thread;
+#[cfg(target_arch = "bpf")]
+mod unwind;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -21,7 +21,7 @@ use aya_ebpf::{
 
 use crate::{
     aggregate::atomic_add, clock::Now, lost::count as count_lost, python, targets::target_of, task,
-    thread,
+    thread, unwind,
 };
 
 #[map]
@@ -67,17 +67,15 @@ fn selected(cfg: &CaptureConfig, tgid: u32) -> bool {
         }
 }
 
-/// User and kernel stack ids of the current task (negative when not available).
 #[inline(always)]
-fn stack_ids<C: StackIdContext>(ctx: &C) -> (i32, i32) {
-    let user = ctx
-        .get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
-        .map_or(-1, |id| id as i32);
-    let kernel = ctx.get_stackid(&STACKS, 0).map_or(-1, |id| id as i32);
-    if user < 0 && kernel < 0 {
-        count_lost(lost::STACK_MISSING);
-    }
-    (user, kernel)
+fn user_stack_id<C: StackIdContext>(ctx: &C) -> i32 {
+    ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
+        .map_or(-1, |id| id as i32)
+}
+
+#[inline(always)]
+fn kernel_stack_id<C: StackIdContext>(ctx: &C) -> i32 {
+    ctx.get_stackid(&STACKS, 0).map_or(-1, |id| id as i32)
 }
 
 #[inline(always)]
@@ -109,14 +107,22 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
         return 0;
     }
     // The perf event's registers are those of the interrupted code: nothing to skip.
-    let (user_stack, kernel_stack) = stack_ids(&ctx);
+    let kernel_stack = kernel_stack_id(&ctx);
+    let python_stack = python::stack(tgid, ids as u32);
+    if cfg.copy_stacks != 0 && unwind::send(tgid, kernel_stack, python_stack) {
+        return 0;
+    }
+    let user_stack = user_stack_id(&ctx);
+    if user_stack < 0 && kernel_stack < 0 {
+        count_lost(lost::STACK_MISSING);
+    }
     add_weight(
         &StackKey {
             tgid,
             user_stack,
             kernel_stack,
             syscall: 0,
-            python_stack: python::stack(tgid, ids as u32),
+            python_stack,
             kernel_frames: 0,
         },
         1,
@@ -152,9 +158,7 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) {
         && task::state(prev) != TASK_RUNNING
         && let Some(t) = thread::state(prev)
     {
-        t.capture_off.user_stack = ctx
-            .get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
-            .map_or(-1, |id| id as i32);
+        t.capture_off.user_stack = user_stack_id(ctx);
         t.capture_off.py_stack = python::stack(tgid, tid);
         t.capture_off.generation = cfg.generation;
         t.capture_off.ts_ns = now.get();
@@ -244,9 +248,7 @@ pub fn syscall_enter_stack(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct pt_regs *regs, long id). The kernel stack here is only the entry path:
     // the syscall itself becomes the leaf frame instead.
     let nr: i64 = ctx.arg(1);
-    let user_stack = ctx
-        .get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
-        .map_or(-1, |id| id as i32);
+    let user_stack = user_stack_id(&ctx);
     let b = Blocked {
         // SAFETY: no preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },

@@ -32,6 +32,7 @@ pub mod tcp;
 pub mod top;
 pub mod tracefs;
 pub mod tracker;
+pub mod unwind;
 
 use std::process::ExitCode;
 

@@ -7,16 +7,23 @@
 //! /proc/PID/map_files, so binaries of containers and deleted files work; perf maps for JIT
 //! frames such as CPython's `-X perf`; /proc/kallsyms for the kernel), folded and cleared.
 //!
+//! CPU samples' user stacks are not walked in the kernel but copied to user space and unwound
+//! with the modules' unwind tables (`unwind.rs`), through code built without frame pointers;
+//! the kernel cannot aggregate those, so they are counted here, drained every 20 ms. The other
+//! modes walk frame pointers in the kernel.
+//!
 //! Python processes of the subject also get their Python frames, walked in the kernel on each
-//! sample (`python.rs`). They replace the interpreter's native frames, which a frame-pointer
-//! walk cannot get through anyway: the stack reads root, Python frames, then the native frames
-//! the innermost Python function runs (the interpreter function executing it, C extensions,
-//! their libraries), then the kernel's.
+//! sample (`python.rs`). They replace the interpreter's native frames: the stack reads root,
+//! Python frames, then the native frames the innermost Python function runs (the interpreter
+//! function executing it, C extensions, their libraries), then the kernel's.
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use agent_common::{
     python::{PyProc, PyStack},
-    stacks::{Blocked, CaptureConfig, KernelStack, MODE_CPU, MODE_OFFCPU, StackKey},
+    stacks::{
+        Blocked, CaptureConfig, KernelStack, MODE_CPU, MODE_OFFCPU, STACK_COPY_DRAIN_MS, StackCopy,
+        StackKey,
+    },
 };
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, StackTraceMap},
@@ -43,6 +50,7 @@ use crate::{
     python::{CodeReader, Finder, Interpreter},
     targets::TargetSet,
     tracker::SharedTracked,
+    unwind::Unwinders,
 };
 
 pub const FAMILY: Family = Family {
@@ -214,6 +222,8 @@ pub struct CaptureMaps {
     py_procs: BpfHashMap<MapData, u32, PyProc>,
     py_stacks: BpfHashMap<MapData, u64, PyStack>,
     py_line_stacks: Array<MapData, u64>,
+    /// CPU samples' user registers and stack copies, unwound here (`unwind.rs`).
+    copies: aya::maps::RingBuf<MapData>,
 }
 
 impl CaptureMaps {
@@ -227,6 +237,7 @@ impl CaptureMaps {
             py_procs: kernel.take_map("PY_PROCS")?,
             py_stacks: kernel.take_map("PY_STACKS")?,
             py_line_stacks: kernel.take_map("PY_LINE_STACKS")?,
+            copies: kernel.take_map("STACK_COPIES")?,
         })
     }
 }
@@ -246,6 +257,22 @@ pub struct Profiler {
     python_unsupported: prometheus_client::metrics::counter::Counter,
     /// `CaptureConfig::generation` of the latest capture.
     generation: u32,
+    /// The running capture's unwinders, and the weights of the stacks they unwound (the
+    /// kernel cannot aggregate what only user space unwinds).
+    unwinders: Unwinders,
+    unwound: HashMap<Unwound, u64>,
+    /// Of the running capture: samples unwound here, their frames, the time it took.
+    unwind_stats: (u64, u64, Duration),
+}
+
+/// A CPU sample whose user stack was unwound here: what `StackKey` holds with the user
+/// stack's frames (innermost first) in place of its id.
+#[derive(PartialEq, Eq, Hash)]
+struct Unwound {
+    tgid: u32,
+    user: Vec<u64>,
+    kernel_stack: i32,
+    python_stack: u64,
 }
 
 impl Profiler {
@@ -268,6 +295,9 @@ impl Profiler {
             notes: Vec::new(),
             python_unsupported,
             generation: 0,
+            unwinders: Unwinders::default(),
+            unwound: HashMap::new(),
+            unwind_stats: Default::default(),
         }
     }
 
@@ -338,6 +368,7 @@ impl Profiler {
                     generation: 0,
                     min_ns: 0,
                     targets,
+                    ..CaptureConfig::default()
                 })
             }
             Subject::Pid(pid) => {
@@ -351,6 +382,7 @@ impl Profiler {
                     generation: 0,
                     min_ns: 0,
                     targets: 0,
+                    ..CaptureConfig::default()
                 })
             }
         }
@@ -386,6 +418,9 @@ impl Profiler {
                 .insert(cfg.pid, Mappings::read(cfg.pid, true));
         }
         self.find_pythons(&cfg);
+        // User space unwinds CPU samples' user stacks from copies (on x86_64, where the kernel
+        // side makes them): through code without frame pointers too.
+        cfg.copy_stacks = u32::from(cfg.mode == MODE_CPU && cfg!(target_arch = "x86_64"));
         self.maps.config.set(0, cfg, 0)?;
         if cfg.mode != MODE_CPU {
             let attached = if cfg.mode == MODE_OFFCPU {
@@ -449,7 +484,39 @@ impl Profiler {
         let _ = self.maps.config.set(0, CaptureConfig::default(), 0);
     }
 
+    /// Unwinds the stack copies the kernel sent so far. Called every `STACK_COPY_DRAIN_MS`
+    /// while a capture runs, so the ring buffer does not fill.
+    pub fn drain(&mut self) {
+        let started = std::time::Instant::now();
+        while let Some(item) = self.maps.copies.next() {
+            if item.len() < size_of::<StackCopy>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole StackCopy (checked size); it is plain data.
+            let copy: StackCopy = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let mut user = self.unwinders.unwind(&copy);
+            self.unwind_stats.0 += 1;
+            self.unwind_stats.1 += user.len() as u64;
+            user.reverse();
+            *self
+                .unwound
+                .entry(Unwound {
+                    tgid: copy.tgid,
+                    user,
+                    kernel_stack: copy.kernel_stack,
+                    python_stack: copy.python_stack,
+                })
+                .or_default() += 1;
+        }
+        self.unwind_stats.2 += started.elapsed();
+    }
+
     fn reset(&mut self) -> Result<(), CaptureError> {
+        // Copies a capture left behind (its samples are not this capture's).
+        self.drain();
+        self.unwound.clear();
+        self.unwinders = Unwinders::default();
+        self.unwind_stats = Default::default();
         let m = &mut self.maps;
         let keys: Vec<StackKey> = m.samples.keys().filter_map(Result::ok).collect();
         for k in keys {
@@ -483,6 +550,18 @@ impl Profiler {
 
     /// Reads, symbolizes and folds what the capture counted, then clears the maps.
     pub fn collect(&mut self) -> Result<Capture, CaptureError> {
+        self.drain();
+        let unwound = std::mem::take(&mut self.unwound);
+        let (n, frames, took) = self.unwind_stats;
+        if n > 0 {
+            tracing::info!(
+                samples = n,
+                frames_per_sample = frames as f64 / n as f64,
+                us_per_sample = took.as_secs_f64() * 1e6 / n as f64,
+                "user stacks unwound from the kernel's copies"
+            );
+        }
+        let unwind_notes = std::mem::take(&mut self.unwinders.notes);
         let m = &self.maps;
         let counts: Vec<(StackKey, u64)> = m.samples.iter().filter_map(Result::ok).collect();
         let stack = |id: i32| -> Vec<u64> {
@@ -519,7 +598,7 @@ impl Profiler {
                 })
                 .unwrap_or_default()
         };
-        let raw: Vec<Raw> = counts
+        let mut raw: Vec<Raw> = counts
             .iter()
             .map(|(k, c)| Raw {
                 tgid: k.tgid,
@@ -531,11 +610,21 @@ impl Profiler {
                 weight: *c,
             })
             .collect();
+        raw.extend(unwound.into_iter().map(|(u, c)| Raw {
+            kernel: stack(u.kernel_stack),
+            python: python(u.python_stack, u.tgid, c),
+            tgid: u.tgid,
+            user: u.user,
+            syscall: 0,
+            off_cpu: false,
+            weight: c,
+        }));
         self.reset()?;
         let snapshots = std::mem::take(&mut self.snapshots);
         let pythons = std::mem::take(&mut self.pythons);
         let mut capture = fold(raw, &snapshots, &pythons);
         capture.notes.splice(0..0, self.notes.drain(..));
+        capture.notes.extend(unwind_notes);
         if without_lines.get() > 0 {
             capture.notes.push(format!(
                 "{} of {} weight in Python stacks without line numbers: the capture met more \
@@ -864,7 +953,13 @@ pub async fn run(
     duration: Duration,
 ) -> Result<Capture, CaptureError> {
     let links = profiler.lock().await.start(cfg, hz)?;
-    tokio::time::sleep(duration).await;
+    let end = tokio::time::Instant::now() + duration;
+    while tokio::time::Instant::now() < end {
+        let next = tokio::time::Instant::now() + Duration::from_millis(STACK_COPY_DRAIN_MS);
+        tokio::time::sleep_until(next.min(end)).await;
+        let mut p = profiler.lock().await;
+        tokio::task::block_in_place(|| p.drain());
+    }
     let mut p = profiler.lock().await;
     p.stop(links);
     let subject_alive =

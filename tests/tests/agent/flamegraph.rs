@@ -25,11 +25,21 @@ int main(int argc, char **argv) {
 "#;
 
 fn build_hot(dir: &Path) -> std::path::PathBuf {
+    build_hot_with(
+        dir,
+        "hot",
+        &["-O1", "-g", "-fno-omit-frame-pointer", "-fno-inline"],
+    )
+}
+
+/// HOT_C built as `name` with `flags`.
+fn build_hot_with(dir: &Path, name: &str, flags: &[&str]) -> std::path::PathBuf {
     let src = dir.join("hot.c");
-    let bin = dir.join("hot");
+    let bin = dir.join(name);
     std::fs::write(&src, HOT_C).unwrap();
     let out = Command::new("gcc")
-        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-fno-inline", "-o"])
+        .args(flags)
+        .arg("-o")
         .arg(&bin)
         .arg(&src)
         .output()
@@ -54,6 +64,14 @@ fn weight(folded: &str, frame: &str) -> u64 {
             l.rsplit_once(' ')
                 .is_some_and(|(s, _)| s.split(';').any(|f| f == frame))
         })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// All samples of a folded capture.
+fn total(folded: &str) -> u64 {
+    folded
+        .lines()
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
         .sum()
 }
@@ -95,10 +113,7 @@ fn cpu_flamegraph_weights_match_the_program() {
         assert_eq!(frames.next(), Some(p.pid().to_string().as_str()), "{line}");
     }
     // 3 s at 199 Hz of a single busy thread: about 600 samples.
-    let total: u64 = folded
-        .lines()
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum();
+    let total = total(&folded);
     assert!(
         (400..=700).contains(&total),
         "{total} samples for 3 s at 199 Hz"
@@ -152,6 +167,62 @@ fn cpu_flamegraph_weights_match_the_program() {
     assert!(
         report.contains("hot_a") && report.contains("hot_b"),
         "go tool pprof -top:\n{report}"
+    );
+}
+
+/// The same program built without frame pointers, as most distribution code is (the
+/// CPythons, libz, libstdc++): a frame-pointer walk stops at the leaf, the unwind tables
+/// (.eh_frame) still lead from it to main.
+#[test]
+fn cpu_mode_unwinds_code_built_without_frame_pointers() {
+    let dir = tempfile::tempdir().unwrap();
+    let hot = build_hot_with(
+        dir.path(),
+        "hot-nofp",
+        &[
+            "-O2",
+            "-fomit-frame-pointer",
+            "-fno-inline",
+            "-fno-optimize-sibling-calls",
+        ],
+    );
+    let p = Proc::spawn(Command::new(&hot).arg("20"));
+    let agent = Agent::start(&["--target", &format!("hot=pid:{}", p.pid())]);
+    let out = dir.path().join("nofp.folded");
+    let o = agent.flamegraph(&[
+        "--pid",
+        &p.pid().to_string(),
+        "--duration",
+        "3s",
+        "--hz",
+        "199",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let folded = std::fs::read_to_string(&out).unwrap();
+    // Samples whose stack runs main -> hot_X -> burn, as the program calls them.
+    let chain = |hot: &str| -> u64 {
+        let calls = format!(";main;{hot};burn");
+        folded
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(s, _)| s.contains(&calls))
+            .filter_map(|(_, n)| n.parse::<u64>().ok())
+            .sum()
+    };
+    let (a, b) = (chain("hot_a"), chain("hot_b"));
+    let total = total(&folded);
+    eprintln!("without frame pointers: main;hot_a;burn {a}, main;hot_b;burn {b}, all {total}");
+    // Samples in clock_gettime too: the vDSO's tables are the agent's own vDSO's.
+    assert!(
+        (a + b) as f64 > 0.95 * total as f64,
+        "{a} + {b} of {total} samples unwound to main:\n{folded}"
+    );
+    let ratio = a as f64 / b.max(1) as f64;
+    assert!(
+        (2.0..=4.5).contains(&ratio),
+        "hot_a/hot_b = {ratio} ({a}/{b})\n{folded}"
     );
 }
 
