@@ -39,6 +39,7 @@ mod pod {
     unsafe impl aya::Pod for crate::stacks::KernelStack {}
     unsafe impl aya::Pod for crate::stacks::SpanSample {}
     unsafe impl aya::Pod for crate::stacks::StackCopy {}
+    unsafe impl aya::Pod for crate::stacks::SpanStackCopy {}
     unsafe impl aya::Pod for crate::tcp::PeerStats {}
     unsafe impl aya::Pod for crate::python::PyProc {}
     unsafe impl aya::Pod for crate::python::PyStack {}

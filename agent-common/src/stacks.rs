@@ -137,6 +137,19 @@ pub struct SpanSample {
     pub kernel_frames: u64,
 }
 
+/// Ring buffer of the span sampler's stack copies: ~120 samples, drained every 50 ms.
+pub const SPAN_STACK_COPIES_BYTES: u32 = 2 * 1024 * 1024;
+
+/// An on-CPU sample of the span sampler with its user stack to unwind in user space (its
+/// `user_stack` is negative): taken for processes that send spans, the only ones whose samples
+/// a span flamegraph can use.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct SpanStackCopy {
+    pub sample: SpanSample,
+    pub copy: StackCopy,
+}
+
 /// Off-CPU episodes shorter than this do not go to the span samples (a thread waiting for the
 /// next request blocks for long; one spinning on locks blocks often and briefly).
 pub const SPAN_OFFCPU_MIN_NS: u64 = 1_000_000;

@@ -323,21 +323,26 @@ pub fn span_sample(ctx: PerfEventContext) -> u32 {
     if tgid == 0 || target_of(tgid).is_none() {
         return 0;
     }
-    let user_stack = ctx
-        .get_stackid(&SPAN_STACKS, u64::from(BPF_F_USER_STACK))
-        .map_or(-1, |id| id as i32);
     let kernel_stack = ctx.get_stackid(&SPAN_STACKS, 0).map_or(-1, |id| id as i32);
-    let sample = SpanSample {
+    let mut sample = SpanSample {
         // SAFETY: no preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         tgid,
         tid: ids as u32,
-        user_stack,
+        user_stack: -1,
         kernel_stack,
         off_ns: 0,
         py_stack: python::span_stack(tgid, ids as u32),
         kernel_frames: 0,
     };
+    // Processes that send spans get their user stacks unwound through code without frame
+    // pointers (in user space, from a copy); the others' samples only wait in the window.
+    if sends_spans(tgid, sample.ts_ns) && unwind::send_span(&sample) {
+        return 0;
+    }
+    sample.user_stack = ctx
+        .get_stackid(&SPAN_STACKS, u64::from(BPF_F_USER_STACK))
+        .map_or(-1, |id| id as i32);
     // No wakeup: user space drains the ring on a timer.
     if SPAN_SAMPLES
         .output::<SpanSample>(&sample, u64::from(BPF_RB_NO_WAKEUP))

@@ -12,7 +12,10 @@ use core::ffi::c_void;
 
 use agent_common::{
     lost,
-    stacks::{STACK_COPIES_BYTES, STACK_COPY_BYTES, StackCopy},
+    stacks::{
+        SPAN_STACK_COPIES_BYTES, STACK_COPIES_BYTES, STACK_COPY_BYTES, SpanSample, SpanStackCopy,
+        StackCopy,
+    },
 };
 use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
@@ -28,6 +31,10 @@ use crate::lost::count as count_lost;
 #[map]
 static STACK_COPIES: RingBuf = RingBuf::with_byte_size(STACK_COPIES_BYTES, 0);
 
+/// The span sampler's, apart: it runs all the time, the captures' only while one runs.
+#[map]
+static SPAN_STACK_COPIES: RingBuf = RingBuf::with_byte_size(SPAN_STACK_COPIES_BYTES, 0);
+
 const PAGE: u64 = 4096;
 
 /// Elsewhere than x86_64 the kernel walks frame pointers (framehop's aarch64 unwinder would
@@ -38,8 +45,15 @@ pub fn send(_tgid: u32, _kernel_stack: i32, _python_stack: u64) -> bool {
     false
 }
 
-/// Sends the current thread's user registers and stack with the sample's other keys. False
-/// when the ring buffer is full (counted): the caller then walks frame pointers instead.
+#[cfg(not(bpf_target_arch = "x86_64"))]
+#[inline(always)]
+pub fn send_span(_sample: &SpanSample) -> bool {
+    false
+}
+
+/// Sends a capture's CPU sample: the current thread's user registers and stack with the
+/// sample's other keys. False when the ring buffer is full (counted): the caller then walks
+/// frame pointers instead.
 #[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
 pub fn send(tgid: u32, kernel_stack: i32, python_stack: u64) -> bool {
@@ -48,6 +62,48 @@ pub fn send(tgid: u32, kernel_stack: i32, python_stack: u64) -> bool {
         return false;
     };
     let out = entry.as_mut_ptr();
+    // SAFETY: `out` is the reserved record, written field by field before submission.
+    unsafe {
+        (*out).tgid = tgid;
+        (*out).kernel_stack = kernel_stack;
+        (*out).python_stack = python_stack;
+        fill(out);
+    }
+    // No wakeup: user space drains the ring on a timer while the capture runs.
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    true
+}
+
+/// Sends a span sampler's on-CPU sample with the current thread's user registers and stack;
+/// false as `send`.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn send_span(sample: &SpanSample) -> bool {
+    let Some(mut entry) = SPAN_STACK_COPIES.reserve::<SpanStackCopy>(0) else {
+        count_lost(lost::STACK_COPIES_FULL);
+        return false;
+    };
+    let out = entry.as_mut_ptr();
+    // SAFETY: as in `send`.
+    unsafe {
+        (*out).sample = *sample;
+        (*out).copy.tgid = sample.tgid;
+        (*out).copy.kernel_stack = sample.kernel_stack;
+        (*out).copy.python_stack = sample.py_stack;
+        fill(&raw mut (*out).copy);
+    }
+    // No wakeup: user space drains the ring on a timer, as the span samples'.
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+    true
+}
+
+/// Writes the current thread's user registers and stack into `out`.
+///
+/// # Safety
+/// `out` points to a ring buffer reservation's `StackCopy`.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fill(out: *mut StackCopy) {
     // The registers the thread returns to user mode with: those of the interrupted user code,
     // or those saved at kernel entry when the sample hit a syscall or fault.
     let mut regs = core::mem::MaybeUninit::<pt_regs>::zeroed();
@@ -73,8 +129,8 @@ pub fn send(tgid: u32, kernel_stack: i32, python_stack: u64) -> bool {
         if want > STACK_COPY_BYTES as u64 {
             continue;
         }
-        // SAFETY: `want` <= STACK_COPY_BYTES, the size of the reserved `stack`; the helper
-        // tolerates any user address.
+        // SAFETY: `want` <= STACK_COPY_BYTES, the size of `stack`; the helper tolerates any
+        // user address.
         let r = unsafe {
             bpf_probe_read_user(
                 (&raw mut (*out).stack).cast(),
@@ -87,17 +143,11 @@ pub fn send(tgid: u32, kernel_stack: i32, python_stack: u64) -> bool {
             break;
         }
     }
-    // SAFETY: `out` is the reserved record, written field by field before submission.
+    // SAFETY: the caller's reservation.
     unsafe {
-        (*out).tgid = tgid;
-        (*out).kernel_stack = kernel_stack;
-        (*out).python_stack = python_stack;
         (*out).ip = regs.rip;
         (*out).sp = sp;
         (*out).bp = regs.rbp;
         (*out).len = len;
     }
-    // No wakeup: user space drains the ring on a timer while the capture runs.
-    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
-    true
 }

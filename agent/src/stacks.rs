@@ -88,6 +88,8 @@ const SPAN_OFFCPU_PROGRAM: &str = "span_offcpu";
 /// The continuous sampler behind span flamegraphs: its samples and their stacks.
 pub struct SpanSampler {
     pub ring: aya::maps::RingBuf<MapData>,
+    /// On-CPU samples of span senders with their user stacks to unwind (`unwind.rs`).
+    pub copies: aya::maps::RingBuf<MapData>,
     pub stacks: StackTraceMap<MapData>,
     /// Python processes whose frames the sampler walks, and the walked stacks.
     pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
@@ -138,6 +140,9 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
     }
     Ok(SpanSampler {
         ring: kernel.take_map("SPAN_SAMPLES").map_err(|e| e.to_string())?,
+        copies: kernel
+            .take_map("SPAN_STACK_COPIES")
+            .map_err(|e| e.to_string())?,
         stacks: kernel.take_map("SPAN_STACKS").map_err(|e| e.to_string())?,
         py_procs: kernel
             .take_map("SPAN_PY_PROCS")

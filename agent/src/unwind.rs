@@ -7,18 +7,26 @@
 //! every instruction of those; framehop reads them in place (using `.eh_frame_hdr` as the
 //! index) and falls back to frame pointers only for code no table covers (JIT code).
 //!
-//! Per capture: each sampled process gets an unwinder over its executable mappings, opened
-//! through /proc/PID/map_files (so a container's files and deleted files work); the unwind
-//! sections of a file are read once and shared by every process that maps it (the vDSO's from
-//! the agent's own, the same image). All of it is dropped when the capture ends.
-use std::{collections::HashMap, fs::File, ops::Range, sync::Arc};
+//! Each sampled process gets an unwinder over its executable mappings, opened
+//! through /proc/PID/map_files (so a container's files and deleted files work); a file is
+//! mapped once (its pages are the page cache's, not the agent's heap) and shared by every
+//! process that maps it, the vDSO's copied from the agent's own (the same image). A capture's
+//! unwinders are dropped when it ends; the span sampler keeps its own, listing each process's
+//! modules again every 30 s and forgetting processes that are gone.
+use std::{
+    collections::HashMap,
+    fs::File,
+    ops::{Deref, Range},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use agent_common::stacks::{STACK_COPY_BYTES, StackCopy};
 use framehop::{
     CacheNative, ExplicitModuleSectionInfo, FrameAddress, MayAllocateDuringUnwind, Module,
     UnwindRegsNative, Unwinder as _, UnwinderNative,
 };
-use object::{Object as _, ObjectSection as _, ObjectSegment as _, read::ReadCache};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use thiserror::Error;
 
 /// Frames kept per stack, as many as the kernel's stack map keeps (PERF_MAX_STACK_DEPTH).
@@ -37,12 +45,49 @@ pub enum UnwindError {
     NoUnwindTables { path: String },
 }
 
+/// A file's bytes, mapped (the page cache holds them, not the agent's heap), or copied when
+/// they are no file (the vDSO).
+enum Image {
+    Mapped(memmap2::Mmap),
+    Copied(Vec<u8>),
+}
+
+impl Deref for Image {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Image::Mapped(m) => m,
+            Image::Copied(v) => v,
+        }
+    }
+}
+
+/// One section of an image, as framehop reads it.
+#[derive(Clone)]
+pub struct Section(Arc<Image>, Range<usize>);
+
+/// framehop's section info wants one for the sections it is not given.
+impl Default for Section {
+    fn default() -> Self {
+        Section(Arc::new(Image::Copied(Vec::new())), 0..0)
+    }
+}
+
+impl Deref for Section {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0[self.1.clone()]
+    }
+}
+
 /// What framehop needs of one ELF file: its unwind sections, where they are in the file's
 /// address space, and the loadable segments that map file offsets to those addresses.
 struct FileTables {
-    eh_frame: Option<(Range<u64>, Arc<[u8]>)>,
-    eh_frame_hdr: Option<(Range<u64>, Arc<[u8]>)>,
-    debug_frame: Option<Arc<[u8]>>,
+    eh_frame: Option<(Range<u64>, Section)>,
+    eh_frame_hdr: Option<(Range<u64>, Section)>,
+    debug_frame: Option<Section>,
     text: Option<Range<u64>>,
     got: Option<Range<u64>>,
     /// (file offset, virtual address) of each PT_LOAD segment, and its file size.
@@ -50,8 +95,14 @@ struct FileTables {
 }
 
 impl FileTables {
-    fn read(path: &str, file: File) -> Result<Self, UnwindError> {
-        Self::parse(path, &ReadCache::new(file))
+    fn read(path: &str, file: &File) -> Result<Self, UnwindError> {
+        // SAFETY: a read-only private mapping; libraries are replaced by renaming, not
+        // rewritten in place, so its pages do not change under it.
+        let map = unsafe { memmap2::Mmap::map(file) }.map_err(|source| UnwindError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, Arc::new(Image::Mapped(map)))
     }
 
     /// The vDSO's: one image for every 64-bit process of this kernel, so the agent's own. It
@@ -68,18 +119,29 @@ impl FileTables {
         let image = unsafe {
             std::slice::from_raw_parts(mapping.lo as *const u8, (mapping.hi - mapping.lo) as usize)
         };
-        Self::parse(path, image)
+        Self::parse(path, Arc::new(Image::Copied(image.to_vec())))
     }
 
-    fn parse<'d, R: object::ReadRef<'d>>(path: &str, data: R) -> Result<Self, UnwindError> {
-        let elf = object::File::parse(data).map_err(|source| UnwindError::Parse {
+    fn parse(path: &str, image: Arc<Image>) -> Result<Self, UnwindError> {
+        let elf = object::File::parse(&**image).map_err(|source| UnwindError::Parse {
             path: path.to_owned(),
             source,
         })?;
+        // Sections are used in place: stored uncompressed, inside the image.
         let section = |name: &str| {
             let s = elf.section_by_name(name)?;
-            let data: Arc<[u8]> = s.data().ok()?.into();
-            Some((s.address()..s.address() + s.size(), data))
+            let stored = s.compressed_file_range().ok()?;
+            if stored.format != object::CompressionFormat::None {
+                return None;
+            }
+            let at = usize::try_from(stored.offset).ok()?;
+            let end = at.checked_add(usize::try_from(stored.compressed_size).ok()?)?;
+            (end <= image.len()).then(|| {
+                (
+                    s.address()..s.address() + s.size(),
+                    Section(image.clone(), at..end),
+                )
+            })
         };
         let range = |name: &str| {
             elf.section_by_name(name)
@@ -123,7 +185,7 @@ impl FileTables {
             })
     }
 
-    fn module(&self, name: String, avma: Range<u64>, bias: u64) -> Module<Arc<[u8]>> {
+    fn module(&self, name: String, avma: Range<u64>, bias: u64) -> Module<Section> {
         Module::new(
             name,
             avma,
@@ -144,9 +206,17 @@ impl FileTables {
 }
 
 struct ProcessUnwinder {
-    unwinder: UnwinderNative<Arc<[u8]>, MayAllocateDuringUnwind>,
+    unwinder: UnwinderNative<Section, MayAllocateDuringUnwind>,
     cache: CacheNative<MayAllocateDuringUnwind>,
+    built: Instant,
+    /// Keys of `Unwinders::files` it uses.
+    files: Vec<(u64, String)>,
 }
+
+/// A process's modules are listed again after this, so libraries it loaded since (dlopen,
+/// extension modules imported late) get their tables. Only the span sampler's unwinders live
+/// that long; a capture's are dropped at its end.
+const REFRESH: Duration = Duration::from_secs(30);
 
 /// The registers framehop starts from. Only x86_64's kernel side copies stacks (elsewhere the
 /// kernel walks frame pointers), so other architectures never get here.
@@ -171,15 +241,32 @@ pub struct Unwinders {
 }
 
 impl Unwinders {
+    /// Forgets the processes `keep` refuses, and the files no remaining process maps.
+    pub fn retain(&mut self, keep: impl Fn(u32) -> bool) {
+        self.procs.retain(|pid, _| keep(*pid));
+        let used: std::collections::HashSet<&(u64, String)> =
+            self.procs.values().flat_map(|p| &p.files).collect();
+        self.files.retain(|k, _| used.contains(k));
+    }
+
     fn process(&mut self, pid: u32) -> &mut ProcessUnwinder {
+        if self
+            .procs
+            .get(&pid)
+            .is_some_and(|p| p.built.elapsed() > REFRESH)
+        {
+            self.procs.remove(&pid);
+        }
         if !self.procs.contains_key(&pid) {
             let mut unwinder = UnwinderNative::new();
+            let mut files = Vec::new();
             for m in crate::procmaps::read(pid) {
                 let vdso = m.path == "[vdso]";
                 if !m.perms.contains('x') || !(m.path.starts_with('/') || vdso) {
                     continue;
                 }
                 let key = (m.inode, m.path.clone());
+                files.push(key.clone());
                 let tables = self
                     .files
                     .entry(key)
@@ -192,7 +279,7 @@ impl Unwinders {
                             path: m.path.clone(),
                             source,
                         });
-                        match opened.and_then(|f| FileTables::read(&m.path, f)) {
+                        match opened.and_then(|f| FileTables::read(&m.path, &f)) {
                             Ok(t) => Some(Arc::new(t)),
                             Err(e) => {
                                 self.notes.push(e.to_string());
@@ -211,6 +298,8 @@ impl Unwinders {
                 ProcessUnwinder {
                     unwinder,
                     cache: CacheNative::new(),
+                    built: Instant::now(),
+                    files,
                 },
             );
         }

@@ -6,7 +6,9 @@
 //! the samples and the blocked time of its thread (else its process) inside its window are
 //! symbolized and drawn in microseconds: an on-CPU sample weighs one sampling period, an
 //! off-CPU episode the part of it inside the span, under an `[off-CPU]` frame. The SVG is kept
-//! in a directory with limits on count and bytes, oldest removed first.
+//! in a directory with limits on count and bytes, oldest removed first. On-CPU samples of
+//! processes that send spans come with a copy of their user stack, unwound here with the
+//! modules' .eh_frame (`unwind.rs`) as a cpu capture's are.
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::{Path, PathBuf},
@@ -14,12 +16,13 @@ use std::{
     time::Duration,
 };
 
-use agent_common::stacks::{SPAN_STACKS_MAX, SpanSample};
+use agent_common::stacks::{SPAN_STACKS_MAX, SpanSample, SpanStackCopy};
 
 use crate::{
     python::{Finder, Interpreter, PyFrame},
     stacks::SpanStack,
     tracker::SharedTracked,
+    unwind::Unwinders,
 };
 use aya::maps::MapData;
 use serde::{Deserialize, Serialize};
@@ -134,6 +137,7 @@ pub async fn collect(
 ) {
     let crate::stacks::SpanSampler {
         ring,
+        mut copies,
         mut stacks,
         mut py_procs,
         mut py_stacks,
@@ -142,6 +146,7 @@ pub async fn collect(
         senders: _,
     } = sampler;
     let mut finder = Finder::default();
+    let mut unwinders = Unwinders::default();
     let mut seen = HashSet::new();
     let mut python_scan = tokio::time::interval(Duration::from_secs(1));
     let mut python_frames: HashMap<u64, Arc<Vec<PyFrame>>> = HashMap::new();
@@ -160,6 +165,10 @@ pub async fn collect(
             _ = drain.tick() => {}
             _ = python_scan.tick() => {
                 register_pythons(&tracked, &mut finder, &mut seen, &mut py_procs, &shared);
+                unwinders.retain(|pid| seen.contains(&pid));
+                for note in unwinders.notes.drain(..) {
+                    tracing::debug!("span sampler: {note}");
+                }
                 continue;
             }
         }
@@ -170,7 +179,19 @@ pub async fn collect(
                 batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SpanSample>()) });
             }
         }
-        if batch.is_empty() {
+        // On-CPU samples of span senders, their user stacks unwound here.
+        let mut unwound = Vec::new();
+        while let Some(item) = copies.next() {
+            if item.len() >= std::mem::size_of::<SpanStackCopy>() {
+                // SAFETY: as above, for SpanStackCopy.
+                let c: SpanStackCopy =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SpanStackCopy>()) };
+                let mut user = unwinders.unwind(&c.copy);
+                user.reverse();
+                unwound.push((c.sample, Arc::new(user)));
+            }
+        }
+        if batch.is_empty() && unwound.is_empty() {
             continue;
         }
         let mut stack = |id: i32| -> Arc<Vec<u64>> {
@@ -218,14 +239,16 @@ pub async fn collect(
                 })
                 .clone()
         };
-        let converted: Vec<Sample> = batch
-            .iter()
-            .map(|s| Sample {
+        let mut converted: Vec<Sample> = batch
+            .into_iter()
+            .map(|s| (s, None))
+            .chain(unwound.into_iter().map(|(s, user)| (s, Some(user))))
+            .map(|(s, user)| Sample {
                 ts_ns: s.ts_ns,
                 off_ns: s.off_ns,
                 tgid: s.tgid,
                 tid: s.tid,
-                user: stack(s.user_stack),
+                user: user.unwrap_or_else(|| stack(s.user_stack)),
                 kernel: if s.kernel_frames != 0 {
                     blocked_in(s.kernel_frames)
                 } else {
@@ -234,6 +257,8 @@ pub async fn collect(
                 python: python(s.py_stack),
             })
             .collect();
+        // Two rings: in time order again, as the window's trimming expects.
+        converted.sort_by_key(|s| s.ts_ns);
         // Like the stack map, the Python stacks only fill: cleared before they run out.
         if python_frames.len() as u32 > agent_common::python::PY_STACKS_MAX * 3 / 4 {
             let keys: Vec<u64> = py_stacks.keys().filter_map(Result::ok).collect();

@@ -318,6 +318,17 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
         off_us as f64 / 1e3 >= 70.0 && off_us as f64 / 1e3 <= offcpu * 1.3,
         "off-CPU in the flamegraph {off_us} us, offcpu attribute {offcpu} ms"
     );
+    // Between the Python function and libcrypto, the _hashlib extension's own function: built
+    // without frame pointers, as the interpreter, so only the unwind tables reach it.
+    assert!(
+        svg.contains("<title>_hashlib_openssl_sha256 ("),
+        "the span flamegraph's native frames stop short of the extension module: {}",
+        svg.split("<title>")
+            .skip(1)
+            .filter_map(|t| t.split(" (").next())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     let missing = cli(&["get", "00ff", "--out", out.to_str().unwrap()]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no span flamegraph `00ff`"));
