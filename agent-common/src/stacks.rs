@@ -47,7 +47,8 @@ pub struct CaptureConfig {
 /// and the interpreter frame running the innermost Python function, which is where native
 /// frames stop mattering under Python frames; a deeper native stack is cut at its outer end.
 pub const STACK_COPY_BYTES: usize = 16 * 1024;
-/// The ring buffer of stack copies: ~250 samples, drained every `STACK_COPY_DRAIN_MS`.
+/// The ring buffer of stack copies: ~250 samples, drained every `STACK_COPY_DRAIN_MS`; mapped
+/// by the agent only while a capture runs.
 pub const STACK_COPIES_BYTES: u32 = 4 * 1024 * 1024;
 /// How often user space drains the stack copies during a capture.
 pub const STACK_COPY_DRAIN_MS: u64 = 20;
@@ -137,8 +138,11 @@ pub struct SpanSample {
     pub kernel_frames: u64,
 }
 
-/// Ring buffer of the span sampler's stack copies: ~120 samples, drained every 50 ms.
-pub const SPAN_STACK_COPIES_BYTES: u32 = 2 * 1024 * 1024;
+/// Ring buffer of the span sampler's stack copies: ~60 samples, drained every 50 ms, so 49 Hz
+/// on up to ~25 CPUs busy with span senders at once; past that, samples fall back to frame
+/// pointers (counted). The agent maps it (twice, as every ring buffer) for its whole life, and
+/// all of it counts in its RSS: 2 MiB.
+pub const SPAN_STACK_COPIES_BYTES: u32 = 1024 * 1024;
 
 /// An on-CPU sample of the span sampler with its user stack to unwind in user space (its
 /// `user_stack` is negative): taken for processes that send spans, the only ones whose samples

@@ -227,8 +227,10 @@ pub struct CaptureMaps {
     py_procs: BpfHashMap<MapData, u32, PyProc>,
     py_stacks: BpfHashMap<MapData, u64, PyStack>,
     py_line_stacks: Array<MapData, u64>,
-    /// CPU samples' user registers and stack copies, unwound here (`unwind.rs`).
-    copies: aya::maps::RingBuf<MapData>,
+    /// CPU samples' user registers and stack copies, unwound here (`unwind.rs`). Mapped into
+    /// the agent only while a capture runs (`Profiler::copies`): its 4 MiB are mapped twice,
+    /// and all of it counts in the agent's RSS from the moment it is mapped.
+    copies: MapData,
 }
 
 impl CaptureMaps {
@@ -242,7 +244,14 @@ impl CaptureMaps {
             py_procs: kernel.take_map("PY_PROCS")?,
             py_stacks: kernel.take_map("PY_STACKS")?,
             py_line_stacks: kernel.take_map("PY_LINE_STACKS")?,
-            copies: kernel.take_map("STACK_COPIES")?,
+            copies: match kernel.bpf.take_map("STACK_COPIES") {
+                Some(aya::maps::Map::RingBuf(data)) => data,
+                _ => {
+                    return Err(crate::ebpf::LoadError::MissingMap {
+                        name: "STACK_COPIES",
+                    });
+                }
+            },
         })
     }
 }
@@ -266,6 +275,8 @@ pub struct Profiler {
     /// kernel cannot aggregate what only user space unwinds).
     unwinders: Unwinders,
     unwound: HashMap<Unwound, u64>,
+    /// The stack copies' ring, mapped while a capture that copies stacks runs.
+    copies: Option<aya::maps::RingBuf<MapData>>,
     /// Of the running capture: samples unwound here, their frames, the time it took.
     unwind_stats: (u64, u64, Duration),
 }
@@ -303,6 +314,7 @@ impl Profiler {
             unwinders: Unwinders::default(),
             unwound: HashMap::new(),
             unwind_stats: Default::default(),
+            copies: None,
         }
     }
 
@@ -412,20 +424,31 @@ impl Profiler {
     /// Attaches what `cfg.mode` needs (cpu: the sampler on every online CPU at `hz`) and
     /// starts selecting `cfg`.
     pub fn start(&mut self, mut cfg: CaptureConfig, hz: u64) -> Result<Links, CaptureError> {
+        // User space unwinds CPU samples' user stacks from copies (on x86_64, where the kernel
+        // side makes them): through code without frame pointers too.
+        if cfg.mode == MODE_CPU && cfg!(target_arch = "x86_64") {
+            match self.map_copies() {
+                Ok(ring) => self.copies = Some(ring),
+                Err(e) => self.notes.push(format!(
+                    "native frames are walked by frame pointers: cannot map the stack copies' \
+                     ring buffer ({e})"
+                )),
+            }
+        }
+        // Before the notes are cleared: a note above is this capture's.
+        let notes = std::mem::take(&mut self.notes);
         self.reset()?;
         self.generation = self.generation.wrapping_add(1).max(1);
         cfg.generation = self.generation;
         self.snapshots.clear();
         self.pythons.clear();
-        self.notes.clear();
+        self.notes = notes;
         if cfg.pid != 0 {
             self.snapshots
                 .insert(cfg.pid, Mappings::read(cfg.pid, true));
         }
         self.find_pythons(&cfg);
-        // User space unwinds CPU samples' user stacks from copies (on x86_64, where the kernel
-        // side makes them): through code without frame pointers too.
-        cfg.copy_stacks = u32::from(cfg.mode == MODE_CPU && cfg!(target_arch = "x86_64"));
+        cfg.copy_stacks = u32::from(self.copies.is_some());
         self.maps.config.set(0, cfg, 0)?;
         if cfg.mode != MODE_CPU {
             let attached = if cfg.mode == MODE_OFFCPU {
@@ -460,6 +483,7 @@ impl Profiler {
                 Ok(l) => links.push(l),
                 Err(source) => {
                     self.stop(Links::Cpu(links));
+                    self.copies = None;
                     return Err(CaptureError::Attach {
                         cpu,
                         source: Box::new(source),
@@ -492,8 +516,11 @@ impl Profiler {
     /// Unwinds the stack copies the kernel sent so far. Called every `STACK_COPY_DRAIN_MS`
     /// while a capture runs, so the ring buffer does not fill.
     pub fn drain(&mut self) {
+        let Some(copies) = self.copies.as_mut() else {
+            return;
+        };
         let started = std::time::Instant::now();
-        while let Some(item) = self.maps.copies.next() {
+        while let Some(item) = copies.next() {
             if item.len() < size_of::<StackCopy>() {
                 continue;
             }
@@ -514,6 +541,25 @@ impl Profiler {
                 .or_default() += 1;
         }
         self.unwind_stats.2 += started.elapsed();
+    }
+
+    /// A mapping of the stack copies' ring of its own (through a second descriptor: the map
+    /// stays the capture maps').
+    fn map_copies(&self) -> Result<aya::maps::RingBuf<MapData>, aya::maps::MapError> {
+        use std::os::fd::AsFd as _;
+        let fd = self
+            .maps
+            .copies
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|io_error| {
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                })
+            })?;
+        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(MapData::from_fd(fd)?))
     }
 
     fn reset(&mut self) -> Result<(), CaptureError> {
@@ -556,6 +602,8 @@ impl Profiler {
     /// Reads, symbolizes and folds what the capture counted, then clears the maps.
     pub fn collect(&mut self) -> Result<Capture, CaptureError> {
         self.drain();
+        // Unmapped until the next capture: between captures it would only weigh on the RSS.
+        self.copies = None;
         let unwound = std::mem::take(&mut self.unwound);
         let (n, frames, took) = self.unwind_stats;
         if n > 0 {
