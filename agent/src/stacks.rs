@@ -88,8 +88,11 @@ const SPAN_OFFCPU_PROGRAM: &str = "span_offcpu";
 /// The continuous sampler behind span flamegraphs: its samples and their stacks.
 pub struct SpanSampler {
     pub ring: aya::maps::RingBuf<MapData>,
-    /// On-CPU samples of span senders with their user stacks to unwind (`unwind.rs`).
-    pub copies: aya::maps::RingBuf<MapData>,
+    /// On-CPU samples of span senders with their user stacks to unwind (`unwind.rs`). Mapped
+    /// (`map_ring`) once `senders_marked`: a node where no process sends spans never pays its
+    /// RSS.
+    pub copies: MapData,
+    pub senders_marked: Arc<std::sync::atomic::AtomicBool>,
     pub stacks: StackTraceMap<MapData>,
     /// Python processes whose frames the sampler walks, and the walked stacks.
     pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
@@ -138,11 +141,14 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
     if let Err(e) = offcpu {
         tracing::warn!("{e}; span flamegraphs show on-CPU samples only");
     }
+    let senders_marked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     Ok(SpanSampler {
         ring: kernel.take_map("SPAN_SAMPLES").map_err(|e| e.to_string())?,
-        copies: kernel
-            .take_map("SPAN_STACK_COPIES")
-            .map_err(|e| e.to_string())?,
+        copies: match kernel.bpf.take_map("SPAN_STACK_COPIES") {
+            Some(aya::maps::Map::RingBuf(data)) => data,
+            _ => return Err("SPAN_STACK_COPIES is missing from the eBPF object".to_owned()),
+        },
+        senders_marked: senders_marked.clone(),
         stacks: kernel.take_map("SPAN_STACKS").map_err(|e| e.to_string())?,
         py_procs: kernel
             .take_map("SPAN_PY_PROCS")
@@ -156,8 +162,23 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
         kstacks: kernel.take_map("SPAN_KSTACKS").map_err(|e| e.to_string())?,
         senders: Some(crate::spans::flamegraphs::Senders::new(
             kernel.take_map("SPAN_SENDERS").map_err(|e| e.to_string())?,
+            senders_marked,
         )),
     })
+}
+
+/// A mapping of its own of the ring buffer `data` (through a second descriptor, so that the
+/// map stays its owner's): for rings mapped only while they are used, since a ring buffer is
+/// mapped twice and all of it counts in the agent's RSS from the mmap on.
+pub fn map_ring(data: &MapData) -> Result<aya::maps::RingBuf<MapData>, aya::maps::MapError> {
+    use std::os::fd::AsFd as _;
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        })
+    })?;
+    aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(MapData::from_fd(fd)?))
 }
 
 /// What attaches a running capture, to detach it at the end.
@@ -427,7 +448,7 @@ impl Profiler {
         // User space unwinds CPU samples' user stacks from copies (on x86_64, where the kernel
         // side makes them): through code without frame pointers too.
         if cfg.mode == MODE_CPU && cfg!(target_arch = "x86_64") {
-            match self.map_copies() {
+            match map_ring(&self.maps.copies) {
                 Ok(ring) => self.copies = Some(ring),
                 Err(e) => self.notes.push(format!(
                     "native frames are walked by frame pointers: cannot map the stack copies' \
@@ -541,25 +562,6 @@ impl Profiler {
                 .or_default() += 1;
         }
         self.unwind_stats.2 += started.elapsed();
-    }
-
-    /// A mapping of the stack copies' ring of its own (through a second descriptor: the map
-    /// stays the capture maps').
-    fn map_copies(&self) -> Result<aya::maps::RingBuf<MapData>, aya::maps::MapError> {
-        use std::os::fd::AsFd as _;
-        let fd = self
-            .maps
-            .copies
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|io_error| {
-                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                    call: "dup",
-                    io_error,
-                })
-            })?;
-        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(MapData::from_fd(fd)?))
     }
 
     fn reset(&mut self) -> Result<(), CaptureError> {

@@ -137,7 +137,8 @@ pub async fn collect(
 ) {
     let crate::stacks::SpanSampler {
         ring,
-        mut copies,
+        copies: copies_map,
+        senders_marked,
         mut stacks,
         mut py_procs,
         mut py_stacks,
@@ -147,6 +148,8 @@ pub async fn collect(
     } = sampler;
     let mut finder = Finder::default();
     let mut unwinders = Unwinders::default();
+    let mut copies: Option<aya::maps::RingBuf<MapData>> = None;
+    let mut copies_refused = false;
     let mut seen = HashSet::new();
     let mut python_scan = tokio::time::interval(Duration::from_secs(1));
     let mut python_frames: HashMap<u64, Arc<Vec<PyFrame>>> = HashMap::new();
@@ -179,9 +182,25 @@ pub async fn collect(
                 batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SpanSample>()) });
             }
         }
-        // On-CPU samples of span senders, their user stacks unwound here.
+        // On-CPU samples of span senders, their user stacks unwound here; the ring is mapped
+        // once there are senders (the kernel copies only theirs).
+        if copies.is_none()
+            && !copies_refused
+            && senders_marked.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            match crate::stacks::map_ring(&copies_map) {
+                Ok(ring) => copies = Some(ring),
+                Err(e) => {
+                    copies_refused = true;
+                    tracing::warn!(
+                        "cannot map the span sampler's stack copies ({e}): once the ring is \
+                         full, span senders' native frames are walked by frame pointers"
+                    );
+                }
+            }
+        }
         let mut unwound = Vec::new();
-        while let Some(item) = copies.next() {
+        while let Some(item) = copies.as_mut().and_then(|c| c.next()) {
             if item.len() >= std::mem::size_of::<SpanStackCopy>() {
                 // SAFETY: as above, for SpanStackCopy.
                 let c: SpanStackCopy =
@@ -438,14 +457,20 @@ pub struct SpanFlamegraphs {
 /// samples only.
 pub struct Senders {
     map: aya::maps::HashMap<MapData, u32, u64>,
+    /// Set at the first mark: the span sampler maps its stack copies' ring then.
+    marked: Arc<std::sync::atomic::AtomicBool>,
     /// When each was last written, not to write the map per span.
     written: HashMap<u32, u64>,
 }
 
 impl Senders {
-    pub fn new(map: aya::maps::HashMap<MapData, u32, u64>) -> Self {
+    pub fn new(
+        map: aya::maps::HashMap<MapData, u32, u64>,
+        marked: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         Self {
             map,
+            marked,
             written: HashMap::new(),
         }
     }
@@ -465,6 +490,8 @@ impl Senders {
             tracing::debug!(pid, "cannot mark a span sender: {e}");
             return;
         }
+        self.marked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         // Bounded like the kernel's LRU: drop what is long stale.
         if self.written.len() >= SPAN_SENDERS_MAX as usize {
             self.written
