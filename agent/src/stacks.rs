@@ -445,8 +445,10 @@ impl Profiler {
     /// Attaches what `cfg.mode` needs (cpu: the sampler on every online CPU at `hz`) and
     /// starts selecting `cfg`.
     pub fn start(&mut self, mut cfg: CaptureConfig, hz: u64) -> Result<Links, CaptureError> {
+        self.notes.clear();
         // User space unwinds CPU samples' user stacks from copies (on x86_64, where the kernel
         // side makes them): through code without frame pointers too.
+        self.copies = None;
         if cfg.mode == MODE_CPU && cfg!(target_arch = "x86_64") {
             match map_ring(&self.maps.copies) {
                 Ok(ring) => self.copies = Some(ring),
@@ -456,14 +458,12 @@ impl Profiler {
                 )),
             }
         }
-        // Before the notes are cleared: a note above is this capture's.
-        let notes = std::mem::take(&mut self.notes);
+        // Mapped first, so that this also drains what a capture never collected left there.
         self.reset()?;
         self.generation = self.generation.wrapping_add(1).max(1);
         cfg.generation = self.generation;
         self.snapshots.clear();
         self.pythons.clear();
-        self.notes = notes;
         if cfg.pid != 0 {
             self.snapshots
                 .insert(cfg.pid, Mappings::read(cfg.pid, true));

@@ -230,7 +230,8 @@ fn registers(copy: &StackCopy) -> UnwindRegsNative {
     UnwindRegsNative::new(0, copy.sp, copy.bp)
 }
 
-/// The unwinders of one capture's processes.
+/// Unwinders of the sampled processes: a capture's (dropped with it) or the span sampler's
+/// (kept, see `retain` and `REFRESH`).
 #[derive(Default)]
 pub struct Unwinders {
     /// By (inode, path): `None` for a file that cannot be used (said once in `notes`).
@@ -431,6 +432,19 @@ mod tests {
         let vdso = FileTables::vdso().expect("the vDSO parses");
         assert!(vdso.eh_frame.as_ref().is_some_and(|(_, d)| !d.is_empty()));
         assert_eq!(vdso.load_bias(0x7fff_0000_0000, 0), Some(0x7fff_0000_0000));
+    }
+
+    #[test]
+    fn a_file_that_is_not_elf_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not-elf.so");
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        let path = path.to_str().unwrap();
+        let Err(e) = FileTables::read(path, &File::open(path).unwrap()) else {
+            panic!("a shell script parsed as ELF");
+        };
+        let e = e.to_string();
+        assert!(e.contains(path) && e.contains("not an ELF file"), "{e}");
     }
 
     #[test]
