@@ -182,8 +182,12 @@ fn python_names_and_weights_agree_with_the_workload_and_py_spy_in_every_cpython(
             "{}: {loop_ours} of spin's samples on its loop lines {for_line}, {add_line}:\n{ours}",
             python.display()
         );
+        // ~1500 samples each put the sampling error of the difference near 0.02, but py-spy's
+        // non-blocking reads have drifted by 0.12 on a loaded 2-core CI machine (0.64 against
+        // 0.74-0.76 everywhere else, ours 0.76 there too), so the bound leaves room for the
+        // reference's drift. A misread line table shows above, as samples off the loop's lines.
         assert!(
-            (add_ours - add_spy).abs() <= 0.1,
+            (add_ours - add_spy).abs() <= 0.15,
             "{}: spin's share on line {add_line}: pipeprobe {add_ours}, py-spy {add_spy}",
             python.display()
         );
