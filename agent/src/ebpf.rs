@@ -29,6 +29,65 @@ pub enum LoadError {
     },
 }
 
+#[derive(Debug, Error)]
+#[error("cannot attach {program} to its tracepoint: {source}")]
+pub struct AttachError {
+    program: &'static str,
+    #[source]
+    source: std::io::Error,
+}
+
+/// A tp_btf program loaded now and attached later, by a task other than the one holding the
+/// `Ebpf` object (aya attaches only through the object's owner, here the control API): for
+/// hooks on every context switch that only some nodes need, so that the others never run them.
+pub struct DeferredTracepoint {
+    program: &'static str,
+    fd: aya::programs::ProgramFd,
+}
+
+impl DeferredTracepoint {
+    /// `program` must already be loaded for its tracepoint (`BtfTracePoint::load`).
+    pub fn new(
+        program: &'static str,
+        prog: &aya::programs::BtfTracePoint,
+    ) -> Result<Self, AttachError> {
+        let fd = prog
+            .fd()
+            .map_err(std::io::Error::other)
+            .and_then(|fd| fd.try_clone())
+            .map_err(|source| AttachError { program, source })?;
+        Ok(Self { program, fd })
+    }
+
+    /// Attaches the program; it runs until the returned link is dropped.
+    pub fn attach(&self) -> Result<std::os::fd::OwnedFd, AttachError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _};
+        // BPF_RAW_TRACEPOINT_OPEN without a name attaches a tracing program to the function
+        // it was loaded for, as aya's `BtfTracePoint::attach` does.
+        // SAFETY: an all-zero bpf_attr is valid for every command.
+        let mut attr: aya_obj::generated::bpf_attr = unsafe { std::mem::zeroed() };
+        attr.raw_tracepoint.name = 0;
+        attr.raw_tracepoint.prog_fd = self.fd.as_fd().as_raw_fd() as u32;
+        // SAFETY: attr is a valid bpf_attr for this command and outlives the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                aya_obj::generated::bpf_cmd::BPF_RAW_TRACEPOINT_OPEN as libc::c_int,
+                std::ptr::from_mut(&mut attr),
+                std::mem::size_of::<aya_obj::generated::bpf_attr>() as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(AttachError {
+                program: self.program,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: the kernel returned a new descriptor (the link) that nothing else owns.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
+    }
+}
+
 /// The loaded object, before any program is attached.
 pub struct Kernel {
     pub bpf: Ebpf,

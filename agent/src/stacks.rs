@@ -93,6 +93,8 @@ pub struct SpanSampler {
     /// RSS.
     pub copies: MapData,
     pub senders_marked: Arc<std::sync::atomic::AtomicBool>,
+    /// `span_offcpu`, loaded, attached when `senders_marked` (None: it did not load).
+    pub offcpu: Option<crate::ebpf::DeferredTracepoint>,
     pub stacks: StackTraceMap<MapData>,
     /// Python processes whose frames the sampler walks, and the walked stacks.
     pub py_procs: aya::maps::HashMap<MapData, u32, PyProc>,
@@ -125,7 +127,8 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
         )
         .map_err(|e| format!("cannot attach span_sample to CPU {cpu}: {e}"))?;
     }
-    // Off-CPU time of span flamegraphs; without it they show on-CPU samples only.
+    // Off-CPU time of span flamegraphs; without it they show on-CPU samples only. Attached only
+    // once a process sends a span (`collect`): it runs at every context switch of the node.
     let offcpu = kernel
         .bpf
         .program_mut(SPAN_OFFCPU_PROGRAM)
@@ -134,13 +137,11 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
         .and_then(|p| {
             p.load("sched_switch", &kernel.btf)
                 .map_err(|e| format!("cannot load span_offcpu: {e}"))?;
-            p.attach()
-                .map(drop)
-                .map_err(|e| format!("cannot attach span_offcpu: {e}"))
+            crate::ebpf::DeferredTracepoint::new(SPAN_OFFCPU_PROGRAM, p).map_err(|e| e.to_string())
         });
-    if let Err(e) = offcpu {
-        tracing::warn!("{e}; span flamegraphs show on-CPU samples only");
-    }
+    let offcpu = offcpu
+        .inspect_err(|e| tracing::warn!("{e}; span flamegraphs show on-CPU samples only"))
+        .ok();
     let senders_marked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     Ok(SpanSampler {
         ring: kernel.take_map("SPAN_SAMPLES").map_err(|e| e.to_string())?,
@@ -149,6 +150,7 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
             _ => return Err("SPAN_STACK_COPIES is missing from the eBPF object".to_owned()),
         },
         senders_marked: senders_marked.clone(),
+        offcpu,
         stacks: kernel.take_map("SPAN_STACKS").map_err(|e| e.to_string())?,
         py_procs: kernel
             .take_map("SPAN_PY_PROCS")

@@ -262,6 +262,33 @@ impl Agent {
         self.proc.pid()
     }
 
+    /// The names of the programs the agent keeps attached through BPF links (its link
+    /// descriptors' fdinfo name each one's program id; bpftool names the program).
+    pub fn linked_programs(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir)
+            .expect("the agent's fdinfo")
+            .flatten()
+        {
+            let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if !info.lines().any(|l| l.starts_with("link_type:")) {
+                continue;
+            }
+            let Some(id) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .map(str::trim)
+            else {
+                continue;
+            };
+            let out = run(Command::new("bpftool").args(["prog", "show", "id", id, "-j"]));
+            let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool prints JSON");
+            names.extend(v["name"].as_str().map(str::to_owned));
+        }
+        names
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit: its status and how long it took.
     pub fn terminate(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Duration)> {
         let start = Instant::now();

@@ -139,6 +139,7 @@ pub async fn collect(
         ring,
         copies: copies_map,
         senders_marked,
+        offcpu,
         mut stacks,
         mut py_procs,
         mut py_stacks,
@@ -149,7 +150,9 @@ pub async fn collect(
     let mut finder = Finder::default();
     let mut unwinders = Unwinders::default();
     let mut copies: Option<aya::maps::RingBuf<MapData>> = None;
-    let mut copies_refused = false;
+    let mut senders_seen = false;
+    // Dropping a link detaches its program: they live as long as this task.
+    let mut links: Vec<std::os::fd::OwnedFd> = Vec::new();
     let mut seen = HashSet::new();
     let mut python_scan = tokio::time::interval(Duration::from_secs(1));
     let mut python_frames: HashMap<u64, Arc<Vec<PyFrame>>> = HashMap::new();
@@ -182,20 +185,24 @@ pub async fn collect(
                 batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SpanSample>()) });
             }
         }
-        // On-CPU samples of span senders, their user stacks unwound here; the ring is mapped
-        // once there are senders (the kernel copies only theirs).
-        if copies.is_none()
-            && !copies_refused
-            && senders_marked.load(std::sync::atomic::Ordering::Relaxed)
-        {
+        // What only span senders need starts with the first of them: the ring of their on-CPU
+        // samples' stack copies (their user stacks are unwound here), and their off-CPU
+        // episodes' program, which would otherwise run at every switch of every node.
+        if !senders_seen && senders_marked.load(std::sync::atomic::Ordering::Relaxed) {
+            senders_seen = true;
             match crate::stacks::map_ring(&copies_map) {
                 Ok(ring) => copies = Some(ring),
-                Err(e) => {
-                    copies_refused = true;
-                    tracing::warn!(
-                        "cannot map the span sampler's stack copies ({e}): once the ring is \
-                         full, span senders' native frames are walked by frame pointers"
-                    );
+                Err(e) => tracing::warn!(
+                    "cannot map the span sampler's stack copies ({e}): once the ring is full, \
+                     span senders' native frames are walked by frame pointers"
+                ),
+            }
+            if let Some(p) = &offcpu {
+                match p.attach() {
+                    Ok(link) => links.push(link),
+                    Err(e) => {
+                        tracing::warn!("{e}; span flamegraphs show on-CPU samples only")
+                    }
                 }
             }
         }

@@ -150,8 +150,20 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
     let http = format!("http://{}/v1/traces", agent.otlp_addr("http"));
     let grpc = format!("http://{}", agent.otlp_addr("grpc"));
 
+    // The span flamegraphs' off-CPU program runs at every context switch of the node: not
+    // before a process sends a span.
+    let linked = agent.linked_programs();
+    assert!(
+        linked.iter().any(|p| p == "span_sample") && !linked.iter().any(|p| p == "span_offcpu"),
+        "before any span, the agent's links: {linked:?}"
+    );
     // 100 ms asleep, then 200 ms sharing one CPU with three busy threads.
     let out = send(&["breakdown"], "http", &http, "tts", 1);
+    let linked = agent.linked_programs();
+    assert!(
+        linked.iter().any(|p| p == "span_offcpu"),
+        "after a span, the agent's links: {linked:?}"
+    );
     let trace = out
         .lines()
         .find_map(|l| l.strip_prefix("TRACE "))
