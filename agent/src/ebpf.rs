@@ -1,6 +1,9 @@
 //! Loading the embedded eBPF object for the running kernel.
 use agent_common::task;
-use aya::{Btf, Ebpf, EbpfLoader, maps::Map};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Map, MapData},
+};
 use thiserror::Error;
 
 use crate::{
@@ -179,6 +182,14 @@ impl Kernel {
         T::try_from(map).map_err(|source| LoadError::MapType { name, source })
     }
 
+    /// Takes ring buffer `name` out of the object unmapped, for `map_ring` to map when needed.
+    pub fn take_ring(&mut self, name: &'static str) -> Result<MapData, LoadError> {
+        match self.bpf.take_map(name) {
+            Some(Map::RingBuf(data)) => Ok(data),
+            _ => Err(LoadError::MissingMap { name }),
+        }
+    }
+
     /// Forwards the programs' aya-log records to our log. The returned task owns the logger: it
     /// must live as long as the programs (dropping it closes the log map under them).
     pub fn spawn_logger(&mut self) {
@@ -205,5 +216,59 @@ impl Kernel {
             },
             Err(e) => tracing::debug!(error = %e, "no eBPF log records"),
         }
+    }
+}
+
+/// A mapping of its own of the ring buffer `data` (through a second descriptor, so that the
+/// map stays its owner's): for rings mapped only while they are used, since a ring buffer is
+/// mapped twice and all of it counts in the agent's RSS from the mmap on.
+pub fn map_ring(data: &MapData) -> Result<aya::maps::RingBuf<MapData>, aya::maps::MapError> {
+    use std::os::fd::AsFd as _;
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        })
+    })?;
+    aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(MapData::from_fd(fd)?))
+}
+
+/// A ring buffer record as the plain-data type `T` the kernel wrote, None when it is shorter.
+pub fn ring_record<T: aya::Pod>(item: &[u8]) -> Option<T> {
+    // SAFETY: `item` holds at least a T's bytes, and a Pod type is valid for any bytes;
+    // read_unaligned copies them out of the ring.
+    (item.len() >= std::mem::size_of::<T>())
+        .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::targets::ProcEvent;
+
+    use super::ring_record;
+
+    #[test]
+    fn ring_records_shorter_than_their_type_are_refused() {
+        let ev = ProcEvent {
+            kind: 1,
+            tgid: 42,
+            parent_tgid: 7,
+            target: 3,
+        };
+        // SAFETY: ProcEvent is plain data; its bytes, at an odd offset as a ring may give them.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const ev).cast::<u8>(),
+                std::mem::size_of::<ProcEvent>(),
+            )
+        };
+        let mut item = vec![0u8];
+        item.extend_from_slice(bytes);
+        let got = ring_record::<ProcEvent>(&item[1..]).expect("a whole record");
+        assert_eq!(
+            (got.kind, got.tgid, got.parent_tgid, got.target),
+            (1, 42, 7, 3)
+        );
+        assert!(ring_record::<ProcEvent>(&item[1..item.len() - 1]).is_none());
     }
 }

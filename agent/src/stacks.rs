@@ -45,7 +45,7 @@ use blazesym::{
 use thiserror::Error;
 
 use crate::{
-    ebpf::Kernel,
+    ebpf::{Kernel, ring_record},
     probes::{Family, Hook, ProgramSpec},
     python::{CodeReader, Finder, Interpreter},
     targets::TargetSet,
@@ -145,10 +145,9 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
     let senders_marked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     Ok(SpanSampler {
         ring: kernel.take_map("SPAN_SAMPLES").map_err(|e| e.to_string())?,
-        copies: match kernel.bpf.take_map("SPAN_STACK_COPIES") {
-            Some(aya::maps::Map::RingBuf(data)) => data,
-            _ => return Err("SPAN_STACK_COPIES is missing from the eBPF object".to_owned()),
-        },
+        copies: kernel
+            .take_ring("SPAN_STACK_COPIES")
+            .map_err(|e| e.to_string())?,
         senders_marked: senders_marked.clone(),
         offcpu,
         stacks: kernel.take_map("SPAN_STACKS").map_err(|e| e.to_string())?,
@@ -167,20 +166,6 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
             senders_marked,
         )),
     })
-}
-
-/// A mapping of its own of the ring buffer `data` (through a second descriptor, so that the
-/// map stays its owner's): for rings mapped only while they are used, since a ring buffer is
-/// mapped twice and all of it counts in the agent's RSS from the mmap on.
-pub fn map_ring(data: &MapData) -> Result<aya::maps::RingBuf<MapData>, aya::maps::MapError> {
-    use std::os::fd::AsFd as _;
-    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-            call: "dup",
-            io_error,
-        })
-    })?;
-    aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(MapData::from_fd(fd)?))
 }
 
 /// What attaches a running capture, to detach it at the end.
@@ -267,14 +252,7 @@ impl CaptureMaps {
             py_procs: kernel.take_map("PY_PROCS")?,
             py_stacks: kernel.take_map("PY_STACKS")?,
             py_line_stacks: kernel.take_map("PY_LINE_STACKS")?,
-            copies: match kernel.bpf.take_map("STACK_COPIES") {
-                Some(aya::maps::Map::RingBuf(data)) => data,
-                _ => {
-                    return Err(crate::ebpf::LoadError::MissingMap {
-                        name: "STACK_COPIES",
-                    });
-                }
-            },
+            copies: kernel.take_ring("STACK_COPIES")?,
         })
     }
 }
@@ -305,7 +283,7 @@ pub struct Profiler {
 }
 
 /// A CPU sample whose user stack was unwound here: what `StackKey` holds with the user
-/// stack's frames (innermost first) in place of its id.
+/// stack's frames (outermost first, as folding takes them) in place of its id.
 #[derive(PartialEq, Eq, Hash)]
 struct Unwound {
     tgid: u32,
@@ -452,7 +430,7 @@ impl Profiler {
         // side makes them): through code without frame pointers too.
         self.copies = None;
         if cfg.mode == MODE_CPU && cfg!(target_arch = "x86_64") {
-            match map_ring(&self.maps.copies) {
+            match crate::ebpf::map_ring(&self.maps.copies) {
                 Ok(ring) => self.copies = Some(ring),
                 Err(e) => self.notes.push(format!(
                     "native frames are walked by frame pointers: cannot map the stack copies' \
@@ -544,11 +522,9 @@ impl Profiler {
         };
         let started = std::time::Instant::now();
         while let Some(item) = copies.next() {
-            if item.len() < size_of::<StackCopy>() {
+            let Some(copy) = ring_record::<StackCopy>(&item) else {
                 continue;
-            }
-            // SAFETY: the kernel wrote a whole StackCopy (checked size); it is plain data.
-            let copy: StackCopy = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            };
             let mut user = self.unwinders.unwind(&copy);
             self.unwind_stats.0 += 1;
             self.unwind_stats.1 += user.len() as u64;

@@ -535,10 +535,7 @@ impl Tracker {
                     {
                         let ring = guard.get_inner_mut();
                         while let Some(item) = ring.next() {
-                            if item.len() >= std::mem::size_of::<ProcEvent>() {
-                                // SAFETY: the kernel writes whole ProcEvents; read_unaligned copies.
-                                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
-                            }
+                            batch.extend(crate::ebpf::ring_record::<ProcEvent>(&item));
                         }
                     }
                     guard.clear_ready();

@@ -19,6 +19,7 @@ use std::{
 use agent_common::stacks::{SPAN_STACKS_MAX, SpanSample, SpanStackCopy};
 
 use crate::{
+    ebpf::ring_record,
     python::{Finder, Interpreter, PyFrame},
     stacks::SpanStack,
     tracker::SharedTracked,
@@ -180,17 +181,14 @@ pub async fn collect(
         }
         let mut batch = Vec::new();
         while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<SpanSample>() {
-                // SAFETY: the kernel writes whole SpanSamples; read_unaligned copies.
-                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SpanSample>()) });
-            }
+            batch.extend(ring_record::<SpanSample>(&item));
         }
         // What only span senders need starts with the first of them: the ring of their on-CPU
         // samples' stack copies (their user stacks are unwound here), and their off-CPU
         // episodes' program, which would otherwise run at every switch of every node.
         if !senders_seen && senders_marked.load(std::sync::atomic::Ordering::Relaxed) {
             senders_seen = true;
-            match crate::stacks::map_ring(&copies_map) {
+            match crate::ebpf::map_ring(&copies_map) {
                 Ok(ring) => copies = Some(ring),
                 Err(e) => tracing::warn!(
                     "cannot map the span sampler's stack copies ({e}): once the ring is full, \
@@ -208,10 +206,7 @@ pub async fn collect(
         }
         let mut unwound = Vec::new();
         while let Some(item) = copies.as_mut().and_then(|c| c.next()) {
-            if item.len() >= std::mem::size_of::<SpanStackCopy>() {
-                // SAFETY: as above, for SpanStackCopy.
-                let c: SpanStackCopy =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SpanStackCopy>()) };
+            if let Some(c) = ring_record::<SpanStackCopy>(&item) {
                 let mut user = unwinders.unwind(&c.copy);
                 user.reverse();
                 unwound.push((c.sample, Arc::new(user)));

@@ -188,19 +188,12 @@ fn cpu_mode_unwinds_code_built_without_frame_pointers() {
     );
     let p = Proc::spawn(Command::new(&hot).arg("20"));
     let agent = Agent::start(&["--target", &format!("hot=pid:{}", p.pid())]);
-    let out = dir.path().join("nofp.folded");
-    let o = agent.flamegraph(&[
-        "--pid",
-        &p.pid().to_string(),
-        "--duration",
-        "3s",
-        "--hz",
-        "199",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let folded = std::fs::read_to_string(&out).unwrap();
+    let folded = crate::python::capture(
+        &agent,
+        p.pid(),
+        &["--duration", "3s", "--hz", "199"],
+        &dir.path().join("nofp.folded"),
+    );
     // Samples whose stack runs main -> hot_X -> burn, as the program calls them.
     let chain = |hot: &str| -> u64 {
         let calls = format!(";main;{hot};burn");
