@@ -2,18 +2,16 @@
 
 /// Syscall numbers at or above this are ignored (x86_64 and aarch64 are below 470).
 pub const MAX_NR: u32 = 512;
-/// (target, syscall) pairs the kernel aggregates; beyond, new pairs are counted as lost.
-pub const STATS_MAX: u32 = 8192;
+/// Distinct syscalls aggregated per target (a Python service makes 40-80); a target's further
+/// ones are counted as lost (`syscall_stats_full`).
+pub const SYSCALLS_PER_TARGET: u32 = 128;
+/// Slots of `SYSCALL_STATS`: a block of `SYSCALLS_PER_TARGET` per target id.
+pub const STATS_MAX: u32 = crate::MAX_TARGETS * SYSCALLS_PER_TARGET;
+/// Entries of `SYSCALL_SLOT`: one per (target id, syscall number).
+pub const SLOT_INDEX_MAX: u32 = crate::MAX_TARGETS * MAX_NR;
 
 /// Global: 1 to trace every syscall, 0 to trace only those set in the `SYSCALL_FILTER` array.
 pub const GLOBAL_TRACE_ALL: &str = "SYSCALLS_TRACE_ALL";
-
-#[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub struct SyscallKey {
-    pub target: u32,
-    pub nr: u32,
-}
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
@@ -23,10 +21,42 @@ pub struct SyscallStats {
     pub errors: u64,
 }
 
+/// One slot of `SYSCALL_STATS`. Arrays, not a hash map keyed by (target, syscall): the verifier
+/// turns an array lookup into a few instructions, where a hash lookup is a call that costs about
+/// as much as an empty program on the benchmark machines, on every syscall's exit. A target's
+/// slots are handed out in the kernel in the order its syscalls first end
+/// (`SYSCALL_USED[target]` counts them); `SYSCALL_SLOT[target * MAX_NR + nr]` is 1 + the slot's
+/// index in the target's block, 0 before its first.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct SyscallSlot {
+    /// 1 + the syscall number the slot counts; 0 while it is being claimed. Two CPUs may claim
+    /// a slot for the same syscall at once: the loser's stays empty, and readers add up slots of
+    /// the same syscall.
+    pub syscall: u32,
+    pub _pad: u32,
+    pub stats: SyscallStats,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct SyscallStart {
     pub ts_ns: u64,
     pub nr: u32,
     pub target: u32,
+}
+
+/// The thread that last entered a syscall on a CPU and its target (`NO_TARGET` for none), valid
+/// while both tracking generations (`targets::GENERATION_MAP`) are unchanged. A thread is known
+/// by its saved registers' address, the sys_enter/sys_exit tracepoints' first argument: the top
+/// of its kernel stack, fixed for its life and unique among live threads. With it, a thread's
+/// second and later syscalls on a CPU need no helper call to tell whether it is traced.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct LastThread {
+    pub regs: u64,
+    pub gen_kernel: u64,
+    pub gen_user: u64,
+    pub target: u32,
+    pub _pad: u32,
 }

@@ -3,6 +3,14 @@
 /// Default capacity of the tracked-process map (tgid -> target id).
 pub const TRACKED_MAX: u32 = 16_384;
 
+/// `TRACKED_GEN`: two counters that change whenever the answer "which target is this thread
+/// in?" may have changed. Entry `GEN_KERNEL` is bumped by the kernel (a thread exited, so its
+/// kernel stack may serve a new thread; a fork added a child), entry `GEN_USER` by the agent after
+/// it changed `TRACKED`. Separate entries, so neither side's write can undo the other's.
+pub const GENERATION_MAP: &str = "TRACKED_GEN";
+pub const GEN_KERNEL: u32 = 0;
+pub const GEN_USER: u32 = 1;
+
 /// Ring buffer bytes for process events. Exec events of every process on the node go through it
 /// (user space matches them against comm/cmdline/cgroup selectors), so it is sized for bursts of
 /// a few thousand execs between two reads.

@@ -17,6 +17,24 @@ pub unsafe fn atomic_add(dst: *mut u64, v: u64) {
     }
 }
 
+/// Atomically replaces `*dst` with `new` if it holds `old`; returns what it held.
+///
+/// # Safety
+/// `dst` must point into a live map value.
+#[inline(always)]
+pub unsafe fn compare_exchange(dst: *mut u64, old: u64, new: u64) -> u64 {
+    // SAFETY: as for atomic_add; lowers to BPF's atomic cmpxchg (64-bit: at the agent's
+    // `--cpu generic`, the BPF backend has no 32-bit one and no fetch-and-add).
+    unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(dst, old, new)
+        .0
+    }
+}
+
 /// Records a duration of `ns` in a shared histogram.
 ///
 /// # Safety

@@ -1,25 +1,29 @@
 //! Syscall latency per (target, syscall) as log2 histograms plus error counts, aggregated in the
-//! kernel. sys_enter/sys_exit fire for every syscall on the host: an untracked thread costs one
-//! map lookup on entry and a look at its task's storage on exit. The syscall in flight is kept
-//! in the thread's own task storage: no per-thread hash entry to look up twice per syscall, to
-//! run out of, or to clean up after a thread exits inside exit().
+//! kernel. sys_enter/sys_exit fire for every syscall on the host, so whether the thread is traced
+//! is answered from a per-CPU cache of the last thread seen (`LastThread`) whenever it can be:
+//! a repeat caller, traced or not, costs no helper call for it, where the current task and the
+//! `TRACKED` lookup are one each (about an empty program's cost apiece on the machines of
+//! docs/benchmarks.md). The syscall in flight is kept in the thread's own task storage: no
+//! per-thread hash entry to look up twice per syscall, to run out of, or to clean up after a
+//! thread exits inside exit().
 use agent_common::{
-    hist::Log2Hist,
-    lost,
-    syscalls::{MAX_NR, STATS_MAX, SyscallKey, SyscallStart, SyscallStats},
+    MAX_TARGETS, NO_TARGET, lost,
+    syscalls::{
+        LastThread, MAX_NR, SLOT_INDEX_MAX, STATS_MAX, SYSCALLS_PER_TARGET, SyscallSlot,
+        SyscallStart, SyscallStats,
+    },
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
-    maps::{Array, HashMap},
+    maps::{Array, PerCpuArray},
     programs::BtfTracePointContext,
 };
 
 use crate::{
-    aggregate::{atomic_add, record},
+    aggregate::{atomic_add, compare_exchange, record},
     lost::count as count_lost,
-    targets::target_of,
+    targets::{generation, target_of},
     task, thread,
 };
 
@@ -31,19 +35,52 @@ static SYSCALLS_TRACE_ALL: u32 = 1;
 static SYSCALL_FILTER: Array<u8> = Array::with_max_entries(MAX_NR, 0);
 
 /// Shared across CPUs and updated with atomic adds: per-CPU copies of up to 8192 histograms
-/// would cost megabytes per CPU.
+/// would cost megabytes per CPU. Layout: `agent_common::syscalls::SyscallSlot`.
 #[map]
-static SYSCALL_STATS: HashMap<SyscallKey, SyscallStats> = HashMap::with_max_entries(STATS_MAX, 0);
+static SYSCALL_STATS: Array<SyscallSlot> = Array::with_max_entries(STATS_MAX, 0);
+#[map]
+static SYSCALL_SLOT: Array<u64> = Array::with_max_entries(SLOT_INDEX_MAX, 0);
+#[map]
+static SYSCALL_USED: Array<u64> = Array::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static SYSCALL_LAST: PerCpuArray<LastThread> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether `last` still answers for the thread whose saved registers are at `regs`.
+#[inline(always)]
+fn is_cached(last: &LastThread, regs: u64, (gen_kernel, gen_user): (u64, u64)) -> bool {
+    last.regs == regs && last.gen_kernel == gen_kernel && last.gen_user == gen_user
+}
 
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
-    // One task pointer for the filter and the storage: its tgid is a plain load, where the
-    // pid_tgid helper would be one more call on every syscall of the host.
-    let current = thread::current();
-    let Some(target) = target_of(task::tgid(current)) else {
+    // TP_PROTO(struct pt_regs *regs, long id)
+    let regs: u64 = ctx.arg(0);
+    let Some(last) = SYSCALL_LAST.get_ptr_mut(0) else {
         return 0;
     };
-    // TP_PROTO(struct pt_regs *regs, long id)
+    // SAFETY: this CPU's value; the syscall tracepoints run BPF programs with preemption off,
+    // so no other sys_enter or sys_exit touches it meanwhile.
+    let last = unsafe { &mut *last };
+    let generation = generation();
+    let target = if is_cached(last, regs, generation) {
+        last.target
+    } else {
+        // Its tgid is a plain load off the task pointer, where the pid_tgid helper would be one
+        // more call.
+        let target = target_of(task::tgid(thread::current())).unwrap_or(NO_TARGET);
+        *last = LastThread {
+            regs,
+            gen_kernel: generation.0,
+            gen_user: generation.1,
+            target,
+            _pad: 0,
+        };
+        target
+    };
+    if target == NO_TARGET {
+        return 0;
+    }
     let nr: i64 = ctx.arg(1);
     if nr < 0 || nr >= i64::from(MAX_NR) {
         return 0;
@@ -61,7 +98,7 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
         nr,
         target,
     };
-    match thread::state(current) {
+    match thread::state(thread::current()) {
         Some(t) => t.syscall = start,
         None => count_lost(lost::SYSCALL_PENDING_FULL),
     }
@@ -70,6 +107,15 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct pt_regs *regs, long ret)
+    let regs: u64 = ctx.arg(0);
+    if let Some(last) = SYSCALL_LAST.get(0)
+        && last.target == NO_TARGET
+        && is_cached(last, regs, generation())
+    {
+        // Untraced at its entry (the last on this CPU) and nothing changed since: no start.
+        return 0;
+    }
     let Some(t) = thread::existing(thread::current()) else {
         return 0;
     };
@@ -82,31 +128,12 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let delta = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.ts_ns);
     t.totals.syscall_ns += delta;
     t.totals.syscalls += 1;
-    // TP_PROTO(struct pt_regs *regs, long ret)
     let ret: i64 = ctx.arg(1);
-    let key = SyscallKey {
-        target: start.target,
-        nr: start.nr,
+    let Some(stats) = stats_of(start.target, start.nr) else {
+        count_lost(lost::SYSCALL_STATS_FULL);
+        return 0;
     };
-    let stats = match SYSCALL_STATS.get_ptr_mut(&key) {
-        Some(p) => p,
-        None => {
-            let zero = SyscallStats {
-                hist: Log2Hist::ZERO,
-                errors: 0,
-            };
-            // Another CPU may insert the same key first: NOEXIST keeps its counts.
-            let _ = SYSCALL_STATS.insert(&key, &zero, u64::from(BPF_NOEXIST));
-            match SYSCALL_STATS.get_ptr_mut(&key) {
-                Some(p) => p,
-                None => {
-                    count_lost(lost::SYSCALL_STATS_FULL);
-                    return 0;
-                }
-            }
-        }
-    };
-    // SAFETY: the map value lives as long as the entry; updates are atomic across CPUs.
+    // SAFETY: an array value lives as long as the map; updates are atomic across CPUs.
     unsafe {
         let stats = &mut *stats;
         record(&mut stats.hist, delta);
@@ -115,4 +142,56 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
         }
     }
     0
+}
+
+/// The stats of `nr` for `target`, its slot claimed on first use; None once the target's block
+/// is full.
+#[inline(always)]
+fn stats_of(target: u32, nr: u32) -> Option<*mut SyscallStats> {
+    if target >= MAX_TARGETS || nr >= MAX_NR {
+        return None;
+    }
+    let index = SYSCALL_SLOT.get_ptr_mut(target * MAX_NR + nr)?;
+    // SAFETY: an array value lives as long as the map.
+    let mut slot = unsafe { core::ptr::read_volatile(index) };
+    if slot == 0 {
+        slot = claim(target, nr, index)?;
+    }
+    // At most SYSCALLS_PER_TARGET: claim() hands out no more.
+    let slot = SYSCALL_STATS.get_ptr_mut(target * SYSCALLS_PER_TARGET + (slot as u32 - 1))?;
+    // SAFETY: as above.
+    Some(unsafe { &raw mut (*slot).stats })
+}
+
+/// Takes the target's next free slot for `nr` and publishes it in `index`; returns 1 + the slot
+/// that won, which is another CPU's when it claimed one for `nr` at the same time.
+#[inline(never)]
+fn claim(target: u32, nr: u32, index: *mut u64) -> Option<u64> {
+    let used = SYSCALL_USED.get_ptr_mut(target)?;
+    // SAFETY: array values live as long as their maps; the add and the exchange are atomic.
+    unsafe {
+        // A fetch-and-add, as compare-exchange retries: CPUs racing for a target's first use
+        // of different syscalls at once are rare, and one that loses four times counts as lost.
+        let mut mine = core::ptr::read_volatile(used);
+        let mut taken = false;
+        for _ in 0..4 {
+            if mine >= u64::from(SYSCALLS_PER_TARGET) {
+                return None;
+            }
+            let was = compare_exchange(used, mine, mine + 1);
+            if was == mine {
+                taken = true;
+                break;
+            }
+            mine = was;
+        }
+        if !taken {
+            return None;
+        }
+        let slot = SYSCALL_STATS.get_ptr_mut(target * SYSCALLS_PER_TARGET + mine as u32)?;
+        // Named before it is published, so a reader that finds it finds what it counts.
+        core::ptr::write_volatile(&raw mut (*slot).syscall, nr + 1);
+        let won = compare_exchange(index, 0, mine + 1);
+        Some(if won == 0 { mine + 1 } else { won })
+    }
 }

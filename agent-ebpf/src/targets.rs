@@ -3,22 +3,30 @@
 //! to user space, which alone can match comm/cmdline/cgroup selectors.
 use agent_common::{
     NO_TARGET, lost,
-    targets::{EVENT_EXEC, EVENT_EXIT, EVENT_FORK, PROC_EVENTS_BYTES, ProcEvent, TRACKED_MAX},
+    targets::{
+        EVENT_EXEC, EVENT_EXIT, EVENT_FORK, GEN_KERNEL, GEN_USER, PROC_EVENTS_BYTES, ProcEvent,
+        TRACKED_MAX,
+    },
 };
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, map},
-    maps::{HashMap, RingBuf},
+    maps::{Array, HashMap, RingBuf},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 
-use crate::{lost::count as count_lost, task};
+use crate::{aggregate::atomic_add, lost::count as count_lost, task};
 
 /// tgid -> target id. User space sizes it (`max_tracked_processes`) and fills it from /proc and
 /// exec events; the fork and exit programs below keep it current.
 #[map]
 static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(TRACKED_MAX, 0);
+
+/// Tracking generations (`agent_common::targets::GENERATION_MAP`): what a cached answer of
+/// `target_of` is checked against.
+#[map]
+static TRACKED_GEN: Array<u64> = Array::with_max_entries(2, 0);
 
 #[map]
 static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_BYTES, 0);
@@ -29,6 +37,27 @@ static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(PROC_EVENTS_BYTES, 0);
 pub fn target_of(tgid: u32) -> Option<u32> {
     // SAFETY: the value is copied out before any other map operation.
     unsafe { TRACKED.get(&tgid).copied() }
+}
+
+/// Both tracking generations. Read before the `TRACKED` lookup whose answer is cached with them,
+/// so that a change after the read leaves the cache stale, never the reverse.
+#[inline(always)]
+pub fn generation() -> (u64, u64) {
+    let read = |i| {
+        TRACKED_GEN
+            .get_ptr(i)
+            // SAFETY: an array value lives as long as the map.
+            .map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
+    };
+    (read(GEN_KERNEL), read(GEN_USER))
+}
+
+#[inline(always)]
+fn bump_generation() {
+    if let Some(p) = TRACKED_GEN.get_ptr_mut(GEN_KERNEL) {
+        // SAFETY: an array value lives as long as the map; the add is atomic.
+        unsafe { atomic_add(p, 1) };
+    }
 }
 
 #[inline(always)]
@@ -88,11 +117,15 @@ fn try_sched_process_fork(ctx: &BtfTracePointContext) {
         );
         return;
     }
+    bump_generation();
     emit(EVENT_FORK, child_tgid, parent_tgid, target);
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+    // Any thread's exit: the kernel stack it leaves may go to a new thread, which must not inherit
+    // what was cached for this one.
+    bump_generation();
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let Some(target) = target_of(tgid) else {

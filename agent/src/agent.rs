@@ -1,6 +1,7 @@
 //! `pipeprobe agent`: wires configuration, process tracking, probes and the metrics endpoint.
 use std::sync::Arc;
 
+use agent_common::targets::GENERATION_MAP;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use prometheus_client::collector::Collector;
 use thiserror::Error;
@@ -20,7 +21,7 @@ use crate::{
     syscalls::{self, Selection},
     targets::TargetSet,
     tcp, tracefs,
-    tracker::{self, Tracker},
+    tracker::{self, KernelTracked, Tracker},
 };
 
 #[derive(Debug, Error)]
@@ -88,7 +89,7 @@ struct ReloadSource {
 #[derive(Default)]
 struct Started {
     kernel: Option<Kernel>,
-    tracked: Option<BpfHashMap<MapData, u32, u32>>,
+    tracked: Option<KernelTracked>,
     events: Option<RingBuf<MapData>>,
     lost: Option<PerCpuArray<MapData, u64>>,
     /// Task storage of per-thread state (aya has no wrapper for it).
@@ -161,7 +162,10 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     }
     if on(syscalls::FAMILY.name)
         && let Some(stats) = optional(kernel.take_map(syscalls::STATS_MAP))
+        && let Some(slot) = optional(kernel.take_map(syscalls::SLOT_MAP))
+        && let Some(used) = optional(kernel.take_map(syscalls::USED_MAP))
     {
+        let stats = syscalls::StatsMaps { stats, slot, used };
         collectors.push(Box::new(syscalls::SyscallLatency::new(
             stats,
             targets.clone(),
@@ -212,7 +216,9 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
             )
             .flatten();
     Started {
-        tracked: optional(kernel.take_map(tracker::TRACKED_MAP)),
+        tracked: optional(kernel.take_map(tracker::TRACKED_MAP))
+            .zip(optional(kernel.take_map(GENERATION_MAP)))
+            .map(|(map, generation)| KernelTracked::new(map, generation)),
         events,
         lost: optional(kernel.take_map("LOST")),
         threads,

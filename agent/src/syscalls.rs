@@ -1,7 +1,8 @@
 //! Syscall latency and errors per target and syscall: the user-space half of
 //! `agent-ebpf/src/syscalls.rs`.
 //!
-//! The kernel aggregates per (target, syscall number). Here numbers become names (a table per
+//! The kernel aggregates per (target, syscall number) in arrays (`agent_common::syscalls::
+//! SyscallSlot` has the layout). Here numbers become names (a table per
 //! architecture) and series are bounded: each target gets its own series for at most
 //! `max_series_per_target` syscalls, chosen the first time they are seen (busiest first) and
 //! kept for the agent's lifetime so every counter stays monotonic; later syscalls are summed
@@ -13,10 +14,11 @@ use std::{
 };
 
 use agent_common::{
+    MAX_TARGETS,
     hist::Log2Hist,
-    syscalls::{SyscallKey, SyscallStats},
+    syscalls::{MAX_NR, SYSCALLS_PER_TARGET, SyscallSlot, SyscallStats},
 };
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, MapData};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet},
@@ -24,7 +26,7 @@ use prometheus_client::{
 
 use crate::{
     instances::CLEAR_SYSCALLS,
-    metrics::{TargetLabels, encode_counters, encode_log2_histograms, remove_retired},
+    metrics::{TargetLabels, encode_counters, encode_log2_histograms},
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
 };
@@ -55,6 +57,8 @@ pub const FAMILY: Family = Family {
 };
 
 pub const STATS_MAP: &str = "SYSCALL_STATS";
+pub const SLOT_MAP: &str = "SYSCALL_SLOT";
+pub const USED_MAP: &str = "SYSCALL_USED";
 pub const FILTER_MAP: &str = "SYSCALL_FILTER";
 pub const DEFAULT_MAX_SERIES: usize = 32;
 
@@ -135,9 +139,76 @@ impl SeriesBudget {
     }
 }
 
+/// The kernel's aggregation arrays (`agent-ebpf/src/syscalls.rs`).
+pub struct StatsMaps {
+    pub stats: Array<MapData, SyscallSlot>,
+    pub slot: Array<MapData, u64>,
+    pub used: Array<MapData, u64>,
+}
+
+impl StatsMaps {
+    /// Slots of `id`'s block handed out (the kernel's counter runs on past a full block).
+    fn used(&self, id: u32) -> u32 {
+        let used = self.used.get(&id, 0).unwrap_or(0);
+        u32::try_from(used)
+            .unwrap_or(u32::MAX)
+            .min(SYSCALLS_PER_TARGET)
+    }
+
+    /// Each syscall `id` has counted, summed over its slots.
+    fn read(&self, id: u32) -> BTreeMap<u32, SyscallStats> {
+        let mut out = BTreeMap::new();
+        let used = self.used(id);
+        for i in 0..used {
+            let slot = match self.stats.get(&(id * SYSCALLS_PER_TARGET + i), 0) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading {STATS_MAP} failed");
+                    continue;
+                }
+            };
+            // 0: still being claimed.
+            let Some(nr) = slot.syscall.checked_sub(1) else {
+                continue;
+            };
+            let s = out.entry(nr).or_insert(SyscallStats {
+                hist: Log2Hist::ZERO,
+                errors: 0,
+            });
+            s.hist.merge(&slot.stats.hist);
+            s.errors += slot.stats.errors;
+        }
+        out
+    }
+
+    /// Forgets retired kernel id `id`'s syscalls, so that the id starts afresh when reused.
+    fn clear(&mut self, id: u32) {
+        let used = self.used(id);
+        let empty = SyscallSlot {
+            syscall: 0,
+            _pad: 0,
+            stats: SyscallStats {
+                hist: Log2Hist::ZERO,
+                errors: 0,
+            },
+        };
+        for i in 0..used {
+            let index = id * SYSCALLS_PER_TARGET + i;
+            if let Ok(slot) = self.stats.get(&index, 0)
+                && let Some(nr) = slot.syscall.checked_sub(1)
+                && nr < MAX_NR
+            {
+                let _ = self.slot.set(id * MAX_NR + nr, 0, 0);
+            }
+            let _ = self.stats.set(index, empty, 0);
+        }
+        let _ = self.used.set(id, 0, 0);
+    }
+}
+
 pub struct SyscallLatency {
-    /// Locked to remove retired pod ids' entries.
-    stats: Mutex<BpfHashMap<MapData, SyscallKey, SyscallStats>>,
+    /// Locked to clear retired pod ids' slots.
+    stats: Mutex<StatsMaps>,
     targets: Arc<TargetSet>,
     max_series: usize,
     budget: Mutex<SeriesBudget>,
@@ -152,11 +223,7 @@ impl std::fmt::Debug for SyscallLatency {
 }
 
 impl SyscallLatency {
-    pub fn new(
-        stats: BpfHashMap<MapData, SyscallKey, SyscallStats>,
-        targets: Arc<TargetSet>,
-        max_series: usize,
-    ) -> Self {
+    pub fn new(stats: StatsMaps, targets: Arc<TargetSet>, max_series: usize) -> Self {
         targets.instances().add_collector(CLEAR_SYSCALLS);
         Self {
             stats: Mutex::new(stats),
@@ -166,7 +233,7 @@ impl SyscallLatency {
         }
     }
 
-    /// Everything the kernel aggregated, per kernel id; retired pod ids' entries are removed
+    /// Everything the kernel aggregated, per kernel id; retired pod ids' slots are cleared
     /// first.
     fn read(&self) -> BTreeMap<u32, Vec<(u32, SyscallStats)>> {
         let mut stats = self
@@ -174,7 +241,9 @@ impl SyscallLatency {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let retired = self.targets.instances().take_retired(CLEAR_SYSCALLS);
-        remove_retired(&mut stats, &retired, |k: &SyscallKey| k.target);
+        for &id in &retired {
+            stats.clear(id);
+        }
         if !retired.is_empty() {
             let mut budget = self
                 .budget
@@ -184,14 +253,10 @@ impl SyscallLatency {
                 budget.named.remove(id);
             }
         }
-        let mut out: BTreeMap<u32, Vec<(u32, SyscallStats)>> = BTreeMap::new();
-        for entry in stats.iter() {
-            match entry {
-                Ok((k, v)) => out.entry(k.target).or_default().push((k.nr, v)),
-                Err(e) => tracing::debug!(error = %e, "reading {STATS_MAP} failed"),
-            }
-        }
-        out
+        (0..MAX_TARGETS)
+            .map(|id| (id, stats.read(id).into_iter().collect::<Vec<_>>()))
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
     }
 
     /// (labels, stats) for every exported series.

@@ -16,9 +16,9 @@ use std::{
 
 use agent_common::{
     NO_TARGET, lost,
-    targets::{EVENT_EXEC, EVENT_EXIT, EVENT_FORK, ProcEvent},
+    targets::{EVENT_EXEC, EVENT_EXIT, EVENT_FORK, GEN_USER, ProcEvent},
 };
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, RingBuf};
 use prometheus_client::metrics::{family::Family as MetricFamily, gauge::Gauge};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
@@ -59,6 +59,49 @@ pub const FAMILY: Family = Family {
 
 pub const TRACKED_MAP: &str = "TRACKED";
 
+/// The kernel's `TRACKED` map, written only through here so that every change bumps the agent's
+/// tracking generation: the syscall probe caches `TRACKED`'s answer per CPU and checks the
+/// generation before trusting it (`agent_common::syscalls::LastThread`).
+pub struct KernelTracked {
+    map: BpfHashMap<MapData, u32, u32>,
+    generation: Array<MapData, u64>,
+    /// The value last written: the agent is the entry's only writer.
+    user_generation: u64,
+}
+
+impl KernelTracked {
+    pub fn new(map: BpfHashMap<MapData, u32, u32>, generation: Array<MapData, u64>) -> Self {
+        let user_generation = generation.get(&GEN_USER, 0).unwrap_or(0);
+        Self {
+            map,
+            generation,
+            user_generation,
+        }
+    }
+
+    fn insert(&mut self, tgid: u32, id: TargetId) -> Result<(), MapError> {
+        self.map.insert(tgid, id, 0)?;
+        self.bump();
+        Ok(())
+    }
+
+    fn remove(&mut self, tgid: u32) {
+        let _ = self.map.remove(&tgid);
+        self.bump();
+    }
+
+    /// After the map change, so that a cache filled from the old map sees a new generation.
+    fn bump(&mut self) {
+        self.user_generation = self.user_generation.wrapping_add(1);
+        if let Err(e) = self.generation.set(GEN_USER, self.user_generation, 0) {
+            // Cannot happen for an in-range index of a map we hold; were it to, a process
+            // added or removed now would be traced by its syscalls' old answer until a thread
+            // exits somewhere on the node.
+            tracing::warn!(error = %e, "cannot bump the tracking generation");
+        }
+    }
+}
+
 /// A read-only copy of the tracked processes (tgid -> target) for other samplers (GPU).
 pub type SharedTracked = Arc<std::sync::RwLock<HashMap<u32, TargetId>>>;
 pub const EVENTS_MAP: &str = "PROC_EVENTS";
@@ -70,7 +113,7 @@ pub struct Tracker {
     targets: Arc<TargetSet>,
     proc_root: PathBuf,
     /// The kernel's map; `None` when eBPF is unavailable (tracking then runs on rescans alone).
-    map: Option<BpfHashMap<MapData, u32, u32>>,
+    map: Option<KernelTracked>,
     tracked: HashMap<u32, TargetId>,
     counts: Vec<i64>,
     gauge: MetricFamily<TargetLabels, Gauge>,
@@ -106,7 +149,7 @@ struct Kube {
 impl Tracker {
     pub fn new(
         targets: Arc<TargetSet>,
-        map: Option<BpfHashMap<MapData, u32, u32>>,
+        map: Option<KernelTracked>,
         gauge: MetricFamily<TargetLabels, Gauge>,
         lost: Arc<UserLost>,
     ) -> Self {
@@ -264,7 +307,7 @@ impl Tracker {
         };
         if !in_kernel_already
             && let Some(map) = self.map.as_mut()
-            && let Err(e) = map.insert(tgid, id, 0)
+            && let Err(e) = map.insert(tgid, id)
         {
             self.targets.instances().release(id);
             let full = matches!(&e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
@@ -303,7 +346,7 @@ impl Tracker {
             m.remove(&tgid);
         }
         if !in_kernel_already && let Some(map) = self.map.as_mut() {
-            let _ = map.remove(&tgid);
+            map.remove(tgid);
         }
         self.remove_pod(tgid);
         let Some(target) = target else {

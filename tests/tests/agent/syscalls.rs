@@ -143,3 +143,47 @@ fn syscall_list_and_series_cap_are_applied() {
         );
     }
 }
+
+/// The kernel keeps, per CPU, whether the last thread to enter a syscall there is traced. A loop
+/// that ran untraced before a reload made it a target has that "no" cached on its CPU: the
+/// reload must invalidate it, and the loop's syscalls are counted from then on.
+#[test]
+fn a_loop_running_before_its_target_exists_is_traced_from_the_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pipeprobe.toml");
+    let write = |targets: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "rescan_interval_secs = 60\n[gpu]\nenabled = false\n[otlp]\nenabled = false\n\
+                 [probes]\ndisable = [\"sched\", \"tcp\", \"tcp_rtt\", \"profile\"]\n{targets}"
+            ),
+        )
+        .unwrap();
+    };
+    write("[targets.other]\ncomm = \"^no-such-process$\"\n");
+    let agent = Agent::start(&["--config", path.to_str().unwrap()]);
+    let looper = Proc::workload(&["syscall-loop", "--secs", "30"]);
+    let getppids = || {
+        syscall_series(
+            &agent.scrape(),
+            &format!("{DURATION}_count"),
+            "looper",
+            "getppid",
+        )
+        .map_or(0.0, |s| s.value)
+    };
+    // A second of the loop's getppid calls entering untraced, on whichever CPUs it runs.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(getppids(), 0.0);
+    write(&format!("[targets.looper]\npid = {}\n", looper.pid()));
+    // SAFETY: kill has no memory preconditions.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) }, 0);
+    wait_until(Duration::from_secs(5), || getppids() > 100_000.0).unwrap_or_else(|| {
+        panic!(
+            "the loop's getppid calls are not counted after the reload: {}\n{}",
+            getppids(),
+            agent.log()
+        )
+    });
+}
