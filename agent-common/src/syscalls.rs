@@ -45,18 +45,3 @@ pub struct SyscallStart {
     pub nr: u32,
     pub target: u32,
 }
-
-/// The thread that last entered a syscall on a CPU and its target (`NO_TARGET` for none), valid
-/// while both tracking generations (`targets::GENERATION_MAP`) are unchanged. A thread is known
-/// by its saved registers' address, the sys_enter/sys_exit tracepoints' first argument: the top
-/// of its kernel stack, fixed for its life and unique among live threads. With it, a thread's
-/// second and later syscalls on a CPU need no helper call to tell whether it is traced.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, Default)]
-pub struct LastThread {
-    pub regs: u64,
-    pub gen_kernel: u64,
-    pub gen_user: u64,
-    pub target: u32,
-    pub _pad: u32,
-}

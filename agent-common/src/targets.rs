@@ -11,6 +11,31 @@ pub const GENERATION_MAP: &str = "TRACKED_GEN";
 pub const GEN_KERNEL: u32 = 0;
 pub const GEN_USER: u32 = 1;
 
+/// A per-CPU memo of which target a thread is in (`NO_TARGET` for none), valid while both
+/// tracking generations are unchanged. The thread is known by an address unique among live
+/// threads that a probe has without a helper call: its `task_struct` (scheduler tracepoints'
+/// arguments) or its saved registers, the top of its kernel stack (sys_enter/sys_exit's first
+/// argument). Either may serve a new thread after this one exits, which bumps `GEN_KERNEL`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct TargetMemo {
+    pub key: u64,
+    pub gen_kernel: u64,
+    pub gen_user: u64,
+    pub target: u32,
+    pub _pad: u32,
+}
+
+/// The last two threads looked up on a CPU (a ping-pong pair, a waker and its wakee, two threads
+/// taking turns at syscalls); `victim` is the entry a third replaces.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct TargetMemos {
+    pub entries: [TargetMemo; 2],
+    pub victim: u32,
+    pub _pad: u32,
+}
+
 /// Ring buffer bytes for process events. Exec events of every process on the node go through it
 /// (user space matches them against comm/cmdline/cgroup selectors), so it is sized for bursts of
 /// a few thousand execs between two reads.

@@ -15,3 +15,6 @@ pub const GLOBAL_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
 
 /// `TASK_RUNNING`: a task switched out in this state was preempted and is still runnable.
 pub const TASK_RUNNING: u32 = 0;
+
+/// `TASK_DEAD`: the state of an exited task at its last switch-out.
+pub const TASK_DEAD: u32 = 0x80;

@@ -2,15 +2,20 @@
 //! runnable) to running, per target, as per-CPU log2 histograms. Nothing per event leaves the
 //! kernel; user space reads `RUNQ_HIST` on scrape.
 //!
+//! Whether a task is traced comes from a per-CPU memo of the last two tasks looked up there
+//! (`TargetMemos`) when it can: a switch or wakeup between the same threads, traced or not, needs
+//! no `TRACKED` lookup.
+//!
 //! The runnable-since timestamp lives in the task itself (task storage): these programs run on
 //! every wakeup and switch of the host, and a hash insert plus lookup plus delete per wakeup cost
 //! about ten times what the tracepoints themselves do (`cargo xtask bench`, context-switch
 //! workload).
 use agent_common::{
-    MAX_TARGETS,
+    MAX_TARGETS, NO_TARGET,
     hist::{Log2Hist, slot_for_ns},
     lost,
-    task::TASK_RUNNING,
+    targets::TargetMemos,
+    task::{TASK_DEAD, TASK_RUNNING},
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -19,11 +24,37 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-use crate::{clock::Now, lost::count as count_lost, targets::target_of, task, thread};
+use crate::{
+    clock::Now,
+    lost::count as count_lost,
+    targets::{generation, recall, remember, target_of},
+    task, thread,
+};
 
 /// One histogram per target id.
 #[map]
 static RUNQ_HIST: PerCpuArray<Log2Hist> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
+
+/// Which target the threads last seen on each CPU are in: on a switch or wakeup between threads
+/// seen just before, no `TRACKED` lookup (a helper call, about an empty program's cost on the
+/// machines of docs/benchmarks.md).
+#[map]
+static SCHED_MEMO: PerCpuArray<TargetMemos> = PerCpuArray::with_max_entries(1, 0);
+
+/// `task`'s target (`NO_TARGET` for none), from this CPU's memo or looked up and remembered.
+#[inline(always)]
+fn target_of_task(task: *const u8) -> u32 {
+    let Some(memo) = SCHED_MEMO.get_ptr_mut(0) else {
+        return target_of(task::tgid(task)).unwrap_or(NO_TARGET);
+    };
+    // SAFETY: this CPU's value; scheduler tracepoints run with preemption off.
+    let memo = unsafe { &mut *memo };
+    let generation = generation();
+    match recall(memo, task as u64, generation) {
+        Some(target) => target,
+        None => remember(memo, task as u64, generation, task::tgid(task)),
+    }
+}
 
 /// Marks `task` runnable since `now`; if it was blocked, its blocked time ends here.
 #[inline(always)]
@@ -42,10 +73,10 @@ fn enqueue(task: *const u8, target: u32, now: u64) {
 
 fn wakeup(ctx: &BtfTracePointContext) {
     let task: *const u8 = ctx.arg(0);
-    // An untracked task costs one load and one lookup.
-    let Some(target) = target_of(task::tgid(task)) else {
+    let target = target_of_task(task);
+    if target == NO_TARGET {
         return;
-    };
+    }
     // The idle task never waits on a run queue.
     if task::pid(task) != 0 {
         // SAFETY: no preconditions.
@@ -78,18 +109,30 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
     let next: *const u8 = ctx.arg(2);
     let mut now = Now::default();
 
-    if let Some(target) = target_of(task::tgid(prev))
-        && task::pid(prev) != 0
-    {
+    // An exited task's last switch: its task_struct may soon be a new task's, which must not
+    // find this one's target remembered (the exit's generation bump came before this).
+    let prev_state = task::state(prev);
+    let prev_target = if prev_state == TASK_DEAD {
+        NO_TARGET
+    } else {
+        target_of_task(prev)
+    };
+    if prev_target != NO_TARGET && task::pid(prev) != 0 {
         // An involuntary preemption leaves prev on the run queue whatever its state says.
-        if preempt & 0xff != 0 || task::state(prev) == TASK_RUNNING {
-            enqueue(prev, target, now.get());
+        if preempt & 0xff != 0 || prev_state == TASK_RUNNING {
+            enqueue(prev, prev_target, now.get());
         } else if let Some(t) = thread::state(prev) {
             // Blocking: off CPU until its wakeup.
             t.runq.blocked_ns = now.get();
         }
     }
 
+    // A thread remembered as untraced was never marked runnable: no look at its storage.
+    if let Some(memo) = SCHED_MEMO.get(0)
+        && recall(memo, next as u64, generation()) == Some(NO_TARGET)
+    {
+        return;
+    }
     let Some(t) = thread::existing(next) else {
         return;
     };

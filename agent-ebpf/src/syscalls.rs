@@ -1,6 +1,6 @@
 //! Syscall latency per (target, syscall) as log2 histograms plus error counts, aggregated in the
 //! kernel. sys_enter/sys_exit fire for every syscall on the host, so whether the thread is traced
-//! is answered from a per-CPU cache of the last thread seen (`LastThread`) whenever it can be:
+//! is answered from a per-CPU memo of the last two threads seen (`TargetMemos`) whenever it can be:
 //! a repeat caller, traced or not, costs no helper call for it, where the current task and the
 //! `TRACKED` lookup are one each (about an empty program's cost apiece on the machines of
 //! docs/benchmarks.md). The syscall in flight is kept in the thread's own task storage: no
@@ -9,9 +9,10 @@
 use agent_common::{
     MAX_TARGETS, NO_TARGET, lost,
     syscalls::{
-        LastThread, MAX_NR, SLOT_INDEX_MAX, STATS_MAX, SYSCALLS_PER_TARGET, SyscallSlot,
-        SyscallStart, SyscallStats,
+        MAX_NR, SLOT_INDEX_MAX, STATS_MAX, SYSCALLS_PER_TARGET, SyscallSlot, SyscallStart,
+        SyscallStats,
     },
+    targets::TargetMemos,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -23,7 +24,7 @@ use aya_ebpf::{
 use crate::{
     aggregate::{atomic_add, compare_exchange, record},
     lost::count as count_lost,
-    targets::{generation, target_of},
+    targets::{generation, recall, remember},
     task, thread,
 };
 
@@ -43,14 +44,9 @@ static SYSCALL_SLOT: Array<u64> = Array::with_max_entries(SLOT_INDEX_MAX, 0);
 #[map]
 static SYSCALL_USED: Array<u64> = Array::with_max_entries(MAX_TARGETS, 0);
 
+/// The last two threads to enter a syscall on each CPU, known by their saved registers.
 #[map]
-static SYSCALL_LAST: PerCpuArray<LastThread> = PerCpuArray::with_max_entries(1, 0);
-
-/// Whether `last` still answers for the thread whose saved registers are at `regs`.
-#[inline(always)]
-fn is_cached(last: &LastThread, regs: u64, (gen_kernel, gen_user): (u64, u64)) -> bool {
-    last.regs == regs && last.gen_kernel == gen_kernel && last.gen_user == gen_user
-}
+static SYSCALL_LAST: PerCpuArray<TargetMemos> = PerCpuArray::with_max_entries(1, 0);
 
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
@@ -62,21 +58,12 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: this CPU's value; the syscall tracepoints run BPF programs with preemption off,
     // so no other sys_enter or sys_exit touches it meanwhile.
     let last = unsafe { &mut *last };
+    // Its tgid is a plain load off the task pointer, where the pid_tgid helper would be one more
+    // call.
     let generation = generation();
-    let target = if is_cached(last, regs, generation) {
-        last.target
-    } else {
-        // Its tgid is a plain load off the task pointer, where the pid_tgid helper would be one
-        // more call.
-        let target = target_of(task::tgid(thread::current())).unwrap_or(NO_TARGET);
-        *last = LastThread {
-            regs,
-            gen_kernel: generation.0,
-            gen_user: generation.1,
-            target,
-            _pad: 0,
-        };
-        target
+    let target = match recall(last, regs, generation) {
+        Some(target) => target,
+        None => remember(last, regs, generation, task::tgid(thread::current())),
     };
     if target == NO_TARGET {
         return 0;
@@ -110,10 +97,9 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct pt_regs *regs, long ret)
     let regs: u64 = ctx.arg(0);
     if let Some(last) = SYSCALL_LAST.get(0)
-        && last.target == NO_TARGET
-        && is_cached(last, regs, generation())
+        && recall(last, regs, generation()) == Some(NO_TARGET)
     {
-        // Untraced at its entry (the last on this CPU) and nothing changed since: no start.
+        // Remembered as untraced, and nothing changed since: its entry recorded no start.
         return 0;
     }
     let Some(t) = thread::existing(thread::current()) else {

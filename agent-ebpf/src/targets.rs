@@ -5,7 +5,7 @@ use agent_common::{
     NO_TARGET, lost,
     targets::{
         EVENT_EXEC, EVENT_EXIT, EVENT_FORK, GEN_KERNEL, GEN_USER, PROC_EVENTS_BYTES, ProcEvent,
-        TRACKED_MAX,
+        TRACKED_MAX, TargetMemo, TargetMemos,
     },
 };
 use aya_ebpf::{
@@ -39,17 +39,57 @@ pub fn target_of(tgid: u32) -> Option<u32> {
     unsafe { TRACKED.get(&tgid).copied() }
 }
 
-/// Both tracking generations. Read before the `TRACKED` lookup whose answer is cached with them,
-/// so that a change after the read leaves the cache stale, never the reverse.
+/// Both tracking generations, read before the `TRACKED` lookup whose answer is remembered with
+/// them, so that a change after the read leaves the memo stale, never the reverse.
+#[derive(Clone, Copy)]
+pub struct Generation(u64, u64);
+
 #[inline(always)]
-pub fn generation() -> (u64, u64) {
+pub fn generation() -> Generation {
     let read = |i| {
         TRACKED_GEN
             .get_ptr(i)
             // SAFETY: an array value lives as long as the map.
             .map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
     };
-    (read(GEN_KERNEL), read(GEN_USER))
+    Generation(read(GEN_KERNEL), read(GEN_USER))
+}
+
+/// The target `memos` remember for the thread known by `key`, while they are valid.
+#[inline(always)]
+pub fn recall(memos: &TargetMemos, key: u64, generation: Generation) -> Option<u32> {
+    let holds =
+        |m: &TargetMemo| m.key == key && m.gen_kernel == generation.0 && m.gen_user == generation.1;
+    let [a, b] = &memos.entries;
+    if holds(a) {
+        Some(a.target)
+    } else if holds(b) {
+        Some(b.target)
+    } else {
+        None
+    }
+}
+
+/// The target (`NO_TARGET` for none) of process `tgid`, remembered in `memos` for its thread
+/// known by `key` in place of the older entry.
+#[inline(always)]
+pub fn remember(memos: &mut TargetMemos, key: u64, generation: Generation, tgid: u32) -> u32 {
+    let target = target_of(tgid).unwrap_or(NO_TARGET);
+    let memo = TargetMemo {
+        key,
+        gen_kernel: generation.0,
+        gen_user: generation.1,
+        target,
+        _pad: 0,
+    };
+    if memos.victim == 0 {
+        memos.entries[0] = memo;
+        memos.victim = 1;
+    } else {
+        memos.entries[1] = memo;
+        memos.victim = 0;
+    }
+    target
 }
 
 #[inline(always)]

@@ -61,7 +61,7 @@ pub const TRACKED_MAP: &str = "TRACKED";
 
 /// The kernel's `TRACKED` map, written only through here so that every change bumps the agent's
 /// tracking generation: the syscall probe caches `TRACKED`'s answer per CPU and checks the
-/// generation before trusting it (`agent_common::syscalls::LastThread`).
+/// generation before trusting it (`agent_common::targets::TargetMemo`).
 pub struct KernelTracked {
     map: BpfHashMap<MapData, u32, u32>,
     generation: Array<MapData, u64>,

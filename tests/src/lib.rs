@@ -412,6 +412,46 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Dura
     }
 }
 
+/// An agent whose targets the test rewrites and reloads (SIGHUP), with only the probe families
+/// `probes` on. Rescans are a minute apart: what follows a reload comes from the reload itself.
+pub struct RetargetedAgent {
+    pub agent: Agent,
+    config: tempfile::NamedTempFile,
+    base: String,
+}
+
+impl RetargetedAgent {
+    pub fn start(probes: &[&str], targets: &str) -> Self {
+        let disable: Vec<String> = ["sched", "syscalls", "tcp", "tcp_rtt", "profile"]
+            .iter()
+            .filter(|f| !probes.contains(f))
+            .map(|f| format!("{f:?}"))
+            .collect();
+        let base = format!(
+            "rescan_interval_secs = 60\n[gpu]\nenabled = false\n[otlp]\nenabled = false\n\
+             [probes]\ndisable = [{}]\n",
+            disable.join(", ")
+        );
+        let config = config_file(&format!("{base}{targets}"));
+        let agent = Agent::start(&["--config", config.path().to_str().expect("utf-8 path")]);
+        Self {
+            agent,
+            config,
+            base,
+        }
+    }
+
+    /// Replaces the `[targets]` tables and tells the agent to reload.
+    pub fn retarget(&self, targets: &str) {
+        std::fs::write(self.config.path(), format!("{}{targets}", self.base)).expect("config");
+        // SAFETY: kill has no memory preconditions.
+        assert_eq!(
+            unsafe { libc::kill(self.agent.pid() as i32, libc::SIGHUP) },
+            0
+        );
+    }
+}
+
 /// Writes `content` to a temporary TOML file.
 pub fn config_file(content: &str) -> tempfile::NamedTempFile {
     let f = tempfile::Builder::new()

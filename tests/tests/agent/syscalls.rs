@@ -1,7 +1,7 @@
 //! Syscall latency and errors against workloads whose answer is known.
 use std::time::Duration;
 
-use pipeprobe_tests::{Agent, Histogram, Proc, find, wait_until};
+use pipeprobe_tests::{Agent, Histogram, Proc, RetargetedAgent, find, wait_until};
 
 const DURATION: &str = "pipeprobe_syscall_duration_seconds";
 const ERRORS: &str = "pipeprobe_syscall_errors_total";
@@ -149,24 +149,11 @@ fn syscall_list_and_series_cap_are_applied() {
 /// reload must invalidate it, and the loop's syscalls are counted from then on.
 #[test]
 fn a_loop_running_before_its_target_exists_is_traced_from_the_reload() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pipeprobe.toml");
-    let write = |targets: &str| {
-        std::fs::write(
-            &path,
-            format!(
-                "rescan_interval_secs = 60\n[gpu]\nenabled = false\n[otlp]\nenabled = false\n\
-                 [probes]\ndisable = [\"sched\", \"tcp\", \"tcp_rtt\", \"profile\"]\n{targets}"
-            ),
-        )
-        .unwrap();
-    };
-    write("[targets.other]\ncomm = \"^no-such-process$\"\n");
-    let agent = Agent::start(&["--config", path.to_str().unwrap()]);
+    let agent = RetargetedAgent::start(&["syscalls"], "[targets.other]\ncomm = \"^no-such$\"\n");
     let looper = Proc::workload(&["syscall-loop", "--secs", "30"]);
     let getppids = || {
         syscall_series(
-            &agent.scrape(),
+            &agent.agent.scrape(),
             &format!("{DURATION}_count"),
             "looper",
             "getppid",
@@ -176,14 +163,12 @@ fn a_loop_running_before_its_target_exists_is_traced_from_the_reload() {
     // A second of the loop's getppid calls entering untraced, on whichever CPUs it runs.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(getppids(), 0.0);
-    write(&format!("[targets.looper]\npid = {}\n", looper.pid()));
-    // SAFETY: kill has no memory preconditions.
-    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) }, 0);
+    agent.retarget(&format!("[targets.looper]\npid = {}\n", looper.pid()));
     wait_until(Duration::from_secs(5), || getppids() > 100_000.0).unwrap_or_else(|| {
         panic!(
             "the loop's getppid calls are not counted after the reload: {}\n{}",
             getppids(),
-            agent.log()
+            agent.agent.log()
         )
     });
 }
