@@ -27,7 +27,7 @@ use aya_ebpf::{
 use crate::{
     clock::Now,
     lost::count as count_lost,
-    targets::{generation, recall, remember, target_of},
+    targets::{bump_generation, generation, recall, remember, target_of},
     task, thread,
 };
 
@@ -110,9 +110,12 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
     let mut now = Now::default();
 
     // An exited task's last switch: its task_struct may soon be a new task's, which must not
-    // find this one's target remembered (the exit's generation bump came before this).
+    // find this one's target remembered. The exit's own generation bump is not enough: between
+    // it and this switch the task may block (closing files, releasing its memory) and be
+    // remembered again.
     let prev_state = task::state(prev);
     let prev_target = if prev_state == TASK_DEAD {
+        bump_generation();
         NO_TARGET
     } else {
         target_of_task(prev)

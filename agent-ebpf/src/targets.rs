@@ -92,8 +92,9 @@ pub fn remember(memos: &mut TargetMemos, key: u64, generation: Generation, tgid:
     target
 }
 
+/// Invalidates every memo: the kernel's side of the generations.
 #[inline(always)]
-fn bump_generation() {
+pub fn bump_generation() {
     if let Some(p) = TRACKED_GEN.get_ptr_mut(GEN_KERNEL) {
         // SAFETY: an array value lives as long as the map; the add is atomic.
         unsafe { atomic_add(p, 1) };
