@@ -27,7 +27,7 @@ use aya_ebpf::{
 use crate::{
     clock::Now,
     lost::count as count_lost,
-    targets::{bump_generation, generation, recall, remember, target_of},
+    targets::{Generation, bump_generation, generation, recall, target_of, target_via_memo},
     task, thread,
 };
 
@@ -43,17 +43,13 @@ static SCHED_MEMO: PerCpuArray<TargetMemos> = PerCpuArray::with_max_entries(1, 0
 
 /// `task`'s target (`NO_TARGET` for none), from this CPU's memo or looked up and remembered.
 #[inline(always)]
-fn target_of_task(task: *const u8) -> u32 {
+fn target_of_task(task: *const u8, generation: Generation) -> u32 {
     let Some(memo) = SCHED_MEMO.get_ptr_mut(0) else {
         return target_of(task::tgid(task)).unwrap_or(NO_TARGET);
     };
     // SAFETY: this CPU's value; scheduler tracepoints run with preemption off.
     let memo = unsafe { &mut *memo };
-    let generation = generation();
-    match recall(memo, task as u64, generation) {
-        Some(target) => target,
-        None => remember(memo, task as u64, generation, task::tgid(task)),
-    }
+    target_via_memo(memo, task as u64, generation, || task::tgid(task))
 }
 
 /// Marks `task` runnable since `now`; if it was blocked, its blocked time ends here.
@@ -73,7 +69,7 @@ fn enqueue(task: *const u8, target: u32, now: u64) {
 
 fn wakeup(ctx: &BtfTracePointContext) {
     let task: *const u8 = ctx.arg(0);
-    let target = target_of_task(task);
+    let target = target_of_task(task, generation());
     if target == NO_TARGET {
         return;
     }
@@ -114,11 +110,12 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
     // it and this switch the task may block (closing files, releasing its memory) and be
     // remembered again.
     let prev_state = task::state(prev);
+    let generation = generation();
     let prev_target = if prev_state == TASK_DEAD {
         bump_generation();
         NO_TARGET
     } else {
-        target_of_task(prev)
+        target_of_task(prev, generation)
     };
     if prev_target != NO_TARGET && task::pid(prev) != 0 {
         // An involuntary preemption leaves prev on the run queue whatever its state says.
@@ -132,7 +129,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
 
     // A thread remembered as untraced was never marked runnable: no look at its storage.
     if let Some(memo) = SCHED_MEMO.get(0)
-        && recall(memo, next as u64, generation()) == Some(NO_TARGET)
+        && recall(memo, next as u64, generation) == Some(NO_TARGET)
     {
         return;
     }

@@ -24,7 +24,7 @@ use aya_ebpf::{
 use crate::{
     aggregate::{atomic_add, compare_exchange, record},
     lost::count as count_lost,
-    targets::{generation, recall, remember},
+    targets::{generation, recall, target_via_memo},
     task, thread,
 };
 
@@ -60,11 +60,7 @@ pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
     let last = unsafe { &mut *last };
     // Its tgid is a plain load off the task pointer, where the pid_tgid helper would be one more
     // call.
-    let generation = generation();
-    let target = match recall(last, regs, generation) {
-        Some(target) => target,
-        None => remember(last, regs, generation, task::tgid(thread::current())),
-    };
+    let target = target_via_memo(last, regs, generation(), || task::tgid(thread::current()));
     if target == NO_TARGET {
         return 0;
     }

@@ -70,11 +70,20 @@ pub fn recall(memos: &TargetMemos, key: u64, generation: Generation) -> Option<u
     }
 }
 
-/// The target (`NO_TARGET` for none) of process `tgid`, remembered in `memos` for its thread
-/// known by `key` in place of the older entry.
+/// The target (`NO_TARGET` for none) of the thread known by `key`: from `memos` while they hold,
+/// else looked up by its process (`tgid` runs only then) and remembered in place of the older
+/// entry.
 #[inline(always)]
-pub fn remember(memos: &mut TargetMemos, key: u64, generation: Generation, tgid: u32) -> u32 {
-    let target = target_of(tgid).unwrap_or(NO_TARGET);
+pub fn target_via_memo(
+    memos: &mut TargetMemos,
+    key: u64,
+    generation: Generation,
+    tgid: impl FnOnce() -> u32,
+) -> u32 {
+    if let Some(target) = recall(memos, key, generation) {
+        return target;
+    }
+    let target = target_of(tgid()).unwrap_or(NO_TARGET);
     let memo = TargetMemo {
         key,
         gen_kernel: generation.0,
