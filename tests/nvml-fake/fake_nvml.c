@@ -89,7 +89,9 @@ static void load(void) {
 }
 
 /* With PIPEPROBE_FAKE_NVML_PROCS set, the `proc` lines come from that file, re-read on every
- * process query: a test can put a process it started on a GPU while the agent runs. */
+ * process query: a test can put a process it started on a GPU while the agent runs. An `xid gpu=N
+ * code=C` line there is an Xid event the test raises when it chooses (not after a round count,
+ * which races with whoever watches for it); each (gpu, code) is delivered once. */
 static void reload_procs(void) {
     const char *path = getenv("PIPEPROBE_FAKE_NVML_PROCS");
     if (!path) return;
@@ -101,6 +103,13 @@ static void reload_procs(void) {
         if (!strncmp(line, "proc ", 5) && nprocs < 64) {
             struct proc *p = &procs[nprocs++];
             p->gpu = num(line, "gpu="); p->pid = num(line, "pid="); p->mem = num(line, "mem="); p->sm = num(line, "sm=");
+        } else if (!strncmp(line, "xid ", 4)) {
+            unsigned gpu = num(line, "gpu="), code = num(line, "code="), i;
+            for (i = 0; i < nxids && !(xids[i].gpu == gpu && xids[i].code == code); i++) {}
+            if (i == nxids && nxids < 32) {
+                struct xid *x = &xids[nxids++];
+                x->gpu = gpu; x->code = code; x->after = 0; x->delivered = 0;
+            }
         }
     }
     fclose(f);

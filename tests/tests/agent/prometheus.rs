@@ -175,8 +175,7 @@ fn prometheus_scrapes_every_family_and_every_dashboard_query_returns_data() {
          throttle=4 ecc_corrected=2 ecc_uncorrected=0\n\
          gpu name=NVIDIA-H100 uuid=GPU-B util=18 memutil=6 mem_total=85899345920 mem_used=12884901888 \
          power_mw=180000 power_limit_mw=700000 temp=51 energy_mj=4000000 sm_mhz=1410 mem_mhz=2619 \
-         throttle=0 ecc_corrected=0 ecc_uncorrected=0\n\
-         xid gpu=1 code=79 after=16\n",
+         throttle=0 ecc_corrected=0 ecc_uncorrected=0\n",
     )
     .unwrap();
     std::fs::write(&procs, "").unwrap();
@@ -215,15 +214,25 @@ fn prometheus_scrapes_every_family_and_every_dashboard_query_returns_data() {
     });
     assert_eq!(pids.len(), 3, "the pipeline's stages: {pids:?}");
     // The stages as the GPU's compute processes: stt and mt share GPU 0, tts has GPU 1.
-    std::fs::write(
-        &procs,
-        format!(
-            "proc gpu=0 pid={} mem=8589934592 sm=45\nproc gpu=0 pid={} mem=4294967296 sm=20\n\
-             proc gpu=1 pid={} mem=6442450944 sm=15\n",
-            pids["stt"], pids["mt"], pids["tts"]
-        ),
-    )
-    .unwrap();
+    let on_gpus = format!(
+        "proc gpu=0 pid={} mem=8589934592 sm=45\nproc gpu=0 pid={} mem=4294967296 sm=20\n\
+         proc gpu=1 pid={} mem=6442450944 sm=15\n",
+        pids["stt"], pids["mt"], pids["tts"]
+    );
+    std::fs::write(&procs, &on_gpus).unwrap();
+    // The Xid comes only once Prometheus holds GPU 1's counter at 0: `increase()` sees nothing in
+    // a counter whose first sample is already 1, and a slow start here would make that a race.
+    let xid_at_zero = "pipeprobe_gpu_xid_errors_total{uuid=\"GPU-B\"} == 0";
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            prom.api(&format!("/api/v1/query?query={}", enc(xid_at_zero)))["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+        })
+        .is_some(),
+        "Prometheus never scraped GPU-B's Xid counter at 0"
+    );
+    std::fs::write(&procs, format!("{on_gpus}xid gpu=1 code=79\n")).unwrap();
 
     // Long enough for several 5 s rate windows and span batches (the SDK exports every 5 s).
     std::thread::sleep(Duration::from_secs(22));
