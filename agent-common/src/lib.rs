@@ -29,6 +29,7 @@ mod pod {
     unsafe impl aya::Pod for crate::hist::Log2Hist {}
     unsafe impl aya::Pod for crate::targets::ProcEvent {}
     unsafe impl aya::Pod for crate::sched::RunqStart {}
+    unsafe impl aya::Pod for crate::sched::ClockPair {}
     unsafe impl aya::Pod for crate::syscalls::SyscallSlot {}
     unsafe impl aya::Pod for crate::syscalls::SyscallStats {}
     unsafe impl aya::Pod for crate::tcp::TcpStats {}

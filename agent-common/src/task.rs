@@ -13,6 +13,14 @@ pub const GLOBAL_STATE_OFFSET: &str = "TASK_STATE_OFFSET";
 /// Global holding the offset of the saved thread pointer (`thread.fsbase`), 0 where unknown.
 pub const GLOBAL_FSBASE_OFFSET: &str = "TASK_FSBASE_OFFSET";
 
+/// Global holding the offset of `se.cfs_rq` in `task_struct`, 0 where unknown (a kernel without
+/// `CONFIG_FAIR_GROUP_SCHED`): with the two below, the way from a task to its run queue's clock.
+pub const GLOBAL_CFS_RQ_OFFSET: &str = "TASK_CFS_RQ_OFFSET";
+/// Global holding `offsetof(struct cfs_rq, rq)`.
+pub const GLOBAL_RQ_OFFSET: &str = "CFS_RQ_RQ_OFFSET";
+/// Global holding `offsetof(struct rq, clock)`.
+pub const GLOBAL_RQ_CLOCK_OFFSET: &str = "RQ_CLOCK_OFFSET";
+
 /// `TASK_RUNNING`: a task switched out in this state was preempted and is still runnable.
 pub const TASK_RUNNING: u32 = 0;
 

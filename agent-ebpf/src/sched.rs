@@ -18,14 +18,13 @@ use agent_common::{
     task::{TASK_DEAD, TASK_RUNNING},
 };
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
     maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 
 use crate::{
-    clock::Now,
+    clock::{SchedNow, sched_clock},
     lost::count as count_lost,
     targets::{Generation, bump_generation, generation, recall, target_of, target_via_memo},
     task, thread,
@@ -75,8 +74,7 @@ fn wakeup(ctx: &BtfTracePointContext) {
     }
     // The idle task never waits on a run queue.
     if task::pid(task) != 0 {
-        // SAFETY: no preconditions.
-        enqueue(task, target, unsafe { bpf_ktime_get_ns() });
+        enqueue(task, target, sched_clock(task));
     }
 }
 
@@ -103,7 +101,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
     let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let mut now = Now::default();
+    let mut now = SchedNow::of(next);
 
     // An exited task's last switch: its task_struct may soon be a new task's, which must not
     // find this one's target remembered. The exit's own generation bump is not enough: between

@@ -20,8 +20,12 @@ use aya_ebpf::{
 };
 
 use crate::{
-    aggregate::atomic_add, clock::Now, lost::count as count_lost, python, targets::target_of, task,
-    thread, unwind,
+    aggregate::atomic_add,
+    clock::{Now, SchedNow},
+    lost::count as count_lost,
+    python,
+    targets::target_of,
+    task, thread, unwind,
 };
 
 #[map]
@@ -147,7 +151,8 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) {
     let next: *mut u8 = ctx.arg(2);
     // The tracepoint's own task pointers: plain loads, where the pid_tgid helper is a call.
     let (tgid, tid) = (task::tgid(prev), task::pid(prev));
-    let mut now = Now::default();
+    // Both ends of an episode are read here, so the scheduler's clock does (no helper call).
+    let mut now = SchedNow::of(next.cast_const());
     // Blocking, not preempted: the time until it runs again is off-CPU time. Only the user
     // stacks are taken here, where they must be (another task's user memory cannot be read at
     // switch-in); the kernel stack waits for the episode's end, so the many short episodes

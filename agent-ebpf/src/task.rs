@@ -60,3 +60,42 @@ pub fn fsbase() -> Option<u64> {
         bpf_probe_read_kernel(task.wrapping_add(off as usize) as *const u64).ok()
     }
 }
+
+#[unsafe(no_mangle)]
+static TASK_CFS_RQ_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static CFS_RQ_RQ_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static RQ_CLOCK_OFFSET: u32 = 0;
+
+/// The clock of `task`'s run queue (`task->se.cfs_rq->rq->clock`, what the scheduler itself
+/// times run-queue waits with), or 0 where the loader found no way to it. Three loads the
+/// verifier checks against BTF, as `load_u32_at`; on a scheduler hook the scheduler has just
+/// updated it, and it costs a fraction of `bpf_ktime_get_ns` (docs/benchmarks.md). None where
+/// the loader found no way to it; Some(0) where a pointer on the way was null.
+#[inline(always)]
+pub fn rq_clock(task: *const u8) -> Option<u64> {
+    // SAFETY: volatile reads of globals the loader initialised.
+    let (cfs_rq, rq, clock) = unsafe {
+        (
+            core::ptr::read_volatile(&TASK_CFS_RQ_OFFSET),
+            core::ptr::read_volatile(&CFS_RQ_RQ_OFFSET),
+            core::ptr::read_volatile(&RQ_CLOCK_OFFSET),
+        )
+    };
+    if cfs_rq == 0 {
+        return None;
+    }
+    // SAFETY: each pointer is a BTF-typed member of the struct before it, found in the kernel's
+    // BTF by the loader; the verifier rejects the program otherwise, and the JIT turns a fault
+    // (a null pointer) into a zero.
+    unsafe {
+        let cfs_rq_ptr =
+            core::ptr::read_volatile(task.wrapping_add(cfs_rq as usize).cast::<*const u8>());
+        let rq_ptr =
+            core::ptr::read_volatile(cfs_rq_ptr.wrapping_add(rq as usize).cast::<*const u8>());
+        Some(core::ptr::read_volatile(
+            rq_ptr.wrapping_add(clock as usize).cast::<u64>(),
+        ))
+    }
+}

@@ -10,6 +10,7 @@ use crate::{
     bpfstats,
     caps::{self, PrivilegeError},
     cli::AgentArgs,
+    clock,
     config::{Config, ConfigError},
     control,
     ebpf::{self, Kernel, LoadOptions},
@@ -96,6 +97,8 @@ struct Started {
     threads: Option<aya::maps::Map>,
     /// Retransmitted segments per owning process, for span breakdowns.
     proc_retrans: Option<BpfHashMap<MapData, u32, u64>>,
+    /// The scheduler's clock, which the per-thread state's scheduler times are in.
+    sched_clock: Option<clock::SchedClock>,
     span_sampler: Option<stacks::SpanSampler>,
     collectors: Vec<Box<dyn Collector>>,
     statuses: Vec<ProbeStatus>,
@@ -202,6 +205,15 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let proc_retrans = on(tcp::FAMILY.name)
         .then(|| optional(kernel.take_map(tcp::PROC_RETRANS_MAP)))
         .flatten();
+    let sched_clock = threads.as_ref().and_then(|_| {
+        clock::SchedClock::load(&mut kernel.bpf)
+            .map_err(|e| {
+                tracing::warn!(
+                    "{e}; span breakdowns count a run-queue wait or a blocked episode once it ends"
+                )
+            })
+            .ok()
+    });
     // Continuous low-rate sampling for span flamegraphs, with the profile family's programs.
     let span_sampler =
         (config.spans.enabled && config.spans.sample_hz > 0 && on(stacks::FAMILY.name))
@@ -223,6 +235,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
         lost: optional(kernel.take_map("LOST")),
         threads,
         proc_retrans,
+        sched_clock,
         span_sampler,
         kernel: Some(kernel),
         collectors,
@@ -260,6 +273,7 @@ async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
         lost,
         threads,
         proc_retrans,
+        sched_clock,
         span_sampler,
         collectors,
         statuses,
@@ -323,6 +337,7 @@ async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
             threads.map(|threads| spans::HistoryMaps {
                 threads,
                 proc_retrans,
+                sched_clock,
             }),
             tracked_pids.clone(),
             span_sampler,

@@ -230,6 +230,12 @@ pub struct TaskOffsets {
     /// The thread pointer register saved in the task (`thread.fsbase`, x86_64), or 0 where this
     /// kernel has none: only walking CPython 3.10 stacks needs it.
     pub fsbase: u32,
+    /// `se.cfs_rq`, `cfs_rq.rq` and `rq.clock`: the scheduler's own clock of a task's run queue,
+    /// read with three loads instead of a clock helper call. All 0 where this kernel lacks one
+    /// of them (no `CONFIG_FAIR_GROUP_SCHED`); the programs then read `bpf_ktime_get_ns`.
+    pub cfs_rq: u32,
+    pub rq: u32,
+    pub rq_clock: u32,
 }
 
 impl TaskOffsets {
@@ -243,7 +249,34 @@ impl TaskOffsets {
                 .member_offset("task_struct", &["thread"])
                 .and_then(|t| Ok(t + btf.member_offset("thread_struct", &["fsbase"])?))
                 .unwrap_or(0),
-        })
+            cfs_rq: 0,
+            rq: 0,
+            rq_clock: 0,
+        }
+        .with_rq_clock(btf))
+    }
+
+    fn with_rq_clock(mut self, btf: &KernelBtf) -> Self {
+        let found = (|| -> Result<_, BtfError> {
+            let se = btf.member_offset("task_struct", &["se"])?;
+            Ok((
+                se + btf.member_offset("sched_entity", &["cfs_rq"])?,
+                btf.member_offset("cfs_rq", &["rq"])?,
+                btf.member_offset("rq", &["clock"])?,
+            ))
+        })();
+        match found {
+            Ok((cfs_rq, rq, rq_clock)) => {
+                self.cfs_rq = cfs_rq;
+                self.rq = rq;
+                self.rq_clock = rq_clock;
+            }
+            Err(e) => tracing::info!(
+                "no way from a task to its run queue's clock in this kernel ({e}); the \
+                 scheduler programs read bpf_ktime_get_ns instead"
+            ),
+        }
+        self
     }
 }
 

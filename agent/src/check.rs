@@ -138,6 +138,7 @@ pub fn rows(nvml: &std::path::Path) -> Vec<Row> {
     match ebpf::load(ebpf::LoadOptions::default()) {
         Ok(mut kernel) => {
             rows.push(row("eBPF object", Status::Ok, "maps created"));
+            rows.push(sched_clock(&mut kernel));
             for s in probes::attach_all(&mut kernel.bpf, &kernel.btf, &[], &kernel.unavailable) {
                 rows.push(match s.result {
                     Ok(()) => row(
@@ -153,6 +154,34 @@ pub fn rows(nvml: &std::path::Path) -> Vec<Row> {
         Err(e) => rows.push(row("eBPF object", Status::Fail, e.to_string())),
     }
     rows
+}
+
+/// Which clock the scheduler programs read, and how far it is from CLOCK_MONOTONIC.
+fn sched_clock(kernel: &mut ebpf::Kernel) -> Row {
+    const WHAT: &str = "scheduler clock";
+    if kernel.offsets.cfs_rq == 0 {
+        return row(
+            WHAT,
+            Status::Warn,
+            "no way from a task to its run queue in this kernel's BTF (CONFIG_FAIR_GROUP_SCHED \
+             off): bpf_ktime_get_ns, a helper call per scheduler event",
+        );
+    }
+    match crate::clock::SchedClock::load(&mut kernel.bpf).and_then(|c| c.ahead_ns()) {
+        Ok(ahead) => row(
+            WHAT,
+            Status::Ok,
+            format!(
+                "run queue clock, {:+.3} ms from CLOCK_MONOTONIC",
+                ahead as i64 as f64 / 1e6
+            ),
+        ),
+        Err(e) => row(
+            WHAT,
+            Status::Warn,
+            format!("{e}: span breakdowns count an episode once it ends"),
+        ),
+    }
 }
 
 /// The table, and whether the agent can run here.

@@ -149,6 +149,9 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
         .override_global(task::GLOBAL_TGID_OFFSET, &offsets.tgid, true)
         .override_global(task::GLOBAL_STATE_OFFSET, &offsets.state, true)
         .override_global(task::GLOBAL_FSBASE_OFFSET, &offsets.fsbase, true)
+        .override_global(task::GLOBAL_CFS_RQ_OFFSET, &offsets.cfs_rq, true)
+        .override_global(task::GLOBAL_RQ_OFFSET, &offsets.rq, true)
+        .override_global(task::GLOBAL_RQ_CLOCK_OFFSET, &offsets.rq_clock, true)
         .override_global(
             agent_common::syscalls::GLOBAL_TRACE_ALL,
             &all_syscalls,

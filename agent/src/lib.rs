@@ -6,6 +6,7 @@ pub mod btf;
 pub mod caps;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod ebpf;

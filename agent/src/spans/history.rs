@@ -182,11 +182,13 @@ impl History {
 
 pub type SharedHistory = Arc<Mutex<History>>;
 
-/// The thread's totals as of `now`, counting the episode in progress (blocked, waiting on a
-/// run queue, inside a syscall) up to `now`: the kernel adds an episode only when it ends, and
-/// a 1.5 s sleep landing in one tick would otherwise be spread over that tick.
-fn totals_at(state: &ThreadState, now: u64) -> ThreadTotals {
-    let open = |since: u64| {
+/// The thread's totals as of `now` (CLOCK_MONOTONIC; `sched_now` the same instant on the
+/// scheduler's clock, which the run-queue and blocked times are in), counting the episode in
+/// progress (blocked, waiting on a run queue, inside a syscall) up to then: the kernel adds an
+/// episode only when it ends, and a 1.5 s sleep landing in one tick would otherwise be spread
+/// over that tick. Without `sched_now` a scheduler episode counts when it ends.
+fn totals_at(state: &ThreadState, now: u64, sched_now: Option<u64>) -> ThreadTotals {
+    let open = |since: u64, now: u64| {
         if since != 0 {
             now.saturating_sub(since)
         } else {
@@ -194,9 +196,11 @@ fn totals_at(state: &ThreadState, now: u64) -> ThreadTotals {
         }
     };
     let mut t = state.totals;
-    t.blocked_ns += open(state.runq.blocked_ns);
-    t.runq_ns += open(state.runq.ts_ns);
-    t.syscall_ns += open(state.syscall.ts_ns);
+    if let Some(sched_now) = sched_now {
+        t.blocked_ns += open(state.runq.blocked_ns, sched_now);
+        t.runq_ns += open(state.runq.ts_ns, sched_now);
+    }
+    t.syscall_ns += open(state.syscall.ts_ns, now);
     t
 }
 
@@ -256,7 +260,9 @@ pub fn spawn(
             let super::HistoryMaps {
                 threads: map,
                 proc_retrans,
+                sched_clock,
             } = maps;
+            let mut clock_failed = false;
             let aya::maps::Map::Unsupported(data) = &map else {
                 tracing::warn!("the THREAD map is not task storage; span breakdowns are off");
                 return;
@@ -272,6 +278,16 @@ pub fn spawn(
                     rescan(&mut h, &tracked);
                     last_scan = now;
                 }
+                // Read each tick: the scheduler's clock drifts from CLOCK_MONOTONIC.
+                let sched_ahead = sched_clock.as_ref().and_then(|c| {
+                    c.ahead_ns()
+                        .map_err(|e| {
+                            if !std::mem::replace(&mut clock_failed, true) {
+                                tracing::warn!("{e}; span breakdowns count a run-queue wait or a blocked episode once it ends");
+                            }
+                        })
+                        .ok()
+                });
                 for (tid, th) in &mut h.threads {
                     let Some(fd) = &th.pidfd else { continue };
                     let Some(state) = lookup(map_fd, fd.as_raw_fd()) else {
@@ -283,7 +299,10 @@ pub fn spawn(
                         .and_then(|m| m.get(&th.tgid, 0).ok())
                         .unwrap_or(0);
                     let totals = Totals {
-                        thread: totals_at(&state, monotonic_ns()),
+                        thread: {
+                            let now = monotonic_ns();
+                            totals_at(&state, now, sched_ahead.map(|a| now.wrapping_add(a)))
+                        },
                         retransmits,
                     };
                     if th.since.is_none() {

@@ -278,6 +278,8 @@ pub struct HistoryMaps {
     pub threads: aya::maps::Map,
     /// Retransmitted segments per owning process (PROC_RETRANS), when the TCP probes run.
     pub proc_retrans: Option<aya::maps::HashMap<aya::maps::MapData, u32, u64>>,
+    /// The clock of the threads' scheduler times (None: episodes in progress are not counted).
+    pub sched_clock: Option<crate::clock::SchedClock>,
 }
 
 pub async fn start(

@@ -161,3 +161,48 @@ fn a_pair_switching_before_its_target_exists_is_traced_from_the_reload() {
         )
     });
 }
+
+/// The sched programs time episodes with the run queue's clock (no helper call), and user space
+/// relates it to CLOCK_MONOTONIC through `clock_pair`: the offset `pipeprobe check` gives is the
+/// one the kernel's own scheduler debug view shows (`cpu_clk - ktime`, read one after the other
+/// in /sys/kernel/debug/sched/debug). Off by more than a tick, span breakdowns would misplace
+/// every blocked or runnable episode still in progress.
+#[test]
+fn the_scheduler_clock_offset_matches_the_kernel_s_debug_view() {
+    let debug = std::path::Path::new("/sys/kernel/debug/sched/debug");
+    if !debug.exists() {
+        let mounted = Command::new("mount")
+            .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting debugfs");
+    }
+    let out = Command::new(pipeprobe_tests::pipeprobe_bin())
+        .arg("check")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ours: f64 = table
+        .lines()
+        .find(|l| l.starts_with("scheduler clock"))
+        .and_then(|l| l.split("run queue clock, ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no run queue clock in `pipeprobe check`:\n{table}"));
+    let text = std::fs::read_to_string(debug).unwrap();
+    let field = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {}", debug.display()))
+    };
+    let kernel = field("cpu_clk") - field("ktime");
+    eprintln!(
+        "run queue clock ahead of CLOCK_MONOTONIC: ours {ours:+.3} ms, kernel {kernel:+.3} ms"
+    );
+    assert!(
+        (ours - kernel).abs() < 0.5,
+        "ours {ours:+.3} ms, the kernel's debug view {kernel:+.3} ms"
+    );
+}
