@@ -39,7 +39,9 @@ pub struct CaptureConfig {
     /// (`StackCopy`), which unwinds it with the modules' .eh_frame; 0 to walk frame pointers
     /// in the kernel.
     pub copy_stacks: u32,
-    pub _pad: u32,
+    /// 1 when PY_PROCS holds a process of this capture (filled before it starts): without one,
+    /// no sample pays for that lookup.
+    pub python: u32,
 }
 
 /// Bytes of user stack a CPU sample copies from its stack pointer up (perf's

@@ -71,6 +71,15 @@ fn selected(cfg: &CaptureConfig, tgid: u32) -> bool {
         }
 }
 
+/// The Python stack of a capture's sample, 0 when the capture has no Python process.
+#[inline(always)]
+fn py_stack(cfg: &CaptureConfig, tgid: u32, tid: u32) -> u64 {
+    if cfg.python == 0 {
+        return 0;
+    }
+    python::stack(tgid, tid)
+}
+
 #[inline(always)]
 fn user_stack_id<C: StackIdContext>(ctx: &C) -> i32 {
     ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK))
@@ -112,7 +121,7 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     }
     // The perf event's registers are those of the interrupted code: nothing to skip.
     let kernel_stack = kernel_stack_id(&ctx);
-    let python_stack = python::stack(tgid, ids as u32);
+    let python_stack = py_stack(&cfg, tgid, ids as u32);
     if cfg.copy_stacks != 0 && unwind::send(tgid, kernel_stack, python_stack) {
         return 0;
     }
@@ -164,9 +173,14 @@ fn try_offcpu_switch(ctx: &BtfTracePointContext) {
         && let Some(t) = thread::state(prev)
     {
         t.capture_off.user_stack = user_stack_id(ctx);
-        t.capture_off.py_stack = python::stack(tgid, tid);
+        t.capture_off.py_stack = py_stack(&cfg, tgid, tid);
         t.capture_off.generation = cfg.generation;
         t.capture_off.ts_ns = now.get();
+    }
+    // Most switch-ins are of threads outside the capture: with a pid to select, two loads
+    // tell, where a task storage look-up is a helper call.
+    if cfg.pid != 0 && task::tgid(next.cast_const()) != cfg.pid {
+        return;
     }
     let Some(t) = thread::existing(next.cast_const()) else {
         return;
@@ -261,7 +275,7 @@ pub fn syscall_enter_stack(ctx: BtfTracePointContext) -> i32 {
         user_stack,
         kernel_stack: -1,
         syscall: (nr as u32).wrapping_add(1),
-        python_stack: python::stack(tgid, ids as u32),
+        python_stack: py_stack(&cfg, tgid, ids as u32),
     };
     if BLOCKED.insert(&(ids as u32), &b, 0).is_err() {
         count_lost(lost::SAMPLES_FULL);

@@ -450,6 +450,7 @@ impl Profiler {
         }
         self.find_pythons(&cfg);
         cfg.copy_stacks = u32::from(self.copies.is_some());
+        cfg.python = u32::from(!self.pythons.is_empty());
         self.maps.config.set(0, cfg, 0)?;
         if cfg.mode != MODE_CPU {
             let attached = if cfg.mode == MODE_OFFCPU {
