@@ -338,8 +338,8 @@ pub const NAMES: &[Option<&str>] = &[
     Some("statx"),                   // 332
     Some("io_pgetevents"),           // 333
     Some("rseq"),                    // 334
-    None,                            // 335
-    None,                            // 336
+    Some("uretprobe"),               // 335
+    Some("uprobe"),                  // 336
     None,                            // 337
     None,                            // 338
     None,                            // 339
