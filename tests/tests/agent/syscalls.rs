@@ -172,3 +172,77 @@ fn a_loop_running_before_its_target_exists_is_traced_from_the_reload() {
         )
     });
 }
+
+/// A target's distinct syscalls are bounded in the kernel (`SYSCALLS_PER_TARGET` slots, claimed
+/// at first use): a process making more keeps exactly that many series, and every call of the
+/// ones left out is counted as lost (`syscall_stats_full`), not dropped silently. The process
+/// calls 129 numbers this kernel does not assign (337-423 and 470-511: ENOSYS; 335 is
+/// uretprobe, which kills a caller outside a uretprobe) and nine harmless getters, three times
+/// each, after the agent has matched it.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn a_target_s_129th_distinct_syscall_is_counted_as_lost() {
+    const REPS: usize = 3;
+    // getpid, getppid, getuid, getgid, geteuid, getegid, gettid, sched_yield, getpgrp.
+    const GETTERS: [u32; 9] = [39, 110, 102, 104, 107, 108, 186, 24, 111];
+    let script = format!(
+        "import ctypes, time\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         time.sleep(1.5)\n\
+         for _ in range({REPS}):\n\
+         \x20   for nr in list(range(337, 424)) + list(range(470, 512)) + {GETTERS:?}:\n\
+         \x20       libc.syscall(nr)\n"
+    );
+    let spreader = Proc::spawn(std::process::Command::new("python3").args(["-c", &script]));
+    let config = pipeprobe_tests::config_file(&format!(
+        "syscalls = \"all\"\nmax_syscall_series_per_target = 512\n[targets.spread]\npid = {}\n",
+        spreader.pid()
+    ));
+    let agent = Agent::start(&["--config", config.path().to_str().unwrap()]);
+    let mut spreader = spreader;
+    assert!(
+        spreader.0.wait().unwrap().success(),
+        "the python3 caller failed"
+    );
+    let lost = |samples: &[pipeprobe_tests::Sample]| {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == "pipeprobe_events_lost_total"
+                    && s.labels
+                        .get("reason")
+                        .is_some_and(|r| r == "syscall_stats_full")
+            })
+            .map_or(0.0, |s| s.value)
+    };
+    // At least 129 + 9 - 128 numbers have no slot, each called REPS times.
+    let floor = (10 * REPS) as f64;
+    wait_until(Duration::from_secs(3), || lost(&agent.scrape()) >= floor);
+    let samples = agent.scrape();
+    let series: std::collections::BTreeSet<&str> = samples
+        .iter()
+        .filter(|s| {
+            s.name == format!("{DURATION}_count")
+                && s.labels.get("target").is_some_and(|t| t == "spread")
+        })
+        .filter_map(|s| s.labels.get("syscall").map(String::as_str))
+        .collect();
+    assert_eq!(
+        series.len(),
+        agent_common::syscalls::SYSCALLS_PER_TARGET as usize,
+        "distinct syscalls of the target: {series:?}"
+    );
+    assert!(
+        series.iter().any(|s| s.starts_with("sys_")),
+        "the unassigned numbers are among them: {series:?}"
+    );
+    let lost = lost(&samples);
+    eprintln!(
+        "{} distinct syscalls kept, {lost} calls counted as syscall_stats_full",
+        series.len()
+    );
+    assert!(
+        lost >= floor,
+        "syscall_stats_full {lost}, expected at least {floor}"
+    );
+}
