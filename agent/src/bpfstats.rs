@@ -6,7 +6,7 @@
 //! so they are exported. aya does not expose the counter; `BPF_OBJ_GET_INFO_BY_FD` does.
 use std::os::fd::{AsRawFd as _, OwnedFd};
 
-use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+use aya_obj::generated::{bpf_cmd, bpf_prog_info};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet},
@@ -21,24 +21,14 @@ struct ProgramLabels {
 
 /// The kernel's `recursion_misses` of the program behind `fd`.
 pub fn recursion_misses(fd: &OwnedFd) -> std::io::Result<u64> {
-    // SAFETY: both are plain C structs for which all-zero is valid.
+    // SAFETY: a plain C struct for which all-zero is valid.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    let mut attr = crate::ebpf::zeroed_attr();
     attr.info.bpf_fd = fd.as_raw_fd() as u32;
     attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
     attr.info.info = (&raw mut info) as u64;
-    // SAFETY: attr points at a valid bpf_attr whose info buffer outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
-            &raw mut attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: the info buffer is info_len bytes and outlives the call.
+    unsafe { crate::ebpf::bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info.recursion_misses)
 }
 

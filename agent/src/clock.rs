@@ -12,6 +12,7 @@ use aya::{
     maps::{Array, MapData},
     programs::{ProgramFd, RawTracePoint},
 };
+use aya_obj::generated::bpf_cmd;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -55,48 +56,16 @@ impl SchedClock {
 
     /// Both clocks, read together on this CPU.
     pub fn pair(&self) -> Result<ClockPair, ClockError> {
-        // The `test` member of union bpf_attr for BPF_PROG_TEST_RUN.
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestRun {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-            ctx_size_in: u32,
-            ctx_size_out: u32,
-            ctx_in: u64,
-            ctx_out: u64,
-            flags: u32,
-            cpu: u32,
-            batch_size: u32,
-            _pad: u32,
-        }
         // A yield has the scheduler update this CPU's run queue clock, which may otherwise be
         // as old as the last tick when this thread has been running for a while.
         // SAFETY: no preconditions.
         unsafe { libc::sched_yield() };
-        let attr = TestRun {
-            prog_fd: self.prog.as_fd().as_raw_fd() as u32,
-            ..TestRun::default()
-        };
-        // SAFETY: BPF_PROG_TEST_RUN of a raw tracepoint program with no context reads the attr
-        // and writes its retval and duration fields only.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                10, // BPF_PROG_TEST_RUN
-                &raw const attr,
-                std::mem::size_of::<TestRun>(),
-            )
-        };
-        if r < 0 {
-            return Err(ClockError::Run(std::io::Error::last_os_error()));
-        }
+        let mut attr = crate::ebpf::zeroed_attr();
+        attr.test.prog_fd = self.prog.as_fd().as_raw_fd() as u32;
+        // SAFETY: no data or context buffers: a raw tracepoint program's test run writes only
+        // the attr's retval and duration.
+        unsafe { crate::ebpf::bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr) }
+            .map_err(ClockError::Run)?;
         self.pair.get(&0, 0).map_err(ClockError::Read)
     }
 

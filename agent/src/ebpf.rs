@@ -4,6 +4,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Map, MapData},
 };
+use aya_obj::generated::{bpf_attr, bpf_cmd};
 use thiserror::Error;
 
 use crate::{
@@ -67,27 +68,47 @@ impl DeferredTracepoint {
         use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _};
         // BPF_RAW_TRACEPOINT_OPEN without a name attaches a tracing program to the function
         // it was loaded for, as aya's `BtfTracePoint::attach` does.
-        // SAFETY: an all-zero bpf_attr is valid for every command.
-        let mut attr: aya_obj::generated::bpf_attr = unsafe { std::mem::zeroed() };
+        let mut attr = zeroed_attr();
         attr.raw_tracepoint.name = 0;
         attr.raw_tracepoint.prog_fd = self.fd.as_fd().as_raw_fd() as u32;
-        // SAFETY: attr is a valid bpf_attr for this command and outlives the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                aya_obj::generated::bpf_cmd::BPF_RAW_TRACEPOINT_OPEN as libc::c_int,
-                std::ptr::from_mut(&mut attr),
-                std::mem::size_of::<aya_obj::generated::bpf_attr>() as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            return Err(AttachError {
+        // SAFETY: the attr holds no pointer.
+        let fd = unsafe { bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut attr) }.map_err(|source| {
+            AttachError {
                 program: self.program,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+                source,
+            }
+        })?;
         // SAFETY: the kernel returned a new descriptor (the link) that nothing else owns.
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
+    }
+}
+
+/// An all-zero `bpf_attr`, valid for every command.
+pub fn zeroed_attr() -> bpf_attr {
+    // SAFETY: a plain C union of integers, for which all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// The bpf(2) calls aya has no API for: `cmd` with `attr`; its non-negative result (a
+/// descriptor for some commands), or the error.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` reads or writes through it.
+pub unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
+    // SAFETY: attr is a whole bpf_attr and outlives the call; the caller vouches for the
+    // pointers inside it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
 }
 

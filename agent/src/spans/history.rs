@@ -208,32 +208,14 @@ fn totals_at(state: &ThreadState, now: u64, sched_now: Option<u64>) -> ThreadTot
 fn lookup(map_fd: RawFd, pidfd: RawFd) -> Option<ThreadState> {
     let key: u32 = pidfd as u32;
     let mut value = ThreadState::default();
-    // bpf_attr for BPF_MAP_LOOKUP_ELEM: map_fd (u32, padded), key, value, flags.
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let attr = Attr {
-        map_fd: map_fd as u32,
-        _pad: 0,
-        key: &raw const key as u64,
-        value: &raw mut value as u64,
-        flags: 0,
-    };
+    let mut attr = crate::ebpf::zeroed_attr();
+    attr.__bindgen_anon_2.map_fd = map_fd as u32;
+    attr.__bindgen_anon_2.key = &raw const key as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = &raw mut value as u64;
     // SAFETY: BPF_MAP_LOOKUP_ELEM reads the key and writes one value of the map's value size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            1, // BPF_MAP_LOOKUP_ELEM
-            &raw const attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    (r == 0).then_some(value)
+    let r =
+        unsafe { crate::ebpf::bpf(aya_obj::generated::bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr) };
+    r.is_ok().then_some(value)
 }
 
 fn pidfd_open(tid: u32, thread: bool) -> Option<OwnedFd> {
