@@ -69,10 +69,10 @@ static CFS_RQ_RQ_OFFSET: u32 = 0;
 static RQ_CLOCK_OFFSET: u32 = 0;
 
 /// The clock of `task`'s run queue (`task->se.cfs_rq->rq->clock`, what the scheduler itself
-/// times run-queue waits with), or 0 where the loader found no way to it. Three loads the
-/// verifier checks against BTF, as `load_u32_at`; on a scheduler hook the scheduler has just
-/// updated it, and it costs a fraction of `bpf_ktime_get_ns` (docs/benchmarks.md). None where
-/// the loader found no way to it; Some(0) where a pointer on the way was null.
+/// times run-queue waits with): three loads the verifier checks against BTF, as `load_u32_at`;
+/// on a scheduler hook the scheduler has just updated it, and it costs a fraction of
+/// `bpf_ktime_get_ns` (docs/benchmarks.md). None where the loader found no way to it; Some(0)
+/// where a pointer on the way was null.
 #[inline(always)]
 pub fn rq_clock(task: *const u8) -> Option<u64> {
     // SAFETY: volatile reads of globals the loader initialised.

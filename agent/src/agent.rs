@@ -205,15 +205,14 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let proc_retrans = on(tcp::FAMILY.name)
         .then(|| optional(kernel.take_map(tcp::PROC_RETRANS_MAP)))
         .flatten();
-    let sched_clock = threads.as_ref().and_then(|_| {
-        clock::SchedClock::load(&mut kernel.bpf)
-            .map_err(|e| {
-                tracing::warn!(
-                    "{e}; span breakdowns count a run-queue wait or a blocked episode once it ends"
-                )
-            })
-            .ok()
-    });
+    // Only the span history reads it.
+    let sched_clock = (threads.is_some() && config.spans.enabled)
+        .then(|| {
+            clock::SchedClock::load(&mut kernel.bpf)
+                .map_err(|e| tracing::warn!("{e}; {}", clock::WITHOUT_IT))
+                .ok()
+        })
+        .flatten();
     // Continuous low-rate sampling for span flamegraphs, with the profile family's programs.
     let span_sampler =
         (config.spans.enabled && config.spans.sample_hz > 0 && on(stacks::FAMILY.name))

@@ -179,7 +179,7 @@ fn sched_clock(kernel: &mut ebpf::Kernel) -> Row {
         Err(e) => row(
             WHAT,
             Status::Warn,
-            format!("{e}: span breakdowns count an episode once it ends"),
+            format!("{e}: {}", crate::clock::WITHOUT_IT),
         ),
     }
 }

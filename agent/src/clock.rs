@@ -15,6 +15,10 @@ use aya::{
 use aya_obj::generated::bpf_cmd;
 use thiserror::Error;
 
+/// What span breakdowns lose without this clock, for the messages that report it missing.
+pub const WITHOUT_IT: &str =
+    "span breakdowns count a run-queue wait or a blocked episode once it ends";
+
 #[derive(Debug, Error)]
 pub enum ClockError {
     #[error("the scheduler clock program {CLOCK_PAIR_PROGRAM}: {0}")]

@@ -265,7 +265,7 @@ pub fn spawn(
                     c.ahead_ns()
                         .map_err(|e| {
                             if !std::mem::replace(&mut clock_failed, true) {
-                                tracing::warn!("{e}; span breakdowns count a run-queue wait or a blocked episode once it ends");
+                                tracing::warn!("{e}; {}", crate::clock::WITHOUT_IT);
                             }
                         })
                         .ok()
