@@ -441,6 +441,28 @@ impl RetargetedAgent {
         }
     }
 
+    /// Checks that what `count` reads stays 0 for a second under the first targets, and passes
+    /// `min` within 5 s of a reload to `targets`: a workload running untraced before the reload
+    /// made it a target is counted from the reload on (`what` names it in the failure).
+    pub fn counted_only_after_retarget(
+        &self,
+        targets: &str,
+        min: f64,
+        what: &str,
+        count: impl Fn(&Agent) -> f64,
+    ) {
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(count(&self.agent), 0.0, "{what} counted before the reload");
+        self.retarget(targets);
+        wait_until(Duration::from_secs(5), || count(&self.agent) > min).unwrap_or_else(|| {
+            panic!(
+                "{what} not counted after the reload: {}\n{}",
+                count(&self.agent),
+                self.agent.log()
+            )
+        });
+    }
+
     /// Replaces the `[targets]` tables and tells the agent to reload.
     pub fn retarget(&self, targets: &str) {
         std::fs::write(self.config.path(), format!("{}{targets}", self.base)).expect("config");

@@ -1,7 +1,7 @@
 //! Run-queue delay against ground truth and against libbpf-tools' runqlat over the same seconds.
 use std::{process::Command, time::Duration};
 
-use pipeprobe_tests::{Agent, Histogram, Proc, RetargetedAgent, wait_until};
+use pipeprobe_tests::{Agent, Histogram, Proc, RetargetedAgent};
 
 const METRIC: &str = "pipeprobe_sched_runqueue_delay_seconds";
 
@@ -145,21 +145,13 @@ fn runqlat_output_parses() {
 fn a_pair_switching_before_its_target_exists_is_traced_from_the_reload() {
     let agent = RetargetedAgent::start(&["sched"], "[targets.other]\ncomm = \"^no-such$\"\n");
     let pair = Proc::workload(&["pingpong", "--secs", "30"]);
-    let waits = || {
-        Histogram::find(&agent.agent.scrape(), METRIC, "target", "pair").map_or(0.0, |h| h.count)
-    };
-    // A second of the pair's switches and wakeups, untraced.
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(waits(), 0.0);
-    agent.retarget(&format!("[targets.pair]\npid = {}\n", pair.pid()));
     // Two wakeups per round trip, tens of thousands of round trips a second.
-    wait_until(Duration::from_secs(5), || waits() > 10_000.0).unwrap_or_else(|| {
-        panic!(
-            "the pair's run-queue waits are not counted after the reload: {}\n{}",
-            waits(),
-            agent.agent.log()
-        )
-    });
+    agent.counted_only_after_retarget(
+        &format!("[targets.pair]\npid = {}\n", pair.pid()),
+        10_000.0,
+        "the pair's run-queue waits",
+        |a| Histogram::find(&a.scrape(), METRIC, "target", "pair").map_or(0.0, |h| h.count),
+    );
 }
 
 /// The sched programs time episodes with the run queue's clock (no helper call), and user space

@@ -151,26 +151,21 @@ fn syscall_list_and_series_cap_are_applied() {
 fn a_loop_running_before_its_target_exists_is_traced_from_the_reload() {
     let agent = RetargetedAgent::start(&["syscalls"], "[targets.other]\ncomm = \"^no-such$\"\n");
     let looper = Proc::workload(&["syscall-loop", "--secs", "30"]);
-    let getppids = || {
-        syscall_series(
-            &agent.agent.scrape(),
-            &format!("{DURATION}_count"),
-            "looper",
-            "getppid",
-        )
-        .map_or(0.0, |s| s.value)
-    };
-    // A second of the loop's getppid calls entering untraced, on whichever CPUs it runs.
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(getppids(), 0.0);
-    agent.retarget(&format!("[targets.looper]\npid = {}\n", looper.pid()));
-    wait_until(Duration::from_secs(5), || getppids() > 100_000.0).unwrap_or_else(|| {
-        panic!(
-            "the loop's getppid calls are not counted after the reload: {}\n{}",
-            getppids(),
-            agent.agent.log()
-        )
-    });
+    // The loop's getppid calls enter untraced for a second first, on whichever CPUs it runs.
+    agent.counted_only_after_retarget(
+        &format!("[targets.looper]\npid = {}\n", looper.pid()),
+        100_000.0,
+        "the loop's getppid calls",
+        |a| {
+            syscall_series(
+                &a.scrape(),
+                &format!("{DURATION}_count"),
+                "looper",
+                "getppid",
+            )
+            .map_or(0.0, |s| s.value)
+        },
+    );
 }
 
 /// A target's distinct syscalls are bounded in the kernel (`SYSCALLS_PER_TARGET` slots, claimed
