@@ -32,6 +32,7 @@ mod pod {
     unsafe impl aya::Pod for crate::sched::ClockPair {}
     unsafe impl aya::Pod for crate::syscalls::SyscallSlot {}
     unsafe impl aya::Pod for crate::syscalls::SyscallStats {}
+    unsafe impl aya::Pod for crate::syscalls::SyscallOnCpu {}
     unsafe impl aya::Pod for crate::tcp::TcpStats {}
     unsafe impl aya::Pod for crate::tcp::PeerKey {}
     unsafe impl aya::Pod for crate::stacks::CaptureConfig {}

@@ -8,7 +8,8 @@ pub const TRACKED_MAP_FULL: u32 = 0;
 pub const PROC_EVENTS_FULL: u32 = 1;
 /// A runnable thread could not be timestamped: no memory for its task storage.
 pub const RUNQ_PENDING_FULL: u32 = 2;
-/// A thread entering a syscall could not be timestamped: no memory for its task storage.
+/// A thread leaving a CPU inside a syscall could not keep its start time, or its syscall totals:
+/// no memory for its task storage.
 pub const SYSCALL_PENDING_FULL: u32 = 3;
 /// A new (target, syscall) pair could not be added: the syscall statistics map is full.
 pub const SYSCALL_STATS_FULL: u32 = 4;

@@ -38,6 +38,27 @@ pub struct SyscallSlot {
     pub stats: SyscallStats,
 }
 
+/// The syscalls of the thread that entered one last on a CPU (`SYSCALL_ON_CPU`, per CPU), kept
+/// there while it stays on that CPU: its task storage, two helper calls away, is written only
+/// when it leaves the CPU (`syscall_switch`). A thread is on one CPU at a time, so its state is
+/// in one place at a time: here until it switches out, in its `ThreadState` after.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SyscallOnCpu {
+    /// Its saved registers' address, what sys_enter and sys_exit know a thread by; 0 for none.
+    pub regs: u64,
+    /// Its task_struct's address, what sched_switch knows it by.
+    pub task: u64,
+    /// Its thread id, for user space.
+    pub tid: u32,
+    pub _pad: u32,
+    /// The syscall in flight (`ts_ns` 0: none, or it moved to the task storage).
+    pub start: SyscallStart,
+    /// Time inside syscalls, and syscalls ended, not yet added to its `ThreadTotals`.
+    pub syscall_ns: u64,
+    pub syscalls: u64,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct SyscallStart {

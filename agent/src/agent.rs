@@ -1,7 +1,7 @@
 //! `pipeprobe agent`: wires configuration, process tracking, probes and the metrics endpoint.
 use std::sync::Arc;
 
-use agent_common::targets::GENERATION_MAP;
+use agent_common::{syscalls::SyscallOnCpu, targets::GENERATION_MAP};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use prometheus_client::collector::Collector;
 use thiserror::Error;
@@ -99,6 +99,8 @@ struct Started {
     proc_retrans: Option<BpfHashMap<MapData, u32, u64>>,
     /// The scheduler's clock, which the per-thread state's scheduler times are in.
     sched_clock: Option<clock::SchedClock>,
+    /// Per CPU, the syscall totals of the thread there that the task storage does not hold yet.
+    syscalls_on_cpu: Option<PerCpuArray<MapData, SyscallOnCpu>>,
     span_sampler: Option<stacks::SpanSampler>,
     collectors: Vec<Box<dyn Collector>>,
     statuses: Vec<ProbeStatus>,
@@ -213,6 +215,9 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
                 .ok()
         })
         .flatten();
+    let syscalls_on_cpu = (threads.is_some() && config.spans.enabled && on(syscalls::FAMILY.name))
+        .then(|| optional(kernel.take_map(syscalls::ON_CPU_MAP)))
+        .flatten();
     // Continuous low-rate sampling for span flamegraphs, with the profile family's programs.
     let span_sampler =
         (config.spans.enabled && config.spans.sample_hz > 0 && on(stacks::FAMILY.name))
@@ -235,6 +240,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
         threads,
         proc_retrans,
         sched_clock,
+        syscalls_on_cpu,
         span_sampler,
         kernel: Some(kernel),
         collectors,
@@ -273,6 +279,7 @@ async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
         threads,
         proc_retrans,
         sched_clock,
+        syscalls_on_cpu,
         span_sampler,
         collectors,
         statuses,
@@ -337,6 +344,7 @@ async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
                 threads,
                 proc_retrans,
                 sched_clock,
+                syscalls_on_cpu,
             }),
             tracked_pids.clone(),
             span_sampler,

@@ -42,9 +42,15 @@ use x86_64::NAMES;
 
 pub const FAMILY: Family = Family {
     name: "syscalls",
-    requires: "BTF tracepoints (tp_btf) sys_enter, sys_exit",
+    requires: "BTF tracepoints (tp_btf) sys_enter, sys_exit, sched_switch",
     needs: None,
+    // The switch program first: a thread must not enter a syscall where its leaving the CPU
+    // would go unseen (agent-ebpf/src/syscalls.rs).
     programs: &[
+        ProgramSpec {
+            program: "syscall_switch",
+            hook: Hook::BtfTracepoint("sched_switch"),
+        },
         ProgramSpec {
             program: "sys_enter",
             hook: Hook::BtfTracepoint("sys_enter"),
@@ -60,6 +66,7 @@ pub const STATS_MAP: &str = "SYSCALL_STATS";
 pub const SLOT_MAP: &str = "SYSCALL_SLOT";
 pub const USED_MAP: &str = "SYSCALL_USED";
 pub const FILTER_MAP: &str = "SYSCALL_FILTER";
+pub const ON_CPU_MAP: &str = "SYSCALL_ON_CPU";
 pub const DEFAULT_MAX_SERIES: usize = 32;
 
 /// The name of syscall `nr` on this architecture.

@@ -7,6 +7,8 @@ Scenarios (each prints `TRACE <hex trace id>` per span, then exits):
     breakdown  one 300 ms span `synthesize` on the main thread, pinned with 3 busy threads to
                one CPU: 100 ms asleep, then ~200 ms of work competing for the CPU
     quiet      one ~100 ms span `transcribe` of work alone on an idle CPU
+    syscalls   one 500 ms span `tokenize` of getppid calls alone on an idle CPU (none blocks, so
+               the thread does not leave the CPU), then prints `SYSCALLS n`, how many it made
     foreign    one span claiming process.pid 999999 (a process the agent does not know)
     burst N    N short spans `tick`
     gpu        one 300 ms span `generate`, started once --wait-file exists (the test puts this
@@ -103,6 +105,19 @@ def main():
         stop.set()
     elif a.scenario == "quiet":
         span("transcribe", lambda: work(0.1))
+    elif a.scenario == "syscalls":
+        made = [0]
+
+        def loop():
+            # time.monotonic is the vDSO's: the only syscall in the loop is getppid, which glibc
+            # does not cache.
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                os.getppid()
+                made[0] += 1
+
+        span("tokenize", loop)
+        print("SYSCALLS %d" % made[0], flush=True)
     elif a.scenario == "foreign":
         span("translate", lambda: time.sleep(0.01))
     elif a.scenario == "gpu":

@@ -17,7 +17,11 @@ use std::{
     time::Duration,
 };
 
-use agent_common::spans::{ThreadState, ThreadTotals};
+use agent_common::{
+    spans::{ThreadState, ThreadTotals},
+    syscalls::SyscallOnCpu,
+};
+use aya::maps::{MapData, PerCpuArray};
 
 use crate::tracker::SharedTracked;
 
@@ -186,8 +190,15 @@ pub type SharedHistory = Arc<Mutex<History>>;
 /// scheduler's clock, which the run-queue and blocked times are in), counting the episode in
 /// progress (blocked, waiting on a run queue, inside a syscall) up to then: the kernel adds an
 /// episode only when it ends, and a 1.5 s sleep landing in one tick would otherwise be spread
-/// over that tick. Without `sched_now` a scheduler episode counts when it ends.
-fn totals_at(state: &ThreadState, now: u64, sched_now: Option<u64>) -> ThreadTotals {
+/// over that tick. Without `sched_now` a scheduler episode counts when it ends. `on_cpu` is the
+/// thread's part of its syscalls that the kernel keeps on the CPU it runs on until it leaves
+/// (agent-ebpf/src/syscalls.rs), when the thread is there.
+fn totals_at(
+    state: &ThreadState,
+    on_cpu: Option<&SyscallOnCpu>,
+    now: u64,
+    sched_now: Option<u64>,
+) -> ThreadTotals {
     let open = |since: u64, now: u64| {
         if since != 0 {
             now.saturating_sub(since)
@@ -200,8 +211,37 @@ fn totals_at(state: &ThreadState, now: u64, sched_now: Option<u64>) -> ThreadTot
         t.blocked_ns += open(state.runq.blocked_ns, sched_now);
         t.runq_ns += open(state.runq.ts_ns, sched_now);
     }
-    t.syscall_ns += open(state.syscall.ts_ns, now);
+    let mut in_flight = state.syscall.ts_ns;
+    if let Some(c) = on_cpu {
+        t.syscall_ns += c.syscall_ns;
+        t.syscalls += c.syscalls;
+        if c.start.ts_ns != 0 {
+            in_flight = c.start.ts_ns;
+        }
+    }
+    t.syscall_ns += open(in_flight, now);
     t
+}
+
+/// The syscalls each thread on a CPU holds there, by thread id (see `totals_at`).
+fn syscalls_on_cpu(map: Option<&PerCpuArray<MapData, SyscallOnCpu>>) -> HashMap<u32, SyscallOnCpu> {
+    let Some(values) = map.and_then(|m| m.get(&0, 0).ok()) else {
+        return HashMap::new();
+    };
+    values
+        .iter()
+        .filter(|c| c.regs != 0)
+        .map(|c| (c.tid, *c))
+        .collect()
+}
+
+/// `now` with each syscall field at least what it was at `last`: the kernel moves a thread's
+/// syscalls from its CPU to its task storage at any moment, and one read of each between the
+/// two can miss them for a tick, never count them twice.
+fn at_least(mut now: ThreadTotals, last: &ThreadTotals) -> ThreadTotals {
+    now.syscall_ns = now.syscall_ns.max(last.syscall_ns);
+    now.syscalls = now.syscalls.max(last.syscalls);
+    now
 }
 
 /// Looks up a thread's state in the task-storage map by its pidfd.
@@ -243,6 +283,7 @@ pub fn spawn(
                 threads: map,
                 proc_retrans,
                 sched_clock,
+                syscalls_on_cpu: syscalls_on_cpu_map,
             } = maps;
             let mut clock_failed = false;
             let aya::maps::Map::Unsupported(data) = &map else {
@@ -270,20 +311,32 @@ pub fn spawn(
                         })
                         .ok()
                 });
-                for (tid, th) in &mut h.threads {
-                    let Some(fd) = &th.pidfd else { continue };
-                    let Some(state) = lookup(map_fd, fd.as_raw_fd()) else {
+                // Task storage first, then the CPUs: a thread's syscalls moving from its CPU to
+                // its storage in between are missed for a tick (see `at_least`), not doubled.
+                let states: Vec<(u32, ThreadState)> = h
+                    .threads
+                    .iter()
+                    .filter_map(|(tid, th)| {
+                        let fd = th.pidfd.as_ref()?;
+                        Some((*tid, lookup(map_fd, fd.as_raw_fd())?))
+                    })
+                    .collect();
+                let on_cpu = syscalls_on_cpu(syscalls_on_cpu_map.as_ref());
+                for (tid, state) in states {
+                    let Some(th) = h.threads.get_mut(&tid) else {
                         continue;
                     };
                     let retransmits = proc_retrans
                         .as_ref()
-                        .filter(|_| *tid == th.tgid)
+                        .filter(|_| tid == th.tgid)
                         .and_then(|m| m.get(&th.tgid, 0).ok())
                         .unwrap_or(0);
                     let totals = Totals {
                         thread: {
                             let now = monotonic_ns();
-                            totals_at(&state, now, sched_ahead.map(|a| now.wrapping_add(a)))
+                            let sched_now = sched_ahead.map(|a| now.wrapping_add(a));
+                            let t = totals_at(&state, on_cpu.get(&tid), now, sched_now);
+                            at_least(t, &th.last.thread)
                         },
                         retransmits,
                     };

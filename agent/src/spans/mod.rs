@@ -280,6 +280,10 @@ pub struct HistoryMaps {
     pub proc_retrans: Option<aya::maps::HashMap<aya::maps::MapData, u32, u64>>,
     /// The clock of the threads' scheduler times (None: episodes in progress are not counted).
     pub sched_clock: Option<crate::clock::SchedClock>,
+    /// Per CPU, the syscalls of the thread running there not yet in its task storage (None when
+    /// the syscalls probe does not run).
+    pub syscalls_on_cpu:
+        Option<aya::maps::PerCpuArray<aya::maps::MapData, agent_common::syscalls::SyscallOnCpu>>,
 }
 
 pub async fn start(

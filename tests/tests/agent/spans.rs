@@ -171,11 +171,19 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
         .to_owned();
     // The same amount of work alone on the other CPU.
     send(&["quiet"], "grpc", &grpc, "stt", 0);
+    // Syscalls that never leave the CPU: the kernel keeps their totals on the CPU until the
+    // thread does, and the span history reads them there.
+    let out = send(&["syscalls"], "http", &http, "stt", 0);
+    let made: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("SYSCALLS "))
+        .and_then(|n| n.parse().ok())
+        .expect("spans.py prints how many syscalls it made");
     // A process the agent does not know: forwarded as it came.
     send(&["foreign"], "grpc", &grpc, "mt", 0);
 
     wait_until(Duration::from_secs(10), || {
-        ["synthesize", "transcribe", "translate"]
+        ["synthesize", "transcribe", "translate", "tokenize"]
             .iter()
             .all(|n| backend.span(n).is_some())
     })
@@ -197,6 +205,13 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
         runq >= 30.0,
         "run-queue delay {runq} ms while sharing a CPU with 3 busy threads"
     );
+    // Its 100 ms asleep is one nanosleep: the thread leaves its CPU inside the syscall, whose
+    // start goes with it to its task storage.
+    let in_syscalls = attr(&busy, "pipeprobe.syscall_ms").expect("syscall time attribute");
+    assert!(
+        in_syscalls >= 90.0,
+        "{in_syscalls} ms in syscalls for a span that slept 100 ms"
+    );
     let quiet = backend.span("transcribe").unwrap();
     let (q_off, q_runq) = (
         attr(&quiet, "pipeprobe.offcpu_ms").unwrap(),
@@ -206,6 +221,15 @@ fn spans_get_their_thread_s_kernel_breakdown_over_grpc_and_http() {
     assert!(
         q_off < 15.0 && q_runq < 10.0,
         "a quiet span: offcpu {q_off}, runq {q_runq}"
+    );
+    // The history samples every 20 ms and interpolates within a tick: up to a tick's calls at
+    // each end of the 500 ms span are the only ones it may miss.
+    let counted = attr(&backend.span("tokenize").unwrap(), "pipeprobe.syscalls")
+        .expect("syscall count attribute");
+    eprintln!("tokenize: {counted} syscalls counted of {made} getppid calls made");
+    assert!(
+        counted >= made * 0.75 && counted <= made * 1.02 + 20.0,
+        "{counted} syscalls counted in a span that made {made}"
     );
     let foreign = backend.span("translate").unwrap();
     assert!(
