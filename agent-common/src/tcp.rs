@@ -98,6 +98,16 @@ pub struct Connecting {
     pub _pad: u32,
 }
 
+/// The most bytes at the start of each TCP tracepoint's record that its program copies with
+/// plain loads and reads its fields from. It copies no more than the record holds on the running
+/// kernel (the kernel refuses to attach a program that may read past it): the loader sets how
+/// many 8-byte words (`globals::*_WORDS`) and checks that every field read ends within them.
+/// Linux 6.18's records are 72, 136, 80 and 64 bytes.
+pub const SET_STATE_RECORD_BYTES: u32 = 96;
+pub const PROBE_RECORD_BYTES: u32 = 160;
+pub const RETRANSMIT_RECORD_BYTES: u32 = 48;
+pub const RCV_SPACE_RECORD_BYTES: u32 = 32;
+
 /// Globals holding tracepoint field offsets, read from tracefs format files at load time
 /// (layouts differ across kernel versions).
 pub mod globals {
@@ -128,6 +138,11 @@ pub mod globals {
     /// `ABSENT`: the segments in a retransmitted skb, as the kernel's `total_retrans` counts.
     pub const SKB_GSO_SEGS: &str = "TCP_SKB_GSO_SEGS";
     pub const ABSENT: u32 = u32::MAX;
+    /// Words of each record its program copies (see `SET_STATE_RECORD_BYTES`).
+    pub const STATE_WORDS: &str = "TCP_STATE_WORDS";
+    pub const PROBE_WORDS: &str = "TCP_PROBE_WORDS";
+    pub const RETRANS_WORDS: &str = "TCP_RETRANS_WORDS";
+    pub const RCV_WORDS: &str = "TCP_RCV_WORDS";
 }
 
 // TCP states (include/net/tcp_states.h).

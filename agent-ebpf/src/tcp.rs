@@ -7,12 +7,14 @@ use agent_common::{
     lost,
     tcp::{
         AF_INET, AF_INET6, CONNECTING_MAX, Connecting, IPPROTO_TCP, LISTENERS_MAX, Listener,
-        ListenerKey, OWNER_CLIENT, PEERS_DEFAULT, PROC_RETRANS_MAX, PeerKey, PeerStats,
+        ListenerKey, OWNER_CLIENT, PEERS_DEFAULT, PROBE_RECORD_BYTES, PROC_RETRANS_MAX, PeerKey,
+        PeerStats, RCV_SPACE_RECORD_BYTES, RETRANSMIT_RECORD_BYTES, SET_STATE_RECORD_BYTES,
         SOCKETS_MAX, SockOwner, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
         TcpStats, globals::ABSENT,
     },
 };
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
@@ -55,6 +57,15 @@ static TCP_RETRANS_SKADDR: u32 = 16;
 static TCP_RETRANS_SKBADDR: u32 = 8;
 #[unsafe(no_mangle)]
 static TCP_RCV_SKADDR: u32 = 8;
+// Words of each record its program copies (`agent_common::tcp::SET_STATE_RECORD_BYTES`).
+#[unsafe(no_mangle)]
+static TCP_STATE_WORDS: u32 = 9;
+#[unsafe(no_mangle)]
+static TCP_PROBE_WORDS: u32 = 17;
+#[unsafe(no_mangle)]
+static TCP_RETRANS_WORDS: u32 = 6;
+#[unsafe(no_mangle)]
+static TCP_RCV_WORDS: u32 = 4;
 #[unsafe(no_mangle)]
 static TCP_SKB_GSO_SEGS: u32 = ABSENT;
 #[unsafe(no_mangle)]
@@ -95,11 +106,67 @@ fn global(g: &'static u32) -> u32 {
     unsafe { core::ptr::read_volatile(g) }
 }
 
-#[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: &'static u32) -> Result<T, i32> {
-    // SAFETY: read_at goes through bpf_probe_read_kernel, which tolerates bad offsets.
-    unsafe { ctx.read_at::<T>(global(offset) as usize) }
+/// The start of a tracepoint's record, `W` words of it, copied onto the stack with plain loads.
+/// A classic tracepoint program may load from its record directly, but only at offsets fixed in
+/// the instruction; the field offsets here are the loader's (tracefs formats), so fields are
+/// read from this copy, where `TracePointContext::read_at` would make a `bpf_probe_read_kernel`
+/// call per field (a helper call costs about an empty program's run on the machines of
+/// docs/benchmarks.md, and `tcp_probe` fires per segment).
+struct Record<const W: usize>([u64; W], usize);
+
+const fn words(bytes: u32) -> usize {
+    (bytes / 8) as usize
 }
+
+impl<const W: usize> Record<W> {
+    /// The first `len` words (a loader-set global, at most `W`) of the record.
+    #[inline(always)]
+    fn of(ctx: &TracePointContext, len: &'static u32) -> Self {
+        let p = ctx.as_ptr() as *const u64;
+        let len = global(len) as usize;
+        let mut words = [0u64; W];
+        // The first word (the common fields) is not the program's to read: the kernel keeps the
+        // registers' address there for helpers, and the verifier refuses loads below 8 bytes.
+        for (i, w) in words.iter_mut().enumerate().skip(1) {
+            // The verifier knows `len` (frozen .rodata) and skips the loads past it: the kernel
+            // attaches no program that may read past its tracepoint's record.
+            if i < len {
+                // SAFETY: within the record, at an offset fixed in the instruction.
+                *w = unsafe { core::ptr::read_volatile(p.add(i)) };
+            }
+        }
+        Self(words, len * 8)
+    }
+
+    /// The field at the loader-set offset `offset`.
+    #[inline(always)]
+    fn field<T: Copy>(&self, offset: &'static u32) -> Result<T, i32> {
+        self.at(global(offset) as usize)
+    }
+
+    #[inline(always)]
+    fn at<T: Copy>(&self, offset: usize) -> Result<T, i32> {
+        if offset < 8 || offset + core::mem::size_of::<T>() > self.1.min(W * 8) {
+            return Err(-1);
+        }
+        // SAFETY: in bounds (checked above) of an initialised array, read unaligned.
+        Ok(unsafe {
+            core::ptr::read_unaligned(self.0.as_ptr().cast::<u8>().add(offset).cast::<T>())
+        })
+    }
+}
+
+type SetStateRecord = Record<{ words(SET_STATE_RECORD_BYTES) }>;
+type ProbeRecord = Record<{ words(PROBE_RECORD_BYTES) }>;
+type RetransmitRecord = Record<{ words(RETRANSMIT_RECORD_BYTES) }>;
+type RcvSpaceRecord = Record<{ words(RCV_SPACE_RECORD_BYTES) }>;
+
+/// What a new peer entry starts from: in .rodata, not built on the stack (400 bytes of the
+/// programs' 512).
+static NEW_PEER: PeerStats = PeerStats {
+    connect: Log2Hist::ZERO,
+    rtt: Log2Hist::ZERO,
+};
 
 #[inline(always)]
 fn stats(target: u32) -> Option<&'static mut TcpStats> {
@@ -138,12 +205,8 @@ fn peer(key: &PeerKey) -> Option<*mut PeerStats> {
     if let Some(p) = TCP_PEERS.get_ptr_mut(key) {
         return Some(p);
     }
-    let zero = PeerStats {
-        connect: Log2Hist::ZERO,
-        rtt: Log2Hist::ZERO,
-    };
     // Another CPU may insert the same key first: NOEXIST keeps its counts.
-    let _ = TCP_PEERS.insert(key, &zero, u64::from(BPF_NOEXIST));
+    let _ = TCP_PEERS.insert(key, &NEW_PEER, u64::from(BPF_NOEXIST));
     let p = TCP_PEERS.get_ptr_mut(key);
     if p.is_none() {
         count_lost(lost::TCP_PEERS_FULL);
@@ -176,18 +239,18 @@ fn listener_key(sk: u64, port: u16) -> ListenerKey {
 }
 
 /// The remote end of an inet_sock_set_state event.
-fn state_peer(ctx: &TracePointContext, target: u32) -> Result<PeerKey, i32> {
-    let family: u16 = field(ctx, &TCP_STATE_FAMILY)?;
+fn state_peer(rec: &SetStateRecord, target: u32) -> Result<PeerKey, i32> {
+    let family: u16 = rec.field(&TCP_STATE_FAMILY)?;
     let mut key = PeerKey {
         target,
-        port: field(ctx, &TCP_STATE_DPORT)?,
+        port: rec.field(&TCP_STATE_DPORT)?,
         family,
         addr: [0; 16],
     };
     if family == AF_INET6 {
-        key.addr = field(ctx, &TCP_STATE_DADDR_V6)?;
+        key.addr = rec.field(&TCP_STATE_DADDR_V6)?;
     } else {
-        let v4: [u8; 4] = field(ctx, &TCP_STATE_DADDR)?;
+        let v4: [u8; 4] = rec.field(&TCP_STATE_DADDR)?;
         key.addr[..4].copy_from_slice(&v4);
     }
     Ok(key)
@@ -201,12 +264,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    if field::<u16>(ctx, &TCP_STATE_PROTOCOL)? != IPPROTO_TCP {
+    let rec = SetStateRecord::of(ctx, &TCP_STATE_WORDS);
+    if rec.field::<u16>(&TCP_STATE_PROTOCOL)? != IPPROTO_TCP {
         return Ok(());
     }
-    let sk: u64 = field(ctx, &TCP_STATE_SKADDR)?;
-    let old: i32 = field(ctx, &TCP_STATE_OLDSTATE)?;
-    let new: i32 = field(ctx, &TCP_STATE_NEWSTATE)?;
+    let sk: u64 = rec.field(&TCP_STATE_SKADDR)?;
+    let old: i32 = rec.field(&TCP_STATE_OLDSTATE)?;
+    let new: i32 = rec.field(&TCP_STATE_NEWSTATE)?;
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     match (old, new) {
@@ -229,7 +293,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             if let Some(target) = target_of(tgid) {
                 own(sk, target, 0, tgid);
-                let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
+                let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
                 let l = Listener { sk, target, tgid };
                 if LISTENERS.insert(&key, &l, 0).is_err() {
                     count_lost(lost::TCP_CONNECTS_FULL);
@@ -244,7 +308,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 if let Some(s) = stats(c.target) {
                     record(&mut s.connect, ns);
                 }
-                if let Some(p) = peer(&state_peer(ctx, c.target)?) {
+                if let Some(p) = peer(&state_peer(&rec, c.target)?) {
                     // SAFETY: p points into a live map value.
                     unsafe { aggregate::record(&mut (*p).connect, ns) };
                 }
@@ -252,7 +316,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         // An accepted connection, created in softirq: it belongs to the owner of its listener.
         (TCP_SYN_RECV, TCP_ESTABLISHED) => {
-            let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
+            let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
             // SAFETY: copied out.
             if let Some(l) = unsafe { LISTENERS.get(&key).copied() } {
                 own(sk, l.target, 0, l.tgid);
@@ -271,7 +335,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
         if old == TCP_LISTEN {
-            let key = listener_key(sk, field(ctx, &TCP_STATE_SPORT)?);
+            let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
             // SAFETY: copied out.
             if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.sk == sk) {
                 let _ = LISTENERS.remove(&key);
@@ -291,7 +355,7 @@ pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     let Some(target) = target_of(tgid) else {
         return 0;
     };
-    let Ok(sk) = field::<u64>(&ctx, &TCP_RCV_SKADDR) else {
+    let Ok(sk) = RcvSpaceRecord::of(&ctx, &TCP_RCV_WORDS).field::<u64>(&TCP_RCV_SKADDR) else {
         return 0;
     };
     // SAFETY: presence check only.
@@ -310,13 +374,14 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
-    let sk: u64 = field(ctx, &TCP_PROBE_SKADDR)?;
+    let rec = ProbeRecord::of(ctx, &TCP_PROBE_WORDS);
+    let sk: u64 = rec.field(&TCP_PROBE_SKADDR)?;
     // SAFETY: copied out.
     let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
         return Ok(());
     };
     // srtt in microseconds (the kernel's srtt_us >> 3).
-    let srtt_us: u32 = field(ctx, &TCP_PROBE_SRTT)?;
+    let srtt_us: u32 = rec.field(&TCP_PROBE_SRTT)?;
     if srtt_us == 0 {
         return Ok(());
     }
@@ -326,10 +391,9 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
     }
     if global(&TCP_PER_PEER) != 0 {
         // daddr is a sockaddr_in or sockaddr_in6: port at +2, IPv4 at +4, IPv6 at +8.
-        let family: u16 = field(ctx, &TCP_PROBE_FAMILY)?;
+        let family: u16 = rec.field(&TCP_PROBE_FAMILY)?;
         let base = global(&TCP_PROBE_DADDR) as usize;
-        // SAFETY: reads inside the tracepoint record through bpf_probe_read_kernel.
-        let port = unsafe { ctx.read_at::<u16>(base + 2)? };
+        let port: u16 = rec.at(base + 2)?;
         let mut key = PeerKey {
             target: owner.target,
             port: 0,
@@ -340,12 +404,10 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
             key.port = u16::from_be(port);
         }
         if family == AF_INET {
-            // SAFETY: as above.
-            let v4: [u8; 4] = unsafe { ctx.read_at(base + 4)? };
+            let v4: [u8; 4] = rec.at(base + 4)?;
             key.addr[..4].copy_from_slice(&v4);
         } else {
-            // SAFETY: as above.
-            key.addr = unsafe { ctx.read_at(base + 8)? };
+            key.addr = rec.at(base + 8)?;
         }
         if let Some(p) = peer(&key) {
             // SAFETY: p points into a live map value.
@@ -363,7 +425,8 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 }
 
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
-    let sk: u64 = field(ctx, &TCP_RETRANS_SKADDR)?;
+    let rec = RetransmitRecord::of(ctx, &TCP_RETRANS_WORDS);
+    let sk: u64 = rec.field(&TCP_RETRANS_SKADDR)?;
     // SAFETY: copied out.
     let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
         return Ok(());
@@ -374,7 +437,7 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let segs = if gso_off == ABSENT {
         1
     } else {
-        let skb: u64 = field(ctx, &TCP_RETRANS_SKBADDR)?;
+        let skb: u64 = rec.field(&TCP_RETRANS_SKBADDR)?;
         // SAFETY: bpf_probe_read_kernel tolerates any address.
         let segs = unsafe {
             bpf_probe_read_kernel((skb as *const u8).wrapping_add(gso_off as usize) as *const u16)

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use agent_common::{
     hist::Log2Hist,
-    tcp::{AF_INET6, PeerKey, PeerStats, TcpStats, globals},
+    tcp::{
+        AF_INET6, PROBE_RECORD_BYTES, PeerKey, PeerStats, RCV_SPACE_RECORD_BYTES,
+        RETRANSMIT_RECORD_BYTES, SET_STATE_RECORD_BYTES, TcpStats, globals,
+    },
 };
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use prometheus_client::{
@@ -84,59 +87,65 @@ pub type Globals = Result<Vec<(&'static str, u32)>, TracefsError>;
 pub fn state_globals(btf: &KernelBtf) -> Globals {
     let ev = "sock/inet_sock_set_state";
     let f = tracefs::field_offsets("sock", "inet_sock_set_state")?;
+    let limit = tracefs::copyable_bytes(&f, SET_STATE_RECORD_BYTES);
     let mut out = vec![
+        (globals::STATE_WORDS, limit / 8),
         (
             globals::STATE_SKADDR,
-            tracefs::field_offset(&f, ev, "skaddr")?,
+            tracefs::field_offset(&f, ev, "skaddr", limit)?,
         ),
         (
             globals::STATE_OLDSTATE,
-            tracefs::field_offset(&f, ev, "oldstate")?,
+            tracefs::field_offset(&f, ev, "oldstate", limit)?,
         ),
         (
             globals::STATE_NEWSTATE,
-            tracefs::field_offset(&f, ev, "newstate")?,
+            tracefs::field_offset(&f, ev, "newstate", limit)?,
         ),
         (
             globals::STATE_SPORT,
-            tracefs::field_offset(&f, ev, "sport")?,
+            tracefs::field_offset(&f, ev, "sport", limit)?,
         ),
         (
             globals::STATE_PROTOCOL,
-            tracefs::field_offset(&f, ev, "protocol")?,
+            tracefs::field_offset(&f, ev, "protocol", limit)?,
         ),
         (
             globals::STATE_DPORT,
-            tracefs::field_offset(&f, ev, "dport")?,
+            tracefs::field_offset(&f, ev, "dport", limit)?,
         ),
         (
             globals::STATE_FAMILY,
-            tracefs::field_offset(&f, ev, "family")?,
+            tracefs::field_offset(&f, ev, "family", limit)?,
         ),
         (
             globals::STATE_DADDR,
-            tracefs::field_offset(&f, ev, "daddr")?,
+            tracefs::field_offset(&f, ev, "daddr", limit)?,
         ),
         (
             globals::STATE_DADDR_V6,
-            tracefs::field_offset(&f, ev, "daddr_v6")?,
+            tracefs::field_offset(&f, ev, "daddr_v6", limit)?,
         ),
     ];
     let ev = "tcp/tcp_retransmit_skb";
     let f = tracefs::field_offsets("tcp", "tcp_retransmit_skb")?;
+    let limit = tracefs::copyable_bytes(&f, RETRANSMIT_RECORD_BYTES);
+    out.push((globals::RETRANS_WORDS, limit / 8));
     out.push((
         globals::RETRANS_SKADDR,
-        tracefs::field_offset(&f, ev, "skaddr")?,
+        tracefs::field_offset(&f, ev, "skaddr", limit)?,
     ));
     out.push((
         globals::RETRANS_SKBADDR,
-        tracefs::field_offset(&f, ev, "skbaddr")?,
+        tracefs::field_offset(&f, ev, "skbaddr", limit)?,
     ));
     let ev = "tcp/tcp_rcv_space_adjust";
     let f = tracefs::field_offsets("tcp", "tcp_rcv_space_adjust")?;
+    let limit = tracefs::copyable_bytes(&f, RCV_SPACE_RECORD_BYTES);
+    out.push((globals::RCV_WORDS, limit / 8));
     out.push((
         globals::RCV_SKADDR,
-        tracefs::field_offset(&f, ev, "skaddr")?,
+        tracefs::field_offset(&f, ev, "skaddr", limit)?,
     ));
     let gso_segs = btf
         .member_offset("sk_buff", &["cb"])
@@ -168,19 +177,24 @@ pub fn state_globals(btf: &KernelBtf) -> Globals {
 pub fn probe_globals() -> Globals {
     let ev = "tcp/tcp_probe";
     let f = tracefs::field_offsets("tcp", "tcp_probe")?;
+    let limit = tracefs::copyable_bytes(&f, PROBE_RECORD_BYTES);
     Ok(vec![
+        (globals::PROBE_WORDS, limit / 8),
         (
             globals::PROBE_SKADDR,
-            tracefs::field_offset(&f, ev, "skaddr")?,
+            tracefs::field_offset(&f, ev, "skaddr", limit)?,
         ),
-        (globals::PROBE_SRTT, tracefs::field_offset(&f, ev, "srtt")?),
+        (
+            globals::PROBE_SRTT,
+            tracefs::field_offset(&f, ev, "srtt", limit)?,
+        ),
         (
             globals::PROBE_FAMILY,
-            tracefs::field_offset(&f, ev, "family")?,
+            tracefs::field_offset(&f, ev, "family", limit)?,
         ),
         (
             globals::PROBE_DADDR,
-            tracefs::field_offset(&f, ev, "daddr")?,
+            tracefs::field_offset(&f, ev, "daddr", limit)?,
         ),
     ])
 }

@@ -22,6 +22,17 @@ pub enum TracefsError {
     #[error("tracepoint {event} has no field `{field}` on this kernel")]
     NoField { event: String, field: &'static str },
     #[error(
+        "field `{field}` of tracepoint {event} ends at byte {end}, past the {limit} bytes its \
+         program copies on this kernel (the record's length in 8-byte words, at most \
+         agent_common::tcp::*_RECORD_BYTES): this kernel's layout is not supported"
+    )]
+    BeyondRecord {
+        event: String,
+        field: &'static str,
+        end: u32,
+        limit: u32,
+    },
+    #[error(
         "tracefs is not mounted and mounting it at {path} failed: {source}. Mount it on the host \
          (`mount -t tracefs nodev {path}`) or mount the host's {path} into the agent's container"
     )]
@@ -91,11 +102,18 @@ fn mount(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Byte offsets of the fields of tracepoint `category/name`, from its tracefs format file.
+/// A field of a tracepoint's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// The fields of tracepoint `category/name` by name, from its tracefs format file.
 pub fn field_offsets(
     category: &str,
     name: &str,
-) -> Result<std::collections::HashMap<String, u32>, TracefsError> {
+) -> Result<std::collections::HashMap<String, Field>, TracefsError> {
     let root = find().unwrap_or_else(|| PathBuf::from(TRACEFS));
     let path = root.join("events").join(category).join(name).join("format");
     let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Format {
@@ -106,8 +124,8 @@ pub fn field_offsets(
     Ok(parse_format(&text))
 }
 
-/// Parses `field:TYPE NAME[N];\toffset:O;\tsize:S;...` lines into name -> offset.
-fn parse_format(text: &str) -> std::collections::HashMap<String, u32> {
+/// Parses `field:TYPE NAME[N];\toffset:O;\tsize:S;...` lines into name -> field.
+fn parse_format(text: &str) -> std::collections::HashMap<String, Field> {
     text.lines()
         .filter_map(|l| {
             let l = l.trim();
@@ -118,25 +136,50 @@ fn parse_format(text: &str) -> std::collections::HashMap<String, u32> {
                 .split('[')
                 .next()?
                 .trim_start_matches('*');
-            let offset = l.split("offset:").nth(1)?.split(';').next()?.parse().ok()?;
-            Some((name.to_owned(), offset))
+            let number = |key: &str| l.split(key).nth(1)?.split(';').next()?.parse().ok();
+            let field = Field {
+                offset: number("offset:")?,
+                size: number("size:")?,
+            };
+            Some((name.to_owned(), field))
         })
         .collect()
 }
 
-/// Offset of `field` in tracepoint `category/name`.
+/// How many bytes of a record with `fields` its program may copy, at most `max` and in 8-byte
+/// words: no more than the record holds (the kernel refuses to attach a tracepoint program that
+/// may read past it).
+pub fn copyable_bytes(fields: &std::collections::HashMap<String, Field>, max: u32) -> u32 {
+    let end = fields
+        .values()
+        .map(|f| f.offset.saturating_add(f.size))
+        .max()
+        .unwrap_or(0);
+    end.min(max) / 8 * 8
+}
+
+/// Offset of `field` in tracepoint `category/name`, which must end within the first `limit`
+/// bytes of its record (the part its program copies).
 pub fn field_offset(
-    fields: &std::collections::HashMap<String, u32>,
+    fields: &std::collections::HashMap<String, Field>,
     event: &str,
     field: &'static str,
+    limit: u32,
 ) -> Result<u32, TracefsError> {
-    fields
-        .get(field)
-        .copied()
-        .ok_or_else(|| TracefsError::NoField {
+    let f = fields.get(field).ok_or_else(|| TracefsError::NoField {
+        event: event.to_owned(),
+        field,
+    })?;
+    let end = f.offset.saturating_add(f.size);
+    if end > limit {
+        return Err(TracefsError::BeyondRecord {
             event: event.to_owned(),
             field,
-        })
+            end,
+            limit,
+        });
+    }
+    Ok(f.offset)
 }
 
 #[cfg(test)]
@@ -149,13 +192,34 @@ mod tests {
                  \tfield:__u8 saddr[28];\toffset:8;\tsize:28;\tsigned:0;\n\
                  \tfield:const void * skaddr;\toffset:128;\tsize:8;\tsigned:0;\n\nprint fmt: \"x\"\n";
         let m = parse_format(f);
-        assert_eq!(m["common_type"], 0);
-        assert_eq!(m["saddr"], 8);
-        assert_eq!(m["skaddr"], 128);
-        let e = field_offset(&m, "tcp/tcp_probe", "srtt")
+        assert_eq!(m["common_type"], Field { offset: 0, size: 2 });
+        assert_eq!(
+            m["saddr"],
+            Field {
+                offset: 8,
+                size: 28
+            }
+        );
+        assert_eq!(m["skaddr"].offset, 128);
+        let e = field_offset(&m, "tcp/tcp_probe", "srtt", 192)
             .unwrap_err()
             .to_string();
         assert!(e.contains("tcp/tcp_probe") && e.contains("srtt"), "{e}");
+        assert_eq!(
+            field_offset(&m, "tcp/tcp_probe", "skaddr", 192).unwrap(),
+            128
+        );
+        // The record ends at 136: no more is copied, whatever the program could hold.
+        assert_eq!(copyable_bytes(&m, 160), 136);
+        assert_eq!(copyable_bytes(&m, 100), 96);
+        // A field its program would not copy is a load error, not a silent zero.
+        let e = field_offset(&m, "tcp/tcp_probe", "skaddr", 132)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("skaddr") && e.contains("byte 136") && e.contains("132"),
+            "{e}"
+        );
     }
 
     #[test]
