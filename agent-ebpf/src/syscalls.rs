@@ -8,9 +8,9 @@
 //! The syscall in flight and the thread's running totals stay in a per-CPU slot
 //! (`SyscallOnCpu`) while the thread stays on the CPU, and move to its task storage when it
 //! leaves (`syscall_switch`): a syscall that neither blocks nor is preempted, the common case,
-//! costs no task-storage lookup (two helper calls a syscall, 1.45-1.50x the floor's cost against
-//! 1.37x without them in `cargo xtask bench`). A syscall that blocks is found in the task
-//! storage at its exit, wherever the thread then runs. No per-thread hash entry to look up, to run
+//! costs no task-storage lookup (two helper calls a syscall; the probe went from 1.44-1.60x the
+//! floor's cost to 1.30-1.38x without them in `cargo xtask bench`). A syscall that blocks is
+//! found in the task storage at its exit, wherever the thread then runs. No per-thread hash entry to look up, to run
 //! out of, or to clean up after a thread exits inside exit().
 use agent_common::{
     MAX_TARGETS, NO_TARGET, lost,
@@ -138,8 +138,14 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let cpu = unsafe { &mut *cpu };
     let start;
     let delta;
-    if cpu.regs == regs && cpu.start.ts_ns != 0 {
-        // On this CPU since it entered: the start is here, and so are its totals until it leaves.
+    if cpu.regs == regs {
+        // The slot is given up at every switch-out, so the thread has been on this CPU since a
+        // recorded entry here, and no syscall starts between this one's entry and exit: the
+        // start is here, and so are its totals until it leaves. None: this syscall entered
+        // unrecorded (not selected), with no task storage to look at.
+        if cpu.start.ts_ns == 0 {
+            return 0;
+        }
         start = cpu.start;
         cpu.start.ts_ns = 0;
         // SAFETY: no preconditions.
