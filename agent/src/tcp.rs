@@ -28,7 +28,7 @@ use crate::{
     },
     probes::{Family, Hook, ProgramSpec},
     targets::TargetSet,
-    tracefs::{self, TracefsError},
+    tracefs::{Format, TracefsError},
 };
 
 pub const FAMILY: Family = Family {
@@ -85,68 +85,30 @@ pub type Globals = Result<Vec<(&'static str, u32)>, TracefsError>;
 /// Field offsets for the `tcp` family (tracefs formats, and kernel BTF for the skb's segment
 /// count).
 pub fn state_globals(btf: &KernelBtf) -> Globals {
-    let ev = "sock/inet_sock_set_state";
-    let f = tracefs::field_offsets("sock", "inet_sock_set_state")?;
-    let limit = tracefs::copyable_bytes(&f, SET_STATE_RECORD_BYTES);
+    let f = Format::read("sock", "inet_sock_set_state", SET_STATE_RECORD_BYTES)?;
     let mut out = vec![
-        (globals::STATE_WORDS, limit / 8),
-        (
-            globals::STATE_SKADDR,
-            tracefs::field_offset(&f, ev, "skaddr", limit)?,
-        ),
-        (
-            globals::STATE_OLDSTATE,
-            tracefs::field_offset(&f, ev, "oldstate", limit)?,
-        ),
-        (
-            globals::STATE_NEWSTATE,
-            tracefs::field_offset(&f, ev, "newstate", limit)?,
-        ),
-        (
-            globals::STATE_SPORT,
-            tracefs::field_offset(&f, ev, "sport", limit)?,
-        ),
-        (
-            globals::STATE_PROTOCOL,
-            tracefs::field_offset(&f, ev, "protocol", limit)?,
-        ),
-        (
-            globals::STATE_DPORT,
-            tracefs::field_offset(&f, ev, "dport", limit)?,
-        ),
-        (
-            globals::STATE_FAMILY,
-            tracefs::field_offset(&f, ev, "family", limit)?,
-        ),
-        (
-            globals::STATE_DADDR,
-            tracefs::field_offset(&f, ev, "daddr", limit)?,
-        ),
-        (
-            globals::STATE_DADDR_V6,
-            tracefs::field_offset(&f, ev, "daddr_v6", limit)?,
-        ),
+        (globals::STATE_WORDS, f.copied_words()),
+        (globals::STATE_SKADDR, f.offset("skaddr")?),
+        (globals::STATE_OLDSTATE, f.offset("oldstate")?),
+        (globals::STATE_NEWSTATE, f.offset("newstate")?),
+        (globals::STATE_SPORT, f.offset("sport")?),
+        (globals::STATE_PROTOCOL, f.offset("protocol")?),
+        (globals::STATE_DPORT, f.offset("dport")?),
+        (globals::STATE_FAMILY, f.offset("family")?),
+        (globals::STATE_DADDR, f.offset("daddr")?),
+        (globals::STATE_DADDR_V6, f.offset("daddr_v6")?),
     ];
-    let ev = "tcp/tcp_retransmit_skb";
-    let f = tracefs::field_offsets("tcp", "tcp_retransmit_skb")?;
-    let limit = tracefs::copyable_bytes(&f, RETRANSMIT_RECORD_BYTES);
-    out.push((globals::RETRANS_WORDS, limit / 8));
-    out.push((
-        globals::RETRANS_SKADDR,
-        tracefs::field_offset(&f, ev, "skaddr", limit)?,
-    ));
-    out.push((
-        globals::RETRANS_SKBADDR,
-        tracefs::field_offset(&f, ev, "skbaddr", limit)?,
-    ));
-    let ev = "tcp/tcp_rcv_space_adjust";
-    let f = tracefs::field_offsets("tcp", "tcp_rcv_space_adjust")?;
-    let limit = tracefs::copyable_bytes(&f, RCV_SPACE_RECORD_BYTES);
-    out.push((globals::RCV_WORDS, limit / 8));
-    out.push((
-        globals::RCV_SKADDR,
-        tracefs::field_offset(&f, ev, "skaddr", limit)?,
-    ));
+    let f = Format::read("tcp", "tcp_retransmit_skb", RETRANSMIT_RECORD_BYTES)?;
+    out.extend([
+        (globals::RETRANS_WORDS, f.copied_words()),
+        (globals::RETRANS_SKADDR, f.offset("skaddr")?),
+        (globals::RETRANS_SKBADDR, f.offset("skbaddr")?),
+    ]);
+    let f = Format::read("tcp", "tcp_rcv_space_adjust", RCV_SPACE_RECORD_BYTES)?;
+    out.extend([
+        (globals::RCV_WORDS, f.copied_words()),
+        (globals::RCV_SKADDR, f.offset("skaddr")?),
+    ]);
     let gso_segs = btf
         .member_offset("sk_buff", &["cb"])
         .and_then(|cb| Ok(cb + btf.member_offset("tcp_skb_cb", &["tcp_gso_segs"])?));
@@ -175,27 +137,13 @@ pub fn state_globals(btf: &KernelBtf) -> Globals {
 
 /// Field offsets for the `tcp_rtt` family.
 pub fn probe_globals() -> Globals {
-    let ev = "tcp/tcp_probe";
-    let f = tracefs::field_offsets("tcp", "tcp_probe")?;
-    let limit = tracefs::copyable_bytes(&f, PROBE_RECORD_BYTES);
+    let f = Format::read("tcp", "tcp_probe", PROBE_RECORD_BYTES)?;
     Ok(vec![
-        (globals::PROBE_WORDS, limit / 8),
-        (
-            globals::PROBE_SKADDR,
-            tracefs::field_offset(&f, ev, "skaddr", limit)?,
-        ),
-        (
-            globals::PROBE_SRTT,
-            tracefs::field_offset(&f, ev, "srtt", limit)?,
-        ),
-        (
-            globals::PROBE_FAMILY,
-            tracefs::field_offset(&f, ev, "family", limit)?,
-        ),
-        (
-            globals::PROBE_DADDR,
-            tracefs::field_offset(&f, ev, "daddr", limit)?,
-        ),
+        (globals::PROBE_WORDS, f.copied_words()),
+        (globals::PROBE_SKADDR, f.offset("skaddr")?),
+        (globals::PROBE_SRTT, f.offset("srtt")?),
+        (globals::PROBE_FAMILY, f.offset("family")?),
+        (globals::PROBE_DADDR, f.offset("daddr")?),
     ])
 }
 

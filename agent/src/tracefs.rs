@@ -104,82 +104,92 @@ fn mount(path: &Path) -> std::io::Result<()> {
 
 /// A field of a tracepoint's record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Field {
-    pub offset: u32,
-    pub size: u32,
+struct Field {
+    offset: u32,
+    size: u32,
 }
 
-/// The fields of tracepoint `category/name` by name, from its tracefs format file.
-pub fn field_offsets(
-    category: &str,
-    name: &str,
-) -> Result<std::collections::HashMap<String, Field>, TracefsError> {
-    let root = find().unwrap_or_else(|| PathBuf::from(TRACEFS));
-    let path = root.join("events").join(category).join(name).join("format");
-    let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Format {
-        event: format!("{category}/{name}"),
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(parse_format(&text))
+/// A tracepoint's record layout (its tracefs format file), and how much of the record its
+/// program copies: the record's length in 8-byte words, at most what the program holds (the
+/// kernel refuses to attach a tracepoint program that may read past its record).
+#[derive(Debug)]
+pub struct Format {
+    event: String,
+    fields: std::collections::HashMap<String, Field>,
+    copied: u32,
 }
 
-/// Parses `field:TYPE NAME[N];\toffset:O;\tsize:S;...` lines into name -> field.
-fn parse_format(text: &str) -> std::collections::HashMap<String, Field> {
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let decl = l.strip_prefix("field:")?.split(';').next()?;
-            let name = decl
-                .split_whitespace()
-                .last()?
-                .split('[')
-                .next()?
-                .trim_start_matches('*');
-            let number = |key: &str| l.split(key).nth(1)?.split(';').next()?.parse().ok();
-            let field = Field {
-                offset: number("offset:")?,
-                size: number("size:")?,
-            };
-            Some((name.to_owned(), field))
-        })
-        .collect()
-}
-
-/// How many bytes of a record with `fields` its program may copy, at most `max` and in 8-byte
-/// words: no more than the record holds (the kernel refuses to attach a tracepoint program that
-/// may read past it).
-pub fn copyable_bytes(fields: &std::collections::HashMap<String, Field>, max: u32) -> u32 {
-    let end = fields
-        .values()
-        .map(|f| f.offset.saturating_add(f.size))
-        .max()
-        .unwrap_or(0);
-    end.min(max) / 8 * 8
-}
-
-/// Offset of `field` in tracepoint `category/name`, which must end within the first `limit`
-/// bytes of its record (the part its program copies).
-pub fn field_offset(
-    fields: &std::collections::HashMap<String, Field>,
-    event: &str,
-    field: &'static str,
-    limit: u32,
-) -> Result<u32, TracefsError> {
-    let f = fields.get(field).ok_or_else(|| TracefsError::NoField {
-        event: event.to_owned(),
-        field,
-    })?;
-    let end = f.offset.saturating_add(f.size);
-    if end > limit {
-        return Err(TracefsError::BeyondRecord {
-            event: event.to_owned(),
-            field,
-            end,
-            limit,
-        });
+impl Format {
+    /// The format of tracepoint `category/name`, whose program copies at most `max_copied` bytes.
+    pub fn read(category: &str, name: &str, max_copied: u32) -> Result<Self, TracefsError> {
+        let root = find().unwrap_or_else(|| PathBuf::from(TRACEFS));
+        let path = root.join("events").join(category).join(name).join("format");
+        let text = std::fs::read_to_string(&path).map_err(|source| TracefsError::Format {
+            event: format!("{category}/{name}"),
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self::parse(format!("{category}/{name}"), &text, max_copied))
     }
-    Ok(f.offset)
+
+    /// Parses `field:TYPE NAME[N];\toffset:O;\tsize:S;...` lines.
+    fn parse(event: String, text: &str, max_copied: u32) -> Self {
+        let fields: std::collections::HashMap<String, Field> = text
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let decl = l.strip_prefix("field:")?.split(';').next()?;
+                let name = decl
+                    .split_whitespace()
+                    .last()?
+                    .split('[')
+                    .next()?
+                    .trim_start_matches('*');
+                let number = |key: &str| l.split(key).nth(1)?.split(';').next()?.parse().ok();
+                let field = Field {
+                    offset: number("offset:")?,
+                    size: number("size:")?,
+                };
+                Some((name.to_owned(), field))
+            })
+            .collect();
+        let end = fields
+            .values()
+            .map(|f| f.offset.saturating_add(f.size))
+            .max()
+            .unwrap_or(0);
+        Self {
+            event,
+            fields,
+            copied: end.min(max_copied) / 8 * 8,
+        }
+    }
+
+    /// 8-byte words of the record its program copies.
+    pub fn copied_words(&self) -> u32 {
+        self.copied / 8
+    }
+
+    /// Offset of `field`, which must end within the part of the record its program copies.
+    pub fn offset(&self, field: &'static str) -> Result<u32, TracefsError> {
+        let f = self
+            .fields
+            .get(field)
+            .ok_or_else(|| TracefsError::NoField {
+                event: self.event.clone(),
+                field,
+            })?;
+        let end = f.offset.saturating_add(f.size);
+        if end > self.copied {
+            return Err(TracefsError::BeyondRecord {
+                event: self.event.clone(),
+                field,
+                end,
+                limit: self.copied,
+            });
+        }
+        Ok(f.offset)
+    }
 }
 
 #[cfg(test)]
@@ -191,33 +201,29 @@ mod tests {
         let f = "name: tcp_probe\nID: 1\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
                  \tfield:__u8 saddr[28];\toffset:8;\tsize:28;\tsigned:0;\n\
                  \tfield:const void * skaddr;\toffset:128;\tsize:8;\tsigned:0;\n\nprint fmt: \"x\"\n";
-        let m = parse_format(f);
-        assert_eq!(m["common_type"], Field { offset: 0, size: 2 });
+        let m = Format::parse("tcp/tcp_probe".into(), f, 192);
+        assert_eq!(m.fields["common_type"], Field { offset: 0, size: 2 });
         assert_eq!(
-            m["saddr"],
+            m.fields["saddr"],
             Field {
                 offset: 8,
                 size: 28
             }
         );
-        assert_eq!(m["skaddr"].offset, 128);
-        let e = field_offset(&m, "tcp/tcp_probe", "srtt", 192)
-            .unwrap_err()
-            .to_string();
+        assert_eq!(m.fields["skaddr"].offset, 128);
+        let e = m.offset("srtt").unwrap_err().to_string();
         assert!(e.contains("tcp/tcp_probe") && e.contains("srtt"), "{e}");
-        assert_eq!(
-            field_offset(&m, "tcp/tcp_probe", "skaddr", 192).unwrap(),
-            128
-        );
+        assert_eq!(m.offset("skaddr").unwrap(), 128);
         // The record ends at 136: no more is copied, whatever the program could hold.
-        assert_eq!(copyable_bytes(&m, 160), 136);
-        assert_eq!(copyable_bytes(&m, 100), 96);
+        assert_eq!(Format::parse("x".into(), f, 160).copied_words(), 17);
+        assert_eq!(Format::parse("x".into(), f, 100).copied_words(), 12);
         // A field its program would not copy is a load error, not a silent zero.
-        let e = field_offset(&m, "tcp/tcp_probe", "skaddr", 132)
+        let e = Format::parse("tcp/tcp_probe".into(), f, 132)
+            .offset("skaddr")
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("skaddr") && e.contains("byte 136") && e.contains("132"),
+            e.contains("skaddr") && e.contains("byte 136") && e.contains("128"),
             "{e}"
         );
     }
