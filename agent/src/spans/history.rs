@@ -484,4 +484,51 @@ mod tests {
         assert!(h.window(7, None, 15, 500).is_none());
         assert!(h.window(9, None, 150, 500).is_none());
     }
+
+    #[test]
+    fn a_thread_s_syscalls_on_its_cpu_count_with_its_task_storage() {
+        let mut state = ThreadState::default();
+        state.totals.syscall_ns = 1_000;
+        state.totals.syscalls = 10;
+        // A start left in the task storage by a syscall that has since ended on another CPU.
+        state.syscall.ts_ns = 50;
+        let mut on_cpu = SyscallOnCpu {
+            regs: 1,
+            tid: 7,
+            syscall_ns: 200,
+            syscalls: 4,
+            ..SyscallOnCpu::default()
+        };
+        on_cpu.start.ts_ns = 900;
+        let t = totals_at(&state, Some(&on_cpu), 1_000, None);
+        // The syscall in flight on the CPU is open since 900, not since the stale 50.
+        assert_eq!((t.syscall_ns, t.syscalls), (1_000 + 200 + 100, 14));
+        let alone = totals_at(&state, None, 1_000, None);
+        assert_eq!((alone.syscall_ns, alone.syscalls), (1_000 + 950, 10));
+    }
+
+    #[test]
+    fn syscall_totals_missed_for_a_tick_do_not_go_back() {
+        let last = ThreadTotals {
+            syscall_ns: 500,
+            syscalls: 5,
+            runq_ns: 9,
+            ..ThreadTotals::default()
+        };
+        // Read between the kernel moving them from the CPU and the storage holding them.
+        let dipped = ThreadTotals {
+            syscall_ns: 300,
+            syscalls: 3,
+            runq_ns: 12,
+            ..ThreadTotals::default()
+        };
+        let t = at_least(dipped, &last);
+        assert_eq!((t.syscall_ns, t.syscalls, t.runq_ns), (500, 5, 12));
+        let grown = ThreadTotals {
+            syscall_ns: 800,
+            syscalls: 8,
+            ..ThreadTotals::default()
+        };
+        assert_eq!(at_least(grown, &last).syscall_ns, 800);
+    }
 }
