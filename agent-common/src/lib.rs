@@ -28,7 +28,7 @@ mod pod {
     // the kernel could leave uninitialised (explicit `_pad` fields instead).
     unsafe impl aya::Pod for crate::hist::Log2Hist {}
     unsafe impl aya::Pod for crate::targets::ProcEvent {}
-    unsafe impl aya::Pod for crate::sched::RunqStart {}
+    unsafe impl aya::Pod for crate::sched::SchedOnCpu {}
     unsafe impl aya::Pod for crate::sched::ClockPair {}
     unsafe impl aya::Pod for crate::syscalls::SyscallSlot {}
     unsafe impl aya::Pod for crate::syscalls::SyscallStats {}

@@ -6,7 +6,7 @@
 pub const TRACKED_MAP_FULL: u32 = 0;
 /// A process event (exec, fork, exit) did not fit in the ring buffer to user space.
 pub const PROC_EVENTS_FULL: u32 = 1;
-/// A runnable thread could not be timestamped: no memory for its task storage.
+/// A tracked thread leaving a CPU could not record it: no memory for its task storage.
 pub const RUNQ_PENDING_FULL: u32 = 2;
 /// A thread leaving a CPU inside a syscall could not keep its start time, or its syscall totals:
 /// no memory for its task storage.

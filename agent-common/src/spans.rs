@@ -5,14 +5,16 @@
 //! samples them every few milliseconds into a bounded history (looking a thread's storage up by
 //! its pidfd), so the share of any past window can be read off after a span ends (spans arrive
 //! in batches, after the fact).
-use crate::{sched::RunqStart, syscalls::SyscallStart};
+use crate::{sched::SchedThread, syscalls::SyscallStart};
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ThreadTotals {
-    /// Time runnable but not running (wakeup or preemption to switch-in).
+    /// Time runnable but not running (wakeup or preemption to switch-in), added at the thread's
+    /// switch-out after the wait.
     pub runq_ns: u64,
-    /// Time blocked: switched out while not runnable, until woken.
+    /// Time off CPU and not runnable. The kernel leaves it 0: user space derives it from
+    /// `SchedThread` (time since `since_ns`, less time on CPU and on run queues).
     pub blocked_ns: u64,
     /// Time inside traced syscalls, and how many ended.
     pub syscall_ns: u64,
@@ -49,7 +51,7 @@ pub struct CaptureOff {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct ThreadState {
-    pub runq: RunqStart,
+    pub sched: SchedThread,
     pub syscall: SyscallStart,
     pub totals: ThreadTotals,
     pub span_off: SpanOff,

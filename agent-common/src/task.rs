@@ -21,6 +21,13 @@ pub const GLOBAL_RQ_OFFSET: &str = "CFS_RQ_RQ_OFFSET";
 /// Global holding `offsetof(struct rq, clock)`.
 pub const GLOBAL_RQ_CLOCK_OFFSET: &str = "RQ_CLOCK_OFFSET";
 
+/// Globals holding the offsets in `task_struct` of `sched_info.run_delay`, `.pcount`,
+/// `.last_arrival` and `.last_queued` (CONFIG_SCHED_INFO), 0 where unknown.
+pub const GLOBAL_RUN_DELAY_OFFSET: &str = "TASK_RUN_DELAY_OFFSET";
+pub const GLOBAL_PCOUNT_OFFSET: &str = "TASK_PCOUNT_OFFSET";
+pub const GLOBAL_LAST_ARRIVAL_OFFSET: &str = "TASK_LAST_ARRIVAL_OFFSET";
+pub const GLOBAL_LAST_QUEUED_OFFSET: &str = "TASK_LAST_QUEUED_OFFSET";
+
 /// `TASK_RUNNING`: a task switched out in this state was preempted and is still runnable.
 pub const TASK_RUNNING: u32 = 0;
 

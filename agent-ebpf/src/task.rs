@@ -27,6 +27,15 @@ fn load_u32_at(task: *const u8, offset: &'static u32) -> u32 {
     unsafe { core::ptr::read_volatile(task.wrapping_add(offset as usize).cast::<u32>()) }
 }
 
+/// A `u64` field of `task`, as `load_u32_at`.
+#[inline(always)]
+fn load_u64_at(task: *const u8, offset: &'static u32) -> u64 {
+    // SAFETY: volatile read of a global the loader initialised.
+    let offset = unsafe { core::ptr::read_volatile(offset) };
+    // SAFETY: as `load_u32_at`, for a u64 field.
+    unsafe { core::ptr::read_volatile(task.wrapping_add(offset as usize).cast::<u64>()) }
+}
+
 /// Thread id (`task->pid`).
 #[inline(always)]
 pub fn pid(task: *const u8) -> u32 {
@@ -98,4 +107,40 @@ pub fn rq_clock(task: *const u8) -> Option<u64> {
             rq_ptr.wrapping_add(clock as usize).cast::<u64>(),
         ))
     }
+}
+
+// `task_struct.sched_info` members (CONFIG_SCHED_INFO), all 0 where this kernel has none: the
+// loader then leaves the scheduler probe unattached.
+#[unsafe(no_mangle)]
+static TASK_RUN_DELAY_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_PCOUNT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_LAST_ARRIVAL_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_LAST_QUEUED_OFFSET: u32 = 0;
+
+/// The scheduler's own accounting of `task`'s waits on run queues (`sched_info`, kept on the run
+/// queue's clock): run-queue time summed over its life (a wait is added when it ends, and the
+/// part before a migration when the task leaves that run queue), switch-ins counted, the last
+/// switch-in, and when it joined its run queue (0: not waiting). On `sched_switch` the kernel has
+/// not yet accounted the switch it reports.
+#[inline(always)]
+pub fn run_delay(task: *const u8) -> u64 {
+    load_u64_at(task, &TASK_RUN_DELAY_OFFSET)
+}
+
+#[inline(always)]
+pub fn pcount(task: *const u8) -> u64 {
+    load_u64_at(task, &TASK_PCOUNT_OFFSET)
+}
+
+#[inline(always)]
+pub fn last_arrival(task: *const u8) -> u64 {
+    load_u64_at(task, &TASK_LAST_ARRIVAL_OFFSET)
+}
+
+#[inline(always)]
+pub fn last_queued(task: *const u8) -> u64 {
+    load_u64_at(task, &TASK_LAST_QUEUED_OFFSET)
 }

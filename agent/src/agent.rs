@@ -101,6 +101,7 @@ struct Started {
     sched_clock: Option<clock::SchedClock>,
     /// Per CPU, the syscall totals of the thread there that the task storage does not hold yet.
     syscalls_on_cpu: Option<PerCpuArray<MapData, SyscallOnCpu>>,
+    sched_on_cpu: Option<PerCpuArray<MapData, agent_common::sched::SchedOnCpu>>,
     span_sampler: Option<stacks::SpanSampler>,
     collectors: Vec<Box<dyn Collector>>,
     statuses: Vec<ProbeStatus>,
@@ -218,6 +219,9 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let syscalls_on_cpu = (threads.is_some() && config.spans.enabled && on(syscalls::FAMILY.name))
         .then(|| optional(kernel.take_map(syscalls::ON_CPU_MAP)))
         .flatten();
+    let sched_on_cpu = (threads.is_some() && config.spans.enabled && on(sched::FAMILY.name))
+        .then(|| optional(kernel.take_map(agent_common::sched::ON_CPU_MAP)))
+        .flatten();
     // Continuous low-rate sampling for span flamegraphs, with the profile family's programs.
     let span_sampler =
         (config.spans.enabled && config.spans.sample_hz > 0 && on(stacks::FAMILY.name))
@@ -241,6 +245,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
         proc_retrans,
         sched_clock,
         syscalls_on_cpu,
+        sched_on_cpu,
         span_sampler,
         kernel: Some(kernel),
         collectors,
@@ -280,6 +285,7 @@ async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
         proc_retrans,
         sched_clock,
         syscalls_on_cpu,
+        sched_on_cpu,
         span_sampler,
         collectors,
         statuses,
@@ -345,6 +351,7 @@ async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
                 proc_retrans,
                 sched_clock,
                 syscalls_on_cpu,
+                sched_on_cpu,
             }),
             tracked_pids.clone(),
             span_sampler,

@@ -236,6 +236,18 @@ pub struct TaskOffsets {
     pub cfs_rq: u32,
     pub rq: u32,
     pub rq_clock: u32,
+    /// `sched_info.run_delay`, `.pcount`, `.last_arrival` and `.last_queued` (CONFIG_SCHED_INFO):
+    /// the scheduler's own accounting of a task's run-queue waits, which the scheduler probe
+    /// reads instead of timing wakeups itself. None where this kernel has no `sched_info`.
+    pub sched_info: Option<SchedInfoOffsets>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedInfoOffsets {
+    pub run_delay: u32,
+    pub pcount: u32,
+    pub last_arrival: u32,
+    pub last_queued: u32,
 }
 
 impl TaskOffsets {
@@ -252,8 +264,30 @@ impl TaskOffsets {
             cfs_rq: 0,
             rq: 0,
             rq_clock: 0,
+            sched_info: SchedInfoOffsets::from_btf(btf)
+                .map_err(|e| tracing::info!("no sched_info in this kernel's tasks ({e})"))
+                .ok(),
         }
         .with_rq_clock(btf))
+    }
+
+    /// Why the scheduler probe cannot run on this kernel, if it cannot: it reads the scheduler's
+    /// per-task wait accounting, on the run queue's clock that this accounting keeps.
+    pub fn sched_probe_unavailable(&self) -> Option<&'static str> {
+        if self.sched_info.is_none() {
+            Some(
+                "this kernel's BTF has no task_struct.sched_info (a kernel built without \
+                 CONFIG_SCHED_INFO, which CONFIG_SCHEDSTATS and CONFIG_TASK_DELAY_ACCT select): \
+                 the run-queue probe reads the scheduler's own per-task wait accounting",
+            )
+        } else if self.cfs_rq == 0 {
+            Some(
+                "this kernel's BTF has no way from a task to its run queue's clock (a kernel \
+                 built without CONFIG_FAIR_GROUP_SCHED): the run-queue probe times on that clock",
+            )
+        } else {
+            None
+        }
     }
 
     fn with_rq_clock(mut self, btf: &KernelBtf) -> Self {
@@ -277,6 +311,21 @@ impl TaskOffsets {
             ),
         }
         self
+    }
+}
+
+impl SchedInfoOffsets {
+    fn from_btf(btf: &KernelBtf) -> Result<Self, BtfError> {
+        let base = btf.member_offset("task_struct", &["sched_info"])?;
+        let at = |name: &'static str| {
+            Ok::<_, BtfError>(base + btf.member_offset("sched_info", &[name])?)
+        };
+        Ok(Self {
+            run_delay: at("run_delay")?,
+            pcount: at("pcount")?,
+            last_arrival: at("last_arrival")?,
+            last_queued: at("last_queued")?,
+        })
     }
 }
 

@@ -158,6 +158,15 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
             Err(e) => unavailable.push((family, e.to_string())),
         }
     }
+    if let Some(why) = offsets.sched_probe_unavailable() {
+        unavailable.push((crate::sched::FAMILY.name, why.to_string()));
+    }
+    let sched_info = offsets.sched_info.unwrap_or(crate::btf::SchedInfoOffsets {
+        run_delay: 0,
+        pcount: 0,
+        last_arrival: 0,
+        last_queued: 0,
+    });
     let all_syscalls = u32::from(opts.all_syscalls);
     let per_peer = u32::from(opts.tcp_per_peer);
     let mut loader = EbpfLoader::new();
@@ -173,6 +182,18 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
         .override_global(task::GLOBAL_CFS_RQ_OFFSET, &offsets.cfs_rq, true)
         .override_global(task::GLOBAL_RQ_OFFSET, &offsets.rq, true)
         .override_global(task::GLOBAL_RQ_CLOCK_OFFSET, &offsets.rq_clock, true)
+        .override_global(task::GLOBAL_RUN_DELAY_OFFSET, &sched_info.run_delay, true)
+        .override_global(task::GLOBAL_PCOUNT_OFFSET, &sched_info.pcount, true)
+        .override_global(
+            task::GLOBAL_LAST_ARRIVAL_OFFSET,
+            &sched_info.last_arrival,
+            true,
+        )
+        .override_global(
+            task::GLOBAL_LAST_QUEUED_OFFSET,
+            &sched_info.last_queued,
+            true,
+        )
         .override_global(
             agent_common::syscalls::GLOBAL_TRACE_ALL,
             &all_syscalls,

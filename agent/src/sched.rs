@@ -1,7 +1,8 @@
 //! Run-queue delay per target: the user-space half of `agent-ebpf/src/sched.rs`.
 //!
 //! The kernel keeps per-CPU log2 histograms per target; this reads and sums them on scrape into
-//! `pipeprobe_sched_runqueue_delay_seconds{target}`.
+//! `pipeprobe_sched_runqueue_delay_seconds{target}`. A wait is counted when its thread next
+//! leaves the CPU (agent-ebpf/src/sched.rs says why), one slice after it ends.
 use std::sync::{Arc, Mutex};
 
 use agent_common::hist::Log2Hist;
@@ -18,21 +19,12 @@ use crate::{
 pub const FAMILY: Family = Family {
     name: "sched",
     needs: None,
-    requires: "BTF tracepoints (tp_btf) sched_wakeup, sched_wakeup_new, sched_switch",
-    programs: &[
-        ProgramSpec {
-            program: "sched_wakeup",
-            hook: Hook::BtfTracepoint("sched_wakeup"),
-        },
-        ProgramSpec {
-            program: "sched_wakeup_new",
-            hook: Hook::BtfTracepoint("sched_wakeup_new"),
-        },
-        ProgramSpec {
-            program: "sched_switch",
-            hook: Hook::BtfTracepoint("sched_switch"),
-        },
-    ],
+    requires: "BTF tracepoint (tp_btf) sched_switch, and the scheduler's per-task wait accounting \
+               (CONFIG_SCHED_INFO) on the run queue's clock (CONFIG_FAIR_GROUP_SCHED)",
+    programs: &[ProgramSpec {
+        program: "sched_switch",
+        hook: Hook::BtfTracepoint("sched_switch"),
+    }],
 };
 
 /// Name of the per-target histogram map in the eBPF object.

@@ -18,6 +18,7 @@ use std::{
 };
 
 use agent_common::{
+    sched::SchedOnCpu,
     spans::{ThreadState, ThreadTotals},
     syscalls::SyscallOnCpu,
 };
@@ -188,14 +189,19 @@ pub type SharedHistory = Arc<Mutex<History>>;
 
 /// The thread's totals as of `now` (CLOCK_MONOTONIC; `sched_now` the same instant on the
 /// scheduler's clock, which the run-queue and blocked times are in), counting the episode in
-/// progress (blocked, waiting on a run queue, inside a syscall) up to then: the kernel adds an
-/// episode only when it ends, and a 1.5 s sleep landing in one tick would otherwise be spread
-/// over that tick. Without `sched_now` a scheduler episode counts when it ends. `on_cpu` is the
-/// thread's part of its syscalls that the kernel keeps on the CPU it runs on until it leaves
-/// (agent-ebpf/src/syscalls.rs), when the thread is there.
+/// progress (on CPU, off it, inside a syscall) up to then: the kernel writes a thread's
+/// scheduler times only when it leaves a CPU, and a 1.5 s sleep landing in one tick would
+/// otherwise be spread over that tick. Without `sched_now` they count to the thread's last
+/// switch-out.
+///
+/// `sched` is the CPU the thread runs on, if one does (read before `state`, so a switch-out in
+/// between shows as a switch-in older than `state`'s last switch-out, and is ignored); `syscalls`
+/// the thread's part of its syscalls that the kernel keeps on that CPU until it leaves
+/// (agent-ebpf/src/syscalls.rs).
 fn totals_at(
     state: &ThreadState,
-    on_cpu: Option<&SyscallOnCpu>,
+    sched: Option<&SchedOnCpu>,
+    syscalls: Option<&SyscallOnCpu>,
     now: u64,
     sched_now: Option<u64>,
 ) -> ThreadTotals {
@@ -207,12 +213,32 @@ fn totals_at(
         }
     };
     let mut t = state.totals;
-    if let Some(sched_now) = sched_now {
-        t.blocked_ns += open(state.runq.blocked_ns, sched_now);
-        t.runq_ns += open(state.runq.ts_ns, sched_now);
+    let s = &state.sched;
+    if s.since_ns != 0 {
+        let mut oncpu = s.oncpu_ns;
+        let end = match (sched_now, sched.filter(|c| c.in_ns >= s.out_ns)) {
+            (Some(end), Some(c)) => {
+                oncpu += end.saturating_sub(c.in_ns);
+                t.runq_ns += c.wait_ns;
+                end
+            }
+            (Some(end), None) => {
+                // Off CPU since its switch-out: a preempted thread waits on a run queue; a blocked
+                // one is counted blocked until its switch-in says how long its wakeup waited.
+                if s.preempted != 0 {
+                    t.runq_ns += open(s.out_ns, end);
+                }
+                end
+            }
+            (None, _) => s.out_ns,
+        };
+        t.blocked_ns = end
+            .saturating_sub(s.since_ns)
+            .saturating_sub(oncpu)
+            .saturating_sub(t.runq_ns);
     }
     let mut in_flight = state.syscall.ts_ns;
-    if let Some(c) = on_cpu {
+    if let Some(c) = syscalls {
         t.syscall_ns += c.syscall_ns;
         t.syscalls += c.syscalls;
         if c.start.ts_ns != 0 {
@@ -221,6 +247,18 @@ fn totals_at(
     }
     t.syscall_ns += open(in_flight, now);
     t
+}
+
+/// The tracked thread on each CPU, by thread id (see `totals_at`).
+fn sched_on_cpu(map: Option<&PerCpuArray<MapData, SchedOnCpu>>) -> HashMap<u32, SchedOnCpu> {
+    let Some(values) = map.and_then(|m| m.get(&0, 0).ok()) else {
+        return HashMap::new();
+    };
+    values
+        .iter()
+        .filter(|c| c.tid != 0)
+        .map(|c| (c.tid, *c))
+        .collect()
 }
 
 /// The syscalls each thread on a CPU holds there, by thread id (see `totals_at`).
@@ -235,12 +273,17 @@ fn syscalls_on_cpu(map: Option<&PerCpuArray<MapData, SyscallOnCpu>>) -> HashMap<
         .collect()
 }
 
-/// `now` with each syscall field at least what it was at `last`: the kernel moves a thread's
-/// syscalls from its CPU to its task storage at any moment, and one read of each between the
-/// two can miss them for a tick, never count them twice.
+/// `now` with each field at least what it was at `last`. The kernel moves a thread's syscalls
+/// from its CPU to its task storage at any moment, and one read of each between the two can miss
+/// them for a tick, never count them twice. A blocked thread's wait after its wakeup counts as
+/// blocked until its switch-in says how long it was (see `totals_at`): blocked time then holds
+/// still while the run-queue time takes the wait, so a wait that straddles a tick is counted on
+/// both sides for at most that tick's part of it.
 fn at_least(mut now: ThreadTotals, last: &ThreadTotals) -> ThreadTotals {
     now.syscall_ns = now.syscall_ns.max(last.syscall_ns);
     now.syscalls = now.syscalls.max(last.syscalls);
+    now.runq_ns = now.runq_ns.max(last.runq_ns);
+    now.blocked_ns = now.blocked_ns.max(last.blocked_ns);
     now
 }
 
@@ -284,6 +327,7 @@ pub fn spawn(
                 proc_retrans,
                 sched_clock,
                 syscalls_on_cpu: syscalls_on_cpu_map,
+                sched_on_cpu: sched_on_cpu_map,
             } = maps;
             let mut clock_failed = false;
             let aya::maps::Map::Unsupported(data) = &map else {
@@ -311,8 +355,9 @@ pub fn spawn(
                         })
                         .ok()
                 });
-                // Task storage first, then the CPUs: a thread's syscalls moving from its CPU to
-                // its storage in between are missed for a tick (see `at_least`), not doubled.
+                // The threads on CPU before the task storage, the syscalls on CPU after it: see
+                // `totals_at` and `at_least`.
+                let running = sched_on_cpu(sched_on_cpu_map.as_ref());
                 let states: Vec<(u32, ThreadState)> = h
                     .threads
                     .iter()
@@ -335,7 +380,13 @@ pub fn spawn(
                         thread: {
                             let now = monotonic_ns();
                             let sched_now = sched_ahead.map(|a| now.wrapping_add(a));
-                            let t = totals_at(&state, on_cpu.get(&tid), now, sched_now);
+                            let t = totals_at(
+                                &state,
+                                running.get(&tid),
+                                on_cpu.get(&tid),
+                                now,
+                                sched_now,
+                            );
                             at_least(t, &th.last.thread)
                         },
                         retransmits,
@@ -500,10 +551,10 @@ mod tests {
             ..SyscallOnCpu::default()
         };
         on_cpu.start.ts_ns = 900;
-        let t = totals_at(&state, Some(&on_cpu), 1_000, None);
+        let t = totals_at(&state, None, Some(&on_cpu), 1_000, None);
         // The syscall in flight on the CPU is open since 900, not since the stale 50.
         assert_eq!((t.syscall_ns, t.syscalls), (1_000 + 200 + 100, 14));
-        let alone = totals_at(&state, None, 1_000, None);
+        let alone = totals_at(&state, None, None, 1_000, None);
         assert_eq!((alone.syscall_ns, alone.syscalls), (1_000 + 950, 10));
     }
 
@@ -530,5 +581,62 @@ mod tests {
             ..ThreadTotals::default()
         };
         assert_eq!(at_least(grown, &last).syscall_ns, 800);
+    }
+
+    /// A thread's storage as its switch-out at 100 left it: counted from 10, 50 ns of that on CPU,
+    /// 10 waiting on run queues, 30 blocked.
+    fn switched_out(preempted: bool) -> ThreadState {
+        let mut state = ThreadState::default();
+        state.sched.since_ns = 10;
+        state.sched.out_ns = 100;
+        state.sched.oncpu_ns = 50;
+        state.sched.preempted = u32::from(preempted);
+        state.totals.runq_ns = 10;
+        state
+    }
+
+    #[test]
+    fn a_blocked_thread_s_time_off_cpu_counts_blocked_until_its_switch_in() {
+        let state = switched_out(false);
+        let t = totals_at(&state, None, None, 0, Some(160));
+        // 150 since it was first seen: 50 on CPU, 10 waiting, the rest blocked.
+        assert_eq!((t.runq_ns, t.blocked_ns), (10, 90));
+        // Woken at 170, on CPU since 180 after a 10 ns wait: the wait moves to the run queue.
+        let on_cpu = SchedOnCpu {
+            tid: 7,
+            in_ns: 180,
+            wait_ns: 10,
+            ..SchedOnCpu::default()
+        };
+        let t = totals_at(&state, Some(&on_cpu), None, 0, Some(200));
+        assert_eq!((t.runq_ns, t.blocked_ns), (20, 100));
+        // Without the scheduler's clock: as of its last switch-out.
+        let t = totals_at(&state, Some(&on_cpu), None, 0, None);
+        assert_eq!((t.runq_ns, t.blocked_ns), (10, 30));
+    }
+
+    #[test]
+    fn a_preempted_thread_s_time_off_cpu_counts_on_the_run_queue() {
+        let t = totals_at(&switched_out(true), None, None, 0, Some(160));
+        assert_eq!((t.runq_ns, t.blocked_ns), (70, 30));
+    }
+
+    #[test]
+    fn a_cpu_read_before_the_thread_left_it_is_older_than_its_storage() {
+        // Read on CPU since 40, then it left at 100 before its storage was read.
+        let stale = SchedOnCpu {
+            tid: 7,
+            in_ns: 40,
+            wait_ns: 5,
+            ..SchedOnCpu::default()
+        };
+        let t = totals_at(&switched_out(false), Some(&stale), None, 0, Some(160));
+        assert_eq!((t.runq_ns, t.blocked_ns), (10, 90));
+    }
+
+    #[test]
+    fn a_thread_never_seen_leaving_a_cpu_has_no_scheduler_times() {
+        let t = totals_at(&ThreadState::default(), None, None, 0, Some(160));
+        assert_eq!((t.runq_ns, t.blocked_ns), (0, 0));
     }
 }

@@ -284,6 +284,10 @@ pub struct HistoryMaps {
     /// the syscalls probe does not run).
     pub syscalls_on_cpu:
         Option<aya::maps::PerCpuArray<aya::maps::MapData, agent_common::syscalls::SyscallOnCpu>>,
+    /// Per CPU, the tracked thread running there and since when (None when the sched probe does
+    /// not run).
+    pub sched_on_cpu:
+        Option<aya::maps::PerCpuArray<aya::maps::MapData, agent_common::sched::SchedOnCpu>>,
 }
 
 pub async fn start(

@@ -198,3 +198,66 @@ fn the_scheduler_clock_offset_matches_the_kernel_s_debug_view() {
         "ours {ours:+.3} ms, the kernel's debug view {kernel:+.3} ms"
     );
 }
+
+/// The kernel's own per-thread run-queue accounting (`/proc/<pid>/task/<tid>/schedstat`: time on
+/// CPU, time waiting on a run queue, switch-ins), summed over a process's threads: (wait ns,
+/// switch-ins).
+fn kernel_waits(pid: u32) -> (f64, f64) {
+    let mut total = (0.0, 0.0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = entry.unwrap().path().join("schedstat");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        let fields: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        total.0 += fields[1];
+        total.1 += fields[2];
+    }
+    total
+}
+
+/// Ground truth for every wait, whole: over the same seconds, the run-queue time the agent counts
+/// for a process is what the scheduler accounts for its threads, and its waits are their
+/// switch-ins. The threads are moved between CPUs every few milliseconds while others wait: a
+/// wait cut by a migration is counted whole, as runqlat counts it, not from the migration on.
+#[test]
+fn runqueue_time_is_the_scheduler_s_own_across_migrations() {
+    let hop = Proc::workload(&["hop", "--threads", "3", "--period-ms", "7", "--secs", "14"]);
+    let agent = Agent::start(&["--target", &format!("hop=pid:{}", hop.pid())]);
+    std::thread::sleep(Duration::from_secs(2));
+    let hist =
+        |a: &Agent| Histogram::find(&a.scrape(), METRIC, "target", "hop").expect("hop histogram");
+    let (before, k_before) = (hist(&agent), kernel_waits(hop.pid()));
+    std::thread::sleep(Duration::from_secs(6));
+    let (after, k_after) = (hist(&agent), kernel_waits(hop.pid()));
+    let ours = after.since(&before);
+    let (wait_ns, switch_ins) = (k_after.0 - k_before.0, k_after.1 - k_before.1);
+    eprintln!(
+        "run-queue time: agent {:.3} s over {} waits, kernel {:.3} s over {switch_ins} switch-ins",
+        ours.sum,
+        ours.count,
+        wait_ns / 1e9
+    );
+    // Three busy threads on one CPU at a time wait about two thirds of the time.
+    assert!(
+        wait_ns > 6e9,
+        "the kernel accounts only {wait_ns} ns of waits"
+    );
+    // Each thread's wait in progress at either end is counted a slice later by the agent.
+    let ratio = ours.sum * 1e9 / wait_ns;
+    assert!(
+        (0.97..=1.03).contains(&ratio),
+        "agent counts {:.3} s of run-queue time, the scheduler {:.3} s",
+        ours.sum,
+        wait_ns / 1e9
+    );
+    let ratio = ours.count / switch_ins;
+    assert!(
+        (0.97..=1.03).contains(&ratio),
+        "agent counts {} waits, the scheduler {switch_ins} switch-ins",
+        ours.count
+    );
+}

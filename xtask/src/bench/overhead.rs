@@ -109,7 +109,10 @@ pub fn scenarios() -> Vec<Scenario> {
             spans: false,
             variants: vec![
                 None,
+                // The hooks a run-queue latency probe timing wakeups needs (runqlat's); the
+                // scheduler probe reads the scheduler's own accounting on sched_switch alone.
                 Floor(&["sched_switch", "sched_wakeup", "sched_wakeup_new"]),
+                Floor(&["sched_switch"]),
                 Agent(&["sched"]),
                 Agent(&[]),
                 Reference("runqlat", &["-p", "{pid}", "60"]),

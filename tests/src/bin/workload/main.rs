@@ -31,6 +31,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
     },
+    /// THREADS CPU-bound threads sharing one CPU, all moved to the other CPU every PERIOD_MS by
+    /// the main thread (sched_setaffinity): the threads waiting on a run queue at each move are
+    /// migrated in the middle of their wait. Needs two CPUs (0 and 1).
+    Hop {
+        #[arg(long, default_value_t = 3)]
+        threads: usize,
+        #[arg(long, default_value_t = 7)]
+        period_ms: u64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
     /// Sleeps and wakes every PERIOD_MS on an otherwise idle CPU: run-queue delay stays tiny.
     Quiet {
         #[arg(long, default_value_t = 1)]
@@ -294,6 +305,49 @@ fn pin_to(cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets thread `tid`'s CPU affinity to `cpu` alone.
+fn pin_thread(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn hop(threads: usize, period: Duration, secs: f64) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                // SAFETY: plain syscall.
+                let _ = tx.send(unsafe { libc::gettid() });
+                while Instant::now() < end {
+                    std::hint::black_box(spin(Duration::from_millis(10)));
+                }
+            })
+        })
+        .collect();
+    let tids: Vec<libc::pid_t> = rx.iter().take(threads).collect();
+    let mut cpu = 0;
+    while Instant::now() < end {
+        for &tid in &tids {
+            pin_thread(tid, cpu).with_context(|| format!("moving thread {tid} to CPU {cpu}"))?;
+        }
+        cpu = 1 - cpu;
+        thread::sleep(period);
+    }
+    for w in workers {
+        w.join().expect("hop thread panicked");
+    }
+    Ok(())
+}
+
 /// Burns CPU for `d` (wall clock, so preemption makes it take longer, as real work would).
 fn spin(d: Duration) -> u64 {
     let end = Instant::now() + d;
@@ -542,6 +596,11 @@ fn main() -> anyhow::Result<()> {
                 h.join().expect("busy thread panicked")?;
             }
         }
+        Cmd::Hop {
+            threads,
+            period_ms,
+            secs,
+        } => hop(threads, Duration::from_millis(period_ms), secs)?,
         Cmd::Quiet {
             cpu,
             period_ms,
