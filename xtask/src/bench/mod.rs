@@ -189,6 +189,24 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 }
                 if let Some(x) = vs_floor {
                     checks.push(against_floor(x));
+                    // Further floors of empty programs (a probe on fewer hooks than the first
+                    // floor's): the ratio to each is reported and checked too.
+                    for f in (0..s.variants.len()).filter(|f| {
+                        Some(*f) != floor
+                            && matches!(s.variants[*f], Variant::Floor(h) if !h.iter().any(|h| h.contains('+')))
+                            && res.resolved(*f)
+                    }) {
+                        let x = over.max(0.0) / res.overhead(f).max(1e-9);
+                        checks.push(Check {
+                            what: format!(
+                                "{}: {} at {x:.2}x the cost of the {} (≤ 1.5x)",
+                                s.title,
+                                v.name(),
+                                s.variants[f].name()
+                            ),
+                            ok: x <= 1.5,
+                        });
+                    }
                 } else if let Some(bound) = floor_bound {
                     checks.push(Check {
                         what: format!(
