@@ -417,26 +417,50 @@ mod tests {
             .output()
             .expect("bpftool not found: run `cargo xtask setup`");
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut in_task = false;
+        let (mut in_task, mut in_sched_info) = (false, false);
         let mut found = std::collections::HashMap::new();
+        let mut sched_info = std::collections::HashMap::new();
         for line in text.lines() {
             if line.starts_with('[') {
                 in_task = line.contains(" STRUCT 'task_struct' ") && !line.contains("vlen=0");
-            } else if in_task {
-                for field in ["pid", "tgid", "__state"] {
-                    if line.trim_start().starts_with(&format!("'{field}' ")) {
-                        let bits: u32 = line
-                            .split("bits_offset=")
-                            .nth(1)
-                            .unwrap()
-                            .trim()
-                            .parse()
-                            .unwrap();
-                        found.insert(field, bits / 8);
-                    }
+                in_sched_info = line.contains(" STRUCT 'sched_info' ") && !line.contains("vlen=0");
+                continue;
+            }
+            let (fields, into): (&[&'static str], _) = if in_task {
+                (&["pid", "tgid", "__state", "sched_info"], &mut found)
+            } else if in_sched_info {
+                (
+                    &["run_delay", "pcount", "last_arrival", "last_queued"],
+                    &mut sched_info,
+                )
+            } else {
+                continue;
+            };
+            for field in fields {
+                if line.trim_start().starts_with(&format!("'{field}' ")) {
+                    let bits: u32 = line
+                        .split("bits_offset=")
+                        .nth(1)
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    into.insert(*field, bits / 8);
                 }
             }
         }
+        let base = found["sched_info"];
+        assert_eq!(
+            ours.sched_info,
+            Some(SchedInfoOffsets {
+                run_delay: base + sched_info["run_delay"],
+                pcount: base + sched_info["pcount"],
+                last_arrival: base + sched_info["last_arrival"],
+                last_queued: base + sched_info["last_queued"],
+            }),
+            "sched_info: bpftool {found:?} {sched_info:?}"
+        );
+        assert_eq!(ours.sched_probe_unavailable(), None);
         assert_eq!(
             found.get("pid"),
             Some(&ours.pid),
@@ -451,6 +475,40 @@ mod tests {
             found.get("__state"),
             Some(&ours.state),
             "state: bpftool {found:?} vs ours {ours:?}"
+        );
+    }
+
+    /// Without the scheduler's wait accounting, or without the way to the run queue's clock it
+    /// is kept in, the scheduler probe is left out, saying which kernel option it needs.
+    #[test]
+    fn the_scheduler_probe_names_the_kernel_option_it_misses() {
+        let mut offsets = TaskOffsets {
+            pid: 1,
+            tgid: 2,
+            state: 3,
+            fsbase: 0,
+            cfs_rq: 8,
+            rq: 16,
+            rq_clock: 24,
+            sched_info: Some(SchedInfoOffsets {
+                run_delay: 32,
+                pcount: 40,
+                last_arrival: 48,
+                last_queued: 56,
+            }),
+        };
+        assert_eq!(offsets.sched_probe_unavailable(), None);
+        offsets.cfs_rq = 0;
+        assert!(
+            offsets
+                .sched_probe_unavailable()
+                .is_some_and(|why| why.contains("CONFIG_FAIR_GROUP_SCHED"))
+        );
+        offsets.sched_info = None;
+        assert!(
+            offsets
+                .sched_probe_unavailable()
+                .is_some_and(|why| why.contains("CONFIG_SCHED_INFO"))
         );
     }
 }
