@@ -249,28 +249,18 @@ fn totals_at(
     t
 }
 
-/// The tracked thread on each CPU, by thread id (see `totals_at`).
-fn sched_on_cpu(map: Option<&PerCpuArray<MapData, SchedOnCpu>>) -> HashMap<u32, SchedOnCpu> {
+/// What each CPU's slot of a one-entry per-CPU map holds for the thread running there, by
+/// thread id: `tid` says whose a slot is, or None for an empty one (see `totals_at`). The
+/// scheduler's slots name the tracked thread on each CPU, the syscall probe's its syscalls kept
+/// there.
+fn by_thread<T: aya::Pod>(
+    map: Option<&PerCpuArray<MapData, T>>,
+    tid: impl Fn(&T) -> Option<u32>,
+) -> HashMap<u32, T> {
     let Some(values) = map.and_then(|m| m.get(&0, 0).ok()) else {
         return HashMap::new();
     };
-    values
-        .iter()
-        .filter(|c| c.tid != 0)
-        .map(|c| (c.tid, *c))
-        .collect()
-}
-
-/// The syscalls each thread on a CPU holds there, by thread id (see `totals_at`).
-fn syscalls_on_cpu(map: Option<&PerCpuArray<MapData, SyscallOnCpu>>) -> HashMap<u32, SyscallOnCpu> {
-    let Some(values) = map.and_then(|m| m.get(&0, 0).ok()) else {
-        return HashMap::new();
-    };
-    values
-        .iter()
-        .filter(|c| c.regs != 0)
-        .map(|c| (c.tid, *c))
-        .collect()
+    values.iter().filter_map(|c| Some((tid(c)?, *c))).collect()
 }
 
 /// `now` with each field at least what it was at `last`. The kernel moves a thread's syscalls
@@ -357,7 +347,9 @@ pub fn spawn(
                 });
                 // The threads on CPU before the task storage, the syscalls on CPU after it: see
                 // `totals_at` and `at_least`.
-                let running = sched_on_cpu(sched_on_cpu_map.as_ref());
+                let running = by_thread(sched_on_cpu_map.as_ref(), |c: &SchedOnCpu| {
+                    (c.tid != 0).then_some(c.tid)
+                });
                 let states: Vec<(u32, ThreadState)> = h
                     .threads
                     .iter()
@@ -366,7 +358,9 @@ pub fn spawn(
                         Some((*tid, lookup(map_fd, fd.as_raw_fd())?))
                     })
                     .collect();
-                let on_cpu = syscalls_on_cpu(syscalls_on_cpu_map.as_ref());
+                let on_cpu = by_thread(syscalls_on_cpu_map.as_ref(), |c: &SyscallOnCpu| {
+                    (c.regs != 0).then_some(c.tid)
+                });
                 for (tid, state) in states {
                     let Some(th) = h.threads.get_mut(&tid) else {
                         continue;
