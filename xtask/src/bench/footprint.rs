@@ -3,6 +3,7 @@
 //! capture end to file, one NVML round over 8 (fake) GPUs, event loss at saturating rates, and
 //! the agent's own profile while it serves scrapes.
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -355,17 +356,33 @@ pub struct Capacity {
     pub lost: f64,
 }
 
-/// The most syscalls this machine makes (a getppid loop on every CPU) with every probe on:
-/// the agent must count every one and lose nothing.
+/// The most syscalls and context switches this machine makes with every probe on (a getppid
+/// loop on every CPU, then a pipe ping-pong pinned to every CPU): the agent must count every
+/// one and lose nothing.
 pub fn capacity(dir: &Path, secs: f64) -> anyhow::Result<Vec<Capacity>> {
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let agent = Agent::start(
         dir,
-        "[gpu]\nenabled = false\n[targets.load]\ncmdline = \"syscall-loop\"\n",
+        "[gpu]\nenabled = false\n[targets.load]\ncmdline = \"syscall-loop\"\n\
+         [targets.switch]\ncmdline = \"pingpong\"\n",
         &[],
     )?;
+    Ok(vec![
+        syscall_capacity(&agent, secs)?,
+        switch_capacity(&agent, secs)?,
+    ])
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn lost_total(metrics: &str) -> f64 {
+    metric_sum(metrics, "pipeprobe_events_lost_total", &[])
+}
+
+fn syscall_capacity(agent: &Agent, secs: f64) -> anyhow::Result<Capacity> {
     let mut loops = Vec::new();
-    for cpu in 0..cpus {
+    for cpu in 0..cpus() {
         loops.push(
             Command::new("taskset")
                 .args(["-c", &cpu.to_string()])
@@ -395,14 +412,110 @@ pub fn capacity(dir: &Path, secs: f64) -> anyhow::Result<Vec<Capacity>> {
     let after = agent.scrape()?;
     let name = "pipeprobe_syscall_duration_seconds_count";
     let needles = ["target=\"load\"", "syscall=\"getppid\""];
-    let counted = metric_sum(&after, name, &needles) - metric_sum(&before, name, &needles);
-    let lost = metric_sum(&after, "pipeprobe_events_lost_total", &[])
-        - metric_sum(&before, "pipeprobe_events_lost_total", &[]);
-    Ok(vec![Capacity {
+    Ok(Capacity {
         what: "getppid loops on every CPU, all probes on",
         rate: total_ops / secs,
-        counted,
+        counted: metric_sum(&after, name, &needles) - metric_sum(&before, name, &needles),
         expected: total_ops,
-        lost,
-    }])
+        lost: lost_total(&after) - lost_total(&before),
+    })
+}
+
+/// Switches into each thread of `pids` so far, as the kernel counts them (`pcount`, the third
+/// field of /proc/PID/task/TID/schedstat), and whether the thread is asleep: each switch-in
+/// ends a wait the run-queue probe must count when the thread next leaves its CPU.
+fn switch_ins(pids: &[u32]) -> anyhow::Result<Vec<(f64, bool)>> {
+    let mut threads = Vec::new();
+    for pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let dir = task?.path();
+            let text = std::fs::read_to_string(dir.join("schedstat"))
+                .with_context(|| format!("reading {}/schedstat", dir.display()))?;
+            let count = text
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("{}: no switch count in {text:?}", dir.display()))?;
+            let stat = std::fs::read_to_string(dir.join("stat"))?;
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.as_bytes()[0]);
+            threads.push((count, state == Some(b'S')));
+        }
+    }
+    Ok(threads)
+}
+
+/// The kernel's count of switches into `pids` and the agent's metrics at one point: every thread
+/// asleep (its last wait counted when it left its CPU) and no switch-in between the two reads.
+/// A thread preempted while it went to sleep would otherwise run between them and be counted
+/// by one side only.
+fn quiet_point(agent: &Agent, pids: &[u32]) -> anyhow::Result<(f64, String)> {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = switch_ins(pids)?;
+        let metrics = agent.scrape()?;
+        let after = switch_ins(pids)?;
+        if before == after && after.iter().all(|&(_, asleep)| asleep) {
+            return Ok((after.iter().map(|&(n, _)| n).sum(), metrics));
+        }
+        if Instant::now() > end {
+            bail!("the ping-pong threads did not all sleep within 5 s: {after:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A ping-pong pair pinned to every CPU, all probes on: every switch into one of its threads
+/// ends a wait the run-queue probe counts. The kernel's count and the agent's are read while
+/// every thread is blocked (`workload pingpong --hold`), before and after the run.
+fn switch_capacity(agent: &Agent, secs: f64) -> anyhow::Result<Capacity> {
+    let mut pairs = Fleet(Vec::new());
+    for cpu in 0..cpus() {
+        pairs.0.push(
+            Command::new(bin("workload"))
+                .args(["pingpong", "--hold", "--delay-ms", "1000", "--secs"])
+                .arg(secs.to_string())
+                .args(["--cpu", &cpu.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting workload pingpong")?,
+        );
+    }
+    let pids: Vec<u32> = pairs.0.iter().map(Child::id).collect();
+    let mut outs: Vec<_> = pairs
+        .0
+        .iter_mut()
+        .map(|c| BufReader::new(c.stdout.take().expect("piped")))
+        .collect();
+    let mut line = String::new();
+    for out in &mut outs {
+        line.clear();
+        out.read_line(&mut line)?;
+        anyhow::ensure!(line.trim() == "READY", "pingpong said {line:?}");
+    }
+    let (made0, seen0) = quiet_point(agent, &pids)?;
+    for c in &mut pairs.0 {
+        writeln!(c.stdin.as_mut().expect("piped"))?;
+    }
+    let mut round_trips = 0.0;
+    for out in &mut outs {
+        line.clear();
+        out.read_line(&mut line)?;
+        round_trips += line
+            .trim()
+            .strip_prefix("OPS_PER_SEC ")
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("pingpong said {line:?}"))?;
+    }
+    let (made1, seen1) = quiet_point(agent, &pids)?;
+    let name = "pipeprobe_sched_runqueue_delay_seconds_count";
+    let needles = ["target=\"switch\""];
+    Ok(Capacity {
+        what: "a ping-pong pair on every CPU, all probes on: waits ended by a switch-in",
+        // Two switches per round trip.
+        rate: 2.0 * round_trips,
+        counted: metric_sum(&seen1, name, &needles) - metric_sum(&seen0, name, &needles),
+        expected: made1 - made0,
+        lost: lost_total(&seen1) - lost_total(&seen0),
+    })
 }

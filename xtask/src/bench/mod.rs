@@ -428,8 +428,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let caps = footprint::capacity(&dir, 5.0)?;
         let _ = writeln!(
             md,
-            "## Capacity\n\nThe highest rate this machine generates, with every probe on: the agent \
-             must count every event and lose none (`pipeprobe_events_lost_total`).\n\n\
+            "## Capacity\n\nThe highest rates this machine generates, with every probe on: the agent \
+             must count every event and lose none (`pipeprobe_events_lost_total`). Syscalls are \
+             counted against the loops' own counts; switches against the kernel's \
+             (`pcount` in /proc/PID/task/TID/schedstat), read while every thread is blocked \
+             before and after the run.\n\n\
              | load | rate | counted by pipeprobe | made | lost |\n| --- | --- | --- | --- | --- |"
         );
         let mut rows = Vec::new();

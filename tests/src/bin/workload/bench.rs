@@ -48,28 +48,41 @@ fn pipe() -> anyhow::Result<(std::fs::File, std::fs::File)> {
     }
 }
 
-/// Two threads pinned to CPU 1 pass a byte back and forth over two pipes: every round trip
-/// is two wake-ups and two context switches.
-pub fn pingpong(secs: f64, delay_ms: u64) -> anyhow::Result<()> {
+/// Two threads pinned to `cpu` pass a byte back and forth over two pipes: every round trip
+/// is two wake-ups and two context switches. With `hold`, it stops before and after the
+/// measured run (`Cmd::Pingpong`).
+pub fn pingpong(secs: f64, delay_ms: u64, cpu: usize, hold: bool) -> anyhow::Result<()> {
     let (mut ping_r, mut ping_w) = pipe()?;
     let (mut pong_r, mut pong_w) = pipe()?;
     thread::spawn(move || -> anyhow::Result<()> {
-        pin_to(1)?;
+        pin_to(cpu)?;
         let mut b = [0u8; 1];
         loop {
             ping_r.read_exact(&mut b)?;
             pong_w.write_all(&b)?;
         }
     });
-    pin_to(1)?;
+    pin_to(cpu)?;
     let mut b = [0u8; 1];
-    measure(secs, delay_ms, || {
-        for _ in 0..100 {
+    let mut round_trips = |n: u64| -> anyhow::Result<u64> {
+        for _ in 0..n {
             ping_w.write_all(&b)?;
             pong_r.read_exact(&mut b)?;
         }
-        Ok(100)
-    })
+        Ok(n)
+    };
+    if !hold {
+        return measure(secs, delay_ms, || round_trips(100));
+    }
+    thread::sleep(Duration::from_millis(delay_ms));
+    // Both threads leave the CPU at least once more before READY, now that they are targets.
+    round_trips(10)?;
+    println!("READY");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    measure(secs, 0, || round_trips(100))?;
+    std::io::stdin().read_line(&mut line)?;
+    Ok(())
 }
 
 /// Loopback request/response: each operation connects, exchanges 8 requests of 64 bytes with

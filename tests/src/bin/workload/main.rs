@@ -199,12 +199,20 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         secs: f64,
     },
-    /// Benchmark: pipe ping-pong between two threads on CPU 1; prints `OPS_PER_SEC n`.
+    /// Benchmark: pipe ping-pong between two threads on one CPU; prints `OPS_PER_SEC n`.
     Pingpong {
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        cpu: usize,
+        /// Stop, both threads blocked, before and after the measured run: after a few round
+        /// trips it prints READY and waits for a line on stdin, and after OPS_PER_SEC for
+        /// stdin to close, so that whoever counts switches reads the kernel's counts and the
+        /// agent's at the same point.
+        #[arg(long)]
+        hold: bool,
     },
     /// Benchmark: loopback TCP request/response with a connection per 8 requests.
     TcpRr {
@@ -840,7 +848,12 @@ fn main() -> anyhow::Result<()> {
                 let _ = TcpStream::connect(closed);
             }
         }
-        Cmd::Pingpong { secs, delay_ms } => bench::pingpong(secs, delay_ms)?,
+        Cmd::Pingpong {
+            secs,
+            delay_ms,
+            cpu,
+            hold,
+        } => bench::pingpong(secs, delay_ms, cpu, hold)?,
         Cmd::TcpRr { secs, delay_ms } => bench::tcp_rr(secs, delay_ms)?,
         Cmd::CpuLoop { secs, delay_ms } => bench::cpu_loop(secs, delay_ms)?,
         Cmd::SyscallMix { secs, .. } => bench::syscall_mix(secs)?,
