@@ -97,10 +97,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             "## {}\n\n{}\n\n| variant | {} median (min–max) | overhead vs no tracing | vs floor |\n| --- | --- | --- | --- |",
             s.title, s.about, s.unit
         );
-        let floor = s
+        let first_floor = s
             .variants
             .iter()
             .position(|v| matches!(v, Variant::Floor(_)));
+        let floor = first_floor;
         // A floor whose cost is not told apart from nothing cannot be a divisor; the most it
         // could cost (two standard errors above its median) bounds what the probes may cost.
         let (floor, floor_bound) = match floor {
@@ -189,24 +190,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 }
                 if let Some(x) = vs_floor {
                     checks.push(against_floor(x));
-                    // Further floors of empty programs (a probe on fewer hooks than the first
-                    // floor's): the ratio to each is reported and checked too.
-                    for f in (0..s.variants.len()).filter(|f| {
-                        Some(*f) != floor
-                            && matches!(s.variants[*f], Variant::Floor(h) if !h.iter().any(|h| h.contains('+')))
-                            && res.resolved(*f)
-                    }) {
-                        let x = over.max(0.0) / res.overhead(f).max(1e-9);
-                        checks.push(Check {
-                            what: format!(
-                                "{}: {} at {x:.2}x the cost of the {} (≤ 1.5x)",
-                                s.title,
-                                v.name(),
-                                s.variants[f].name()
-                            ),
-                            ok: x <= 1.5,
-                        });
-                    }
                 } else if let Some(bound) = floor_bound {
                     checks.push(Check {
                         what: format!(
@@ -218,6 +201,38 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                             pct(over)
                         ),
                         ok: over <= 1.5 * bound,
+                    });
+                }
+                // Further floors of empty programs (a probe on fewer hooks than the first
+                // floor's), each checked the same way, resolved or not.
+                for f in (0..s.variants.len()).filter(|f| {
+                    Some(*f) != first_floor
+                        && matches!(s.variants[*f], Variant::Floor(h) if !h.iter().any(|h| h.contains('+')))
+                }) {
+                    let name = s.variants[f].name();
+                    checks.push(if res.resolved(f) {
+                        let x = over.max(0.0) / res.overhead(f);
+                        Check {
+                            what: format!(
+                                "{}: {} at {x:.2}x the cost of the {name} (≤ 1.5x)",
+                                s.title,
+                                v.name(),
+                            ),
+                            ok: x <= 1.5,
+                        }
+                    } else {
+                        let bound = res.overhead(f).max(0.0) + 2.0 * res.overhead_se(f);
+                        Check {
+                            what: format!(
+                                "{}: the {name} is not told apart from nothing (at most {}); {} \
+                                 costs {}, at most 1.5x that bound",
+                                s.title,
+                                pct(bound),
+                                v.name(),
+                                pct(over)
+                            ),
+                            ok: over <= 1.5 * bound,
+                        }
                     });
                 }
             }
