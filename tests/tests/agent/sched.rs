@@ -261,3 +261,81 @@ fn runqueue_time_is_the_scheduler_s_own_across_migrations() {
         ours.count
     );
 }
+
+/// Each thread of `pids`: the kernel's count of switches into it so far (`pcount` in
+/// /proc/PID/task/TID/schedstat) and whether it is asleep.
+fn switch_ins(pids: &[u32]) -> Vec<(u64, bool)> {
+    let mut threads = Vec::new();
+    for pid in pids {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let dir = entry.unwrap().path();
+            let schedstat = std::fs::read_to_string(dir.join("schedstat")).unwrap();
+            let count = schedstat
+                .split_whitespace()
+                .nth(2)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            let state = stat.rsplit_once(") ").unwrap().1.as_bytes()[0];
+            threads.push((count, state == b'S'));
+        }
+    }
+    threads
+}
+
+/// No wait lost at the machine's highest switch rate: a ping-pong pair pinned to each CPU, every
+/// probe on, and the agent's waits are the kernel's switch-ins into the pairs' threads, to the
+/// one. Both are read while every thread sleeps, and the kernel's count again after the agent's,
+/// so no switch falls between the two reads (`cargo xtask bench --only capacity` is the long
+/// version).
+#[test]
+fn every_switch_in_at_ping_pong_rate_is_a_wait_counted() {
+    let agent = Agent::start(&["--target", "pp=cmdline:pingpong --hold"]);
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let mut pairs: Vec<Proc> = (0..cpus)
+        .map(|cpu| {
+            Proc::spawn(
+                Command::new(pipeprobe_tests::workload_bin())
+                    .args(["pingpong", "--hold", "--delay-ms", "300", "--secs", "2"])
+                    .args(["--cpu", &cpu.to_string()])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped()),
+            )
+        })
+        .collect();
+    for p in &mut pairs {
+        p.read_line_starting("READY");
+    }
+    let pids: Vec<u32> = pairs.iter().map(Proc::pid).collect();
+    let quiet = |agent: &Agent| {
+        for _ in 0..100 {
+            let before = switch_ins(&pids);
+            let hist = Histogram::find(&agent.scrape(), METRIC, "target", "pp").expect("pp");
+            let after = switch_ins(&pids);
+            if before == after && after.iter().all(|&(_, asleep)| asleep) {
+                return (after.iter().map(|&(n, _)| n).sum::<u64>(), hist);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "the ping-pong threads did not all sleep: {:?}",
+            switch_ins(&pids)
+        );
+    };
+    let (made0, seen0) = quiet(&agent);
+    for p in &mut pairs {
+        std::io::Write::write_all(p.0.stdin.as_mut().unwrap(), b"\n").unwrap();
+    }
+    for p in &mut pairs {
+        p.read_line_starting("OPS_PER_SEC");
+    }
+    let (made1, seen1) = quiet(&agent);
+    let (made, seen) = (made1 - made0, seen1.since(&seen0).count);
+    eprintln!("{cpus} pairs: {made} switch-ins, {seen} waits counted");
+    assert!(made > 100_000, "only {made} switch-ins in 2 s of ping-pong");
+    assert_eq!(
+        seen, made as f64,
+        "waits counted against the kernel's switch-ins"
+    );
+}
