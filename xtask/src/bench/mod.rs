@@ -101,15 +101,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .variants
             .iter()
             .position(|v| matches!(v, Variant::Floor(_)));
-        let floor = first_floor;
         // A floor whose cost is not told apart from nothing cannot be a divisor; the most it
-        // could cost (two standard errors above its median) bounds what the probes may cost.
-        let (floor, floor_bound) = match floor {
+        // could cost bounds what the probes may cost.
+        let (floor, floor_bound) = match first_floor {
             Some(f) if res.resolved(f) => (Some(f), None),
-            Some(f) => (
-                None,
-                Some(res.overhead(f).max(0.0) + 2.0 * res.overhead_se(f)),
-            ),
+            Some(f) => (None, Some(res.upper_bound(f))),
             None => (None, None),
         };
         let mut rows = Vec::new();
@@ -188,20 +184,22 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                         ok: over <= reference || tied,
                     });
                 }
+                // A floor not told apart from nothing bounds the probe instead of dividing it.
+                let within_bound = |floor_name: &str, bound: f64| Check {
+                    what: format!(
+                        "{}: {floor_name} is not told apart from nothing (at most {}); {} costs \
+                         {}, at most 1.5x that bound",
+                        s.title,
+                        pct(bound),
+                        v.name(),
+                        pct(over)
+                    ),
+                    ok: over <= 1.5 * bound,
+                };
                 if let Some(x) = vs_floor {
                     checks.push(against_floor(x));
                 } else if let Some(bound) = floor_bound {
-                    checks.push(Check {
-                        what: format!(
-                            "{}: the floor's cost is not told apart from nothing (at most {}); {} \
-                             costs {}, at most 1.5x that bound",
-                            s.title,
-                            pct(bound),
-                            v.name(),
-                            pct(over)
-                        ),
-                        ok: over <= 1.5 * bound,
-                    });
+                    checks.push(within_bound("the floor's cost", bound));
                 }
                 // Further floors of empty programs (a probe on fewer hooks than the first
                 // floor's), each checked the same way, resolved or not.
@@ -209,30 +207,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                     Some(*f) != first_floor
                         && matches!(s.variants[*f], Variant::Floor(h) if !h.iter().any(|h| h.contains('+')))
                 }) {
-                    let name = s.variants[f].name();
+                    let name = format!("the {}", s.variants[f].name());
                     checks.push(if res.resolved(f) {
                         let x = over.max(0.0) / res.overhead(f);
                         Check {
                             what: format!(
-                                "{}: {} at {x:.2}x the cost of the {name} (≤ 1.5x)",
+                                "{}: {} at {x:.2}x the cost of {name} (≤ 1.5x)",
                                 s.title,
                                 v.name(),
                             ),
                             ok: x <= 1.5,
                         }
                     } else {
-                        let bound = res.overhead(f).max(0.0) + 2.0 * res.overhead_se(f);
-                        Check {
-                            what: format!(
-                                "{}: the {name} is not told apart from nothing (at most {}); {} \
-                                 costs {}, at most 1.5x that bound",
-                                s.title,
-                                pct(bound),
-                                v.name(),
-                                pct(over)
-                            ),
-                            ok: over <= 1.5 * bound,
-                        }
+                        within_bound(&name, res.upper_bound(f))
                     });
                 }
             }

@@ -436,6 +436,12 @@ impl Results {
         self.overhead(i) > 2.0 * self.overhead_se(i)
     }
 
+    /// The most variant `i` could cost: two standard errors above its median loss. What bounds
+    /// the probes where `i` is a floor not `resolved`.
+    pub fn upper_bound(&self, i: usize) -> f64 {
+        self.overhead(i).max(0.0) + 2.0 * self.overhead_se(i)
+    }
+
     /// Whether variant `i` costs more than variant `j` only by less than two standard errors
     /// of their difference: neither is then shown to cost more.
     pub fn not_told_apart(&self, i: usize, j: usize) -> bool {
