@@ -203,20 +203,9 @@ fn the_scheduler_clock_offset_matches_the_kernel_s_debug_view() {
 /// CPU, time waiting on a run queue, switch-ins), summed over a process's threads: (wait ns,
 /// switch-ins).
 fn kernel_waits(pid: u32) -> (f64, f64) {
-    let mut total = (0.0, 0.0);
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let path = entry.unwrap().path().join("schedstat");
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        let fields: Vec<f64> = text
-            .split_whitespace()
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        total.0 += fields[1];
-        total.1 += fields[2];
-    }
-    total
+    threads(&[pid]).iter().fold((0.0, 0.0), |(wait, n), t| {
+        (wait + t.wait_ns, n + t.switch_ins as f64)
+    })
 }
 
 /// Ground truth for every wait, whole: over the same seconds, the run-queue time the agent counts
@@ -262,23 +251,36 @@ fn runqueue_time_is_the_scheduler_s_own_across_migrations() {
     );
 }
 
-/// Each thread of `pids`: the kernel's count of switches into it so far (`pcount` in
-/// /proc/PID/task/TID/schedstat) and whether it is asleep.
-fn switch_ins(pids: &[u32]) -> Vec<(u64, bool)> {
+/// What the kernel accounts for one thread (/proc/PID/task/TID/schedstat and stat).
+#[derive(Debug, PartialEq)]
+struct ThreadSched {
+    /// Run-queue time summed (`run_delay`).
+    wait_ns: f64,
+    /// Switches into it (`pcount`): each ends a wait.
+    switch_ins: u64,
+    asleep: bool,
+}
+
+/// Each live thread of `pids`; one that exits while it is read is left out.
+fn threads(pids: &[u32]) -> Vec<ThreadSched> {
     let mut threads = Vec::new();
     for pid in pids {
         for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
             let dir = entry.unwrap().path();
-            let schedstat = std::fs::read_to_string(dir.join("schedstat")).unwrap();
-            let count = schedstat
-                .split_whitespace()
-                .nth(2)
-                .unwrap()
-                .parse()
-                .unwrap();
-            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            let (Ok(schedstat), Ok(stat)) = (
+                std::fs::read_to_string(dir.join("schedstat")),
+                std::fs::read_to_string(dir.join("stat")),
+            ) else {
+                continue;
+            };
+            let fields: Vec<&str> = schedstat.split_whitespace().collect();
+            // After the parenthesised comm: the state.
             let state = stat.rsplit_once(") ").unwrap().1.as_bytes()[0];
-            threads.push((count, state == b'S'));
+            threads.push(ThreadSched {
+                wait_ns: fields[1].parse().unwrap(),
+                switch_ins: fields[2].parse().unwrap(),
+                asleep: state == b'S',
+            });
         }
     }
     threads
@@ -310,17 +312,17 @@ fn every_switch_in_at_ping_pong_rate_is_a_wait_counted() {
     let pids: Vec<u32> = pairs.iter().map(Proc::pid).collect();
     let quiet = |agent: &Agent| {
         for _ in 0..100 {
-            let before = switch_ins(&pids);
+            let before = threads(&pids);
             let hist = Histogram::find(&agent.scrape(), METRIC, "target", "pp").expect("pp");
-            let after = switch_ins(&pids);
-            if before == after && after.iter().all(|&(_, asleep)| asleep) {
-                return (after.iter().map(|&(n, _)| n).sum::<u64>(), hist);
+            let after = threads(&pids);
+            if before == after && after.iter().all(|t| t.asleep) {
+                return (after.iter().map(|t| t.switch_ins).sum::<u64>(), hist);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
             "the ping-pong threads did not all sleep: {:?}",
-            switch_ins(&pids)
+            threads(&pids)
         );
     };
     let (made0, seen0) = quiet(&agent);
