@@ -2,9 +2,15 @@
 //! bench` attaches them alone (the `floor` tool of the tests crate) to measure what merely
 //! running a BPF program at those hooks costs, the floor each probe's cost is compared with.
 use aya_ebpf::{
-    macros::{btf_tracepoint, perf_event, tracepoint},
-    programs::{BtfTracePointContext, PerfEventContext, TracePointContext},
+    bindings::BPF_F_USER_STACK,
+    macros::{btf_map, btf_tracepoint, map, perf_event, tracepoint},
+    maps::StackTrace,
+    programs::{
+        BtfTracePointContext, PerfEventContext, TracePointContext, tracing::StackIdContext as _,
+    },
 };
+
+use crate::task_storage::TaskStorage;
 
 #[btf_tracepoint(function = "sys_enter")]
 pub fn floor_sys_enter(_ctx: BtfTracePointContext) -> i32 {
@@ -73,4 +79,39 @@ fn clock() -> i32 {
     // SAFETY: no preconditions. The value only has to be computed, not kept.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     i32::from(core::hint::black_box(now) == 0)
+}
+
+// The floor of a probe that keeps per-thread state across switches (the scheduler probe does, to
+// count a wait whole across migrations and to keep each thread's totals for spans): one
+// task-storage call for the thread leaving the CPU, and nothing else. `floor
+// sched_switch+state` attaches it. Every switch pays it here, where the probe filters to tracked
+// threads first; on the ping-pong benchmark every switch is of a tracked thread.
+#[btf_map]
+static FLOOR_STATE: TaskStorage<u64> = TaskStorage::new();
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn floor_state_sched_switch(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...).
+    let prev: *const u8 = ctx.arg(1);
+    if let Some(n) = FLOOR_STATE.get_or_create(prev) {
+        // SAFETY: the task's own value; the scheduler serialises its switches.
+        unsafe { *n += 1 };
+    }
+    0
+}
+
+// The floor of an off-CPU profiler: the user stack where a thread blocks, which can only be
+// taken then (another task's user memory cannot be read when it wakes), and nothing else.
+// `floor sched_switch+stack` attaches it. A switch that is not a preemption counts as blocking
+// (the floor reads no task fields: their offsets are the agent loader's).
+#[map]
+static FLOOR_STACKS: StackTrace = StackTrace::with_max_entries(64, 0);
+
+#[btf_tracepoint(function = "sched_switch")]
+pub fn floor_stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
+    let preempt: u64 = ctx.arg(0);
+    if preempt & 0xff == 0 {
+        let _ = ctx.get_stackid(&FLOOR_STACKS, u64::from(BPF_F_USER_STACK));
+    }
+    0
 }

@@ -5,6 +5,8 @@
 //!     floor sock/inet_sock_set_state    # classic tracepoints
 //!     floor cpu-clock:99                # a perf_event program on every CPU at 99 Hz
 //!     floor sys_enter+clock             # a program that only reads the clock
+//!     floor sched_switch+state          # ... that only gets the thread's task storage
+//!     floor sched_switch+stack          # ... that only takes the user stack where it blocks
 use anyhow::{Context as _, bail};
 use aya::{
     Btf, EbpfLoader,
@@ -49,8 +51,8 @@ fn main() -> anyhow::Result<()> {
             p.load()?;
             p.attach(category, name)?;
         } else {
-            let (hook, prog) = match hook.strip_suffix("+clock") {
-                Some(h) => (h, format!("floor_clock_{h}")),
+            let (hook, prog) = match hook.split_once('+') {
+                Some((h, what)) => (h, format!("floor_{what}_{h}")),
                 None => (hook.as_str(), format!("floor_{hook}")),
             };
             let p: &mut BtfTracePoint = bpf

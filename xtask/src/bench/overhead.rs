@@ -37,14 +37,23 @@ impl Variant {
     pub fn name(&self) -> String {
         match self {
             Variant::None => "no tracing".into(),
-            Variant::Floor(hooks) if hooks.iter().all(|h| h.ends_with("+clock")) => format!(
-                "floor + timing: a clock read alone on {}",
-                hooks
-                    .iter()
-                    .map(|h| h.trim_end_matches("+clock"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Variant::Floor(hooks) if hooks.iter().all(|h| h.contains('+')) => {
+                let what = |h: &str| match h.split_once('+').map_or("", |(_, w)| w) {
+                    "clock" => "timing: a clock read alone",
+                    "state" => "state: a task-storage call alone",
+                    "stack" => "stack: a user stack at each blocking switch alone",
+                    _ => "work",
+                };
+                format!(
+                    "floor + {} on {}",
+                    what(hooks[0]),
+                    hooks
+                        .iter()
+                        .map(|h| h.split_once('+').map_or(*h, |(h, _)| h))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
             Variant::Floor(hooks) => format!("floor: empty programs on {}", hooks.join(", ")),
             Variant::Agent([]) => "pipeprobe, all probes".into(),
             Variant::Agent(f) => format!("pipeprobe, {} alone", f.join(" + ")),
@@ -113,9 +122,15 @@ pub fn scenarios() -> Vec<Scenario> {
                 // scheduler probe reads the scheduler's own accounting on sched_switch alone.
                 Floor(&["sched_switch", "sched_wakeup", "sched_wakeup_new"]),
                 Floor(&["sched_switch"]),
+                // What keeping per-thread state costs before any work: the scheduler probe
+                // makes one task-storage call per tracked switch.
+                Floor(&["sched_switch+state"]),
                 Agent(&["sched"]),
                 Agent(&[]),
                 Reference("runqlat", &["-p", "{pid}", "60"]),
+                // What any off-CPU profiler pays before its own work: the user stack where a
+                // thread blocks, the only time it can be read.
+                Floor(&["sched_switch+stack"]),
                 Capture {
                     mode: "offcpu",
                     hz: 99,
