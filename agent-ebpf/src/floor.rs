@@ -103,9 +103,10 @@ pub fn floor_state_sched_switch(ctx: BtfTracePointContext) -> i32 {
 // The floor of an off-CPU profiler: the user stack where a thread blocks, which can only be
 // taken then (another task's user memory cannot be read when it wakes), and nothing else.
 // `floor sched_switch+stack` attaches it. A switch that is not a preemption counts as blocking
-// (the floor reads no task fields: their offsets are the agent loader's).
+// (the floor reads no task fields: their offsets are the agent loader's). One entry here, as the
+// agent creates every map of the object; the `floor` tool sizes it at load.
 #[map]
-static FLOOR_STACKS: StackTrace = StackTrace::with_max_entries(64, 0);
+static FLOOR_STACKS: StackTrace = StackTrace::with_max_entries(1, 0);
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn floor_stack_sched_switch(ctx: BtfTracePointContext) -> i32 {

@@ -25,6 +25,8 @@ fn main() -> anyhow::Result<()> {
     let mut bpf = EbpfLoader::new()
         .btf(Some(&btf))
         .allow_unsupported_maps()
+        // The agent leaves it at one entry (agent-ebpf/src/floor.rs); a few stacks recur here.
+        .map_max_entries("FLOOR_STACKS", 64)
         .load(pipeprobe::ebpf::OBJECT)
         .context("loading the eBPF object")?;
     for hook in &hooks {
