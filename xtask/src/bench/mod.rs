@@ -97,10 +97,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             "## {}\n\n{}\n\n| variant | {} median (min–max) | overhead vs no tracing | vs floor |\n| --- | --- | --- | --- |",
             s.title, s.about, s.unit
         );
-        let first_floor = s
-            .variants
-            .iter()
-            .position(|v| matches!(v, Variant::Floor(_)));
+        let first_floor = s.variants.iter().position(Variant::is_empty_floor);
         // A floor whose cost is not told apart from nothing cannot be a divisor; the most it
         // could cost bounds what the probes may cost.
         let (floor, floor_bound) = match first_floor {
@@ -203,10 +200,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 }
                 // Further floors of empty programs (a probe on fewer hooks than the first
                 // floor's), each checked the same way, resolved or not.
-                for f in (0..s.variants.len()).filter(|f| {
-                    Some(*f) != first_floor
-                        && matches!(s.variants[*f], Variant::Floor(h) if !h.iter().any(|h| h.contains('+')))
-                }) {
+                for f in (0..s.variants.len())
+                    .filter(|f| Some(*f) != first_floor && s.variants[*f].is_empty_floor())
+                {
                     let name = format!("the {}", s.variants[f].name());
                     checks.push(if res.resolved(f) {
                         let x = over.max(0.0) / res.overhead(f);
