@@ -262,31 +262,9 @@ impl Agent {
         self.proc.pid()
     }
 
-    /// The names of the programs the agent keeps attached through BPF links (its link
-    /// descriptors' fdinfo name each one's program id; bpftool names the program).
+    /// The names of the programs the agent keeps attached through BPF links.
     pub fn linked_programs(&self) -> Vec<String> {
-        let dir = format!("/proc/{}/fdinfo", self.pid());
-        let mut names = Vec::new();
-        for entry in std::fs::read_dir(&dir)
-            .expect("the agent's fdinfo")
-            .flatten()
-        {
-            let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            if !info.lines().any(|l| l.starts_with("link_type:")) {
-                continue;
-            }
-            let Some(id) = info
-                .lines()
-                .find_map(|l| l.strip_prefix("prog_id:"))
-                .map(str::trim)
-            else {
-                continue;
-            };
-            let out = run(Command::new("bpftool").args(["prog", "show", "id", id, "-j"]));
-            let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool prints JSON");
-            names.extend(v["name"].as_str().map(str::to_owned));
-        }
-        names
+        linked_programs(self.pid())
     }
 
     /// Sends SIGTERM and waits up to `timeout` for the exit: its status and how long it took.
@@ -482,4 +460,31 @@ pub fn config_file(content: &str) -> tempfile::NamedTempFile {
         .expect("temp file");
     std::fs::write(f.path(), content).expect("write config");
     f
+}
+
+/// The names of the programs process `pid` keeps attached through BPF links (its link
+/// descriptors' fdinfo name each one's program id; bpftool names the program).
+pub fn linked_programs(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flatten()
+    {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if !info.lines().any(|l| l.starts_with("link_type:")) {
+            continue;
+        }
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .map(str::trim)
+        else {
+            continue;
+        };
+        let out = run(Command::new("bpftool").args(["prog", "show", "id", id, "-j"]));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool prints JSON");
+        names.extend(v["name"].as_str().map(str::to_owned));
+    }
+    names
 }
