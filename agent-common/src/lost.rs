@@ -15,7 +15,8 @@ pub const SYSCALL_PENDING_FULL: u32 = 3;
 pub const SYSCALL_STATS_FULL: u32 = 4;
 /// A socket of a tracked process could not be recorded: the socket-owner map is full.
 pub const TCP_SOCKETS_FULL: u32 = 5;
-/// A connect or listener could not be recorded: its map is full.
+/// A listening socket could not be recorded: the listener map is full. (A connect in flight is
+/// kept with its socket's owner, `TCP_SOCKETS_FULL`.)
 pub const TCP_CONNECTS_FULL: u32 = 6;
 /// A new (target, peer) pair could not be added: the per-peer map is full (`max_peers`).
 pub const TCP_PEERS_FULL: u32 = 7;

@@ -10,8 +10,6 @@
 pub const SOCKETS_MAX: u32 = 65_536;
 /// Listening ports of tracked processes.
 pub const LISTENERS_MAX: u32 = 4096;
-/// Connects in flight (SYN_SENT).
-pub const CONNECTING_MAX: u32 = 16_384;
 
 /// Per-target TCP aggregates (per-CPU array indexed by target id).
 #[repr(C)]
@@ -36,6 +34,9 @@ pub struct SockOwner {
     /// The owning process, for per-process counts (span breakdowns).
     pub tgid: u32,
     pub _pad: u32,
+    /// While the socket is in SYN_SENT, when its connect started; 0 otherwise. Kept here, not in a
+    /// map of its own: a connect then costs one map insert and one delete, not two of each.
+    pub connect_ts_ns: u64,
 }
 
 pub const OWNER_CLIENT: u32 = 1;
@@ -90,11 +91,33 @@ pub struct Listener {
     pub tgid: u32,
 }
 
+/// A socket a TCP program on this CPU found in `SOCK_OWNER` lately, and its owner then.
 #[repr(C)]
-#[derive(Copy, Clone, Debug)]
-pub struct Connecting {
-    pub ts_ns: u64,
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SockMemo {
+    pub sk: u64,
+    /// `SOCK_GEN` when it was looked up: the entry holds while no owner was removed or replaced
+    /// since (a socket's address is reused after it closes).
+    pub generation: u64,
     pub target: u32,
+    pub flags: u32,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Entries per CPU: the sockets of a request/response pair and their neighbours in time.
+pub const SOCK_MEMO_ENTRIES: usize = 4;
+
+/// The sockets each CPU's TCP programs looked up last (per-CPU map value). A `tcp_probe` per
+/// segment and a `tcp_rcv_space_adjust` per recvmsg() on the same few sockets then find their
+/// owner without a hash lookup. Classic tracepoint programs never nest on a CPU (the kernel
+/// skips a program that fires while another runs there), so no two of them share it at once.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default)]
+pub struct SockMemos {
+    pub entries: [SockMemo; SOCK_MEMO_ENTRIES],
+    /// The entry the next new socket replaces (round robin).
+    pub next: u32,
     pub _pad: u32,
 }
 

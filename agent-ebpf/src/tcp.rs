@@ -6,23 +6,23 @@ use agent_common::{
     hist::{Log2Hist, slot_for_ns},
     lost,
     tcp::{
-        AF_INET, AF_INET6, CONNECTING_MAX, Connecting, IPPROTO_TCP, LISTENERS_MAX, Listener,
-        ListenerKey, OWNER_CLIENT, PEERS_DEFAULT, PROBE_RECORD_BYTES, PROC_RETRANS_MAX, PeerKey,
-        PeerStats, RCV_SPACE_RECORD_BYTES, RETRANSMIT_RECORD_BYTES, SET_STATE_RECORD_BYTES,
-        SOCKETS_MAX, SockOwner, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
-        TcpStats, globals::ABSENT,
+        AF_INET, AF_INET6, IPPROTO_TCP, LISTENERS_MAX, Listener, ListenerKey, OWNER_CLIENT,
+        PEERS_DEFAULT, PROBE_RECORD_BYTES, PROC_RETRANS_MAX, PeerKey, PeerStats,
+        RCV_SPACE_RECORD_BYTES, RETRANSMIT_RECORD_BYTES, SET_STATE_RECORD_BYTES, SOCKETS_MAX,
+        SockMemo, SockMemos, SockOwner, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV,
+        TCP_SYN_SENT, TcpStats, globals::ABSENT,
     },
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 
-use crate::{aggregate, lost::count as count_lost, targets::target_of};
+use crate::{aggregate, clock::Now, lost::count as count_lost, targets::target_of};
 
 // Tracepoint field offsets, set by the loader from tracefs format files (defaults: Linux 6.18).
 #[unsafe(no_mangle)]
@@ -84,9 +84,13 @@ static SOCK_OWNER: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_M
 #[map]
 static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::with_max_entries(LISTENERS_MAX, 0);
 
-/// Client sockets in SYN_SENT: when the connect started.
+/// Counts removals and replacements of `SOCK_OWNER` entries: a memo of an owner taken before
+/// the last one lapses (a closed socket's address may be a new socket's).
 #[map]
-static CONNECTING: HashMap<u64, Connecting> = HashMap::with_max_entries(CONNECTING_MAX, 0);
+static SOCK_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
+static SOCK_MEMO: PerCpuArray<SockMemos> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static TCP_STATS: PerCpuArray<TcpStats> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
@@ -106,36 +110,61 @@ fn global(g: &'static u32) -> u32 {
     unsafe { core::ptr::read_volatile(g) }
 }
 
-/// The start of a tracepoint's record, `W` words of it, copied onto the stack with plain loads.
-/// A classic tracepoint program may load from its record directly, but only at offsets fixed in
-/// the instruction; the field offsets here are the loader's (tracefs formats), so fields are
-/// read from this copy, where `TracePointContext::read_at` would make a `bpf_probe_read_kernel`
-/// call per field (a helper call costs about an empty program's run on the machines of
-/// docs/benchmarks.md, and `tcp_probe` fires per segment).
-struct Record<const W: usize>([u64; W], usize);
+/// The start of a tracepoint's record, `W` words of it, copied with plain loads into this CPU's
+/// `TCP_RECORD`. A classic tracepoint program may load from its record directly, but only at
+/// offsets fixed in the instruction; the field offsets here are the loader's (tracefs formats),
+/// so fields are read from the copy, where `TracePointContext::read_at` would make a
+/// `bpf_probe_read_kernel` call per field (a helper call costs about an empty program's run on
+/// the machines of docs/benchmarks.md, and `tcp_probe` fires per segment).
+///
+/// The copy is in a map, not on the stack, and written and read with volatile accesses: a stack
+/// array kept as values by the compiler had each exit of the unrolled loop below store all the
+/// zeros after it again (about W * W / 2 stores, most of `tcp_probe`'s run), and one kept in
+/// memory was zeroed byte by byte first.
+struct Record<const W: usize> {
+    words: *mut u64,
+    bytes: usize,
+}
+
+/// The longest copy (`PROBE_RECORD_BYTES`).
+const RECORD_WORDS_MAX: usize = words(PROBE_RECORD_BYTES);
+
+/// Where each CPU's TCP programs copy their record: they never nest on a CPU (the kernel skips a
+/// classic tracepoint program that fires while another BPF program of its kind runs there).
+#[map]
+static TCP_RECORD: PerCpuArray<[u64; RECORD_WORDS_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 const fn words(bytes: u32) -> usize {
     (bytes / 8) as usize
 }
 
 impl<const W: usize> Record<W> {
-    /// The first `len` words (a loader-set global, at most `W`) of the record.
+    /// The first `len` words (a loader-set global, at most `W`) of the record; None only if the
+    /// scratch map is missing.
     #[inline(always)]
-    fn of(ctx: &TracePointContext, len: &'static u32) -> Self {
+    fn of(ctx: &TracePointContext, len: &'static u32) -> Option<Self> {
+        const { assert!(W <= RECORD_WORDS_MAX) };
+        let words = TCP_RECORD.get_ptr_mut(0)?.cast::<u64>();
         let p = ctx.as_ptr() as *const u64;
         let len = global(len) as usize;
-        let mut words = [0u64; W];
         // The first word (the common fields) is not the program's to read: the kernel keeps the
         // registers' address there for helpers, and the verifier refuses loads below 8 bytes.
-        for (i, w) in words.iter_mut().enumerate().skip(1) {
+        for i in 1..W {
             // The verifier knows `len` (frozen .rodata) and skips the loads past it: the kernel
             // attaches no program that may read past its tracepoint's record.
             if i < len {
-                // SAFETY: within the record, at an offset fixed in the instruction.
-                *w = unsafe { core::ptr::read_volatile(p.add(i)) };
+                // SAFETY: within the record, at an offset fixed in the instruction (the loop is
+                // unrolled: the verifier refuses a moving pointer into the record), into word i
+                // of this CPU's scratch value.
+                unsafe {
+                    core::ptr::write_volatile(words.add(i), core::ptr::read_volatile(p.add(i)))
+                };
             }
         }
-        Self(words, len * 8)
+        Some(Self {
+            words,
+            bytes: len * 8,
+        })
     }
 
     /// The field at the loader-set offset `offset`.
@@ -144,15 +173,17 @@ impl<const W: usize> Record<W> {
         self.at(global(offset) as usize)
     }
 
+    /// The `T` at `offset`, which must be aligned for it (tracepoint fields are).
     #[inline(always)]
     fn at<T: Copy>(&self, offset: usize) -> Result<T, i32> {
-        if offset < 8 || offset + core::mem::size_of::<T>() > self.1.min(W * 8) {
+        if offset < 8
+            || offset + core::mem::size_of::<T>() > self.bytes.min(W * 8)
+            || offset % core::mem::align_of::<T>() != 0
+        {
             return Err(-1);
         }
-        // SAFETY: in bounds (checked above) of an initialised array, read unaligned.
-        Ok(unsafe {
-            core::ptr::read_unaligned(self.0.as_ptr().cast::<u8>().add(offset).cast::<T>())
-        })
+        // SAFETY: aligned, and within words 1..len (checked above), which `of` copied.
+        Ok(unsafe { core::ptr::read_volatile(self.words.cast::<u8>().add(offset).cast::<T>()) })
     }
 }
 
@@ -182,16 +213,108 @@ fn record(hist: &mut Log2Hist, ns: u64) {
     hist.sum_ns += ns;
 }
 
+fn sock_gen() -> u64 {
+    // SAFETY: an array value lives as long as the map.
+    SOCK_GEN
+        .get_ptr(0)
+        .map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
+}
+
+fn bump_sock_gen() {
+    if let Some(p) = SOCK_GEN.get_ptr_mut(0) {
+        // SAFETY: an array value lives as long as the map; the add is atomic.
+        unsafe { aggregate::atomic_add(p, 1) };
+    }
+}
+
+/// This CPU's memo of socket owners, and `SOCK_GEN` read before any `SOCK_OWNER` lookup that
+/// may be remembered: an owner removed after that read has bumped it past the memo's.
+struct Memo {
+    memos: Option<&'static mut SockMemos>,
+    generation: u64,
+}
+
+impl Memo {
+    #[inline(always)]
+    fn here() -> Self {
+        Self {
+            // SAFETY: this CPU's value; classic tracepoint programs do not nest on a CPU.
+            memos: SOCK_MEMO.get_ptr_mut(0).map(|p| unsafe { &mut *p }),
+            generation: sock_gen(),
+        }
+    }
+
+    /// The owner of `sk` if this CPU looked it up since the last removal.
+    #[inline(always)]
+    fn recall(&self, sk: u64) -> Option<SockOwner> {
+        let memos = self.memos.as_ref()?;
+        memos
+            .entries
+            .iter()
+            .find(|e| e.sk == sk && e.generation == self.generation)
+            .map(|e| SockOwner {
+                target: e.target,
+                flags: e.flags,
+                tgid: e.tgid,
+                _pad: 0,
+                connect_ts_ns: 0,
+            })
+    }
+
+    /// Remembers `owner` for `sk`: in the entry `sk` already had (lapsed), else in the next one.
+    #[inline(always)]
+    fn remember(&mut self, sk: u64, owner: &SockOwner) {
+        let generation = self.generation;
+        let Some(memos) = self.memos.as_mut() else {
+            return;
+        };
+        let i = match memos.entries.iter().position(|e| e.sk == sk) {
+            Some(i) => i,
+            None => {
+                let i = memos.next as usize % memos.entries.len();
+                memos.next = memos.next.wrapping_add(1);
+                i
+            }
+        };
+        if let Some(e) = memos.entries.get_mut(i) {
+            *e = SockMemo {
+                sk,
+                generation,
+                target: owner.target,
+                flags: owner.flags,
+                tgid: owner.tgid,
+                _pad: 0,
+            };
+        }
+    }
+
+    /// The owner of `sk`: remembered, else looked up (and remembered).
+    #[inline(always)]
+    fn owner_of(&mut self, sk: u64) -> Option<SockOwner> {
+        if let Some(o) = self.recall(sk) {
+            return Some(o);
+        }
+        // SAFETY: copied out.
+        let o = unsafe { SOCK_OWNER.get(&sk).copied() }?;
+        self.remember(sk, &o);
+        Some(o)
+    }
+}
+
+/// errno's EEXIST, what a `BPF_NOEXIST` insert of a present key fails with.
+const EEXIST: i32 = 17;
+
 #[inline(always)]
-fn own(sk: u64, target: u32, flags: u32, tgid: u32) {
-    let owner = SockOwner {
-        target,
-        flags,
-        tgid,
-        _pad: 0,
-    };
-    if SOCK_OWNER.insert(&sk, &owner, 0).is_err() {
-        count_lost(lost::TCP_SOCKETS_FULL);
+fn own(sk: u64, owner: &SockOwner) {
+    match SOCK_OWNER.insert(&sk, owner, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        // An owner this socket's address still had (its close was not seen): replaced, and
+        // every CPU's memo of it lapses.
+        Err(e) if e == -EEXIST => {
+            let _ = SOCK_OWNER.insert(&sk, owner, 0);
+            bump_sock_gen();
+        }
+        Err(_) => count_lost(lost::TCP_SOCKETS_FULL),
     }
 }
 
@@ -264,35 +387,41 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let rec = SetStateRecord::of(ctx, &TCP_STATE_WORDS);
+    let rec = SetStateRecord::of(ctx, &TCP_STATE_WORDS).ok_or(-1)?;
     if rec.field::<u16>(&TCP_STATE_PROTOCOL)? != IPPROTO_TCP {
         return Ok(());
     }
     let sk: u64 = rec.field(&TCP_STATE_SKADDR)?;
     let old: i32 = rec.field(&TCP_STATE_OLDSTATE)?;
     let new: i32 = rec.field(&TCP_STATE_NEWSTATE)?;
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Only a connect's two ends read the clock (a clock helper costs about an empty program's run).
+    let mut now = Now::default();
     match (old, new) {
         // connect() and listen() run in the owner's context: the one place `current` is right.
         (TCP_CLOSE, TCP_SYN_SENT) => {
             let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             if let Some(target) = target_of(tgid) {
-                own(sk, target, OWNER_CLIENT, tgid);
-                let c = Connecting {
-                    ts_ns: now,
+                let owner = SockOwner {
                     target,
+                    flags: OWNER_CLIENT,
+                    tgid,
                     _pad: 0,
+                    connect_ts_ns: now.get(),
                 };
-                if CONNECTING.insert(&sk, &c, 0).is_err() {
-                    count_lost(lost::TCP_CONNECTS_FULL);
-                }
+                own(sk, &owner);
             }
         }
         (TCP_CLOSE, TCP_LISTEN) => {
             let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             if let Some(target) = target_of(tgid) {
-                own(sk, target, 0, tgid);
+                let owner = SockOwner {
+                    target,
+                    flags: 0,
+                    tgid,
+                    _pad: 0,
+                    connect_ts_ns: 0,
+                };
+                own(sk, &owner);
                 let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
                 let l = Listener { sk, target, tgid };
                 if LISTENERS.insert(&key, &l, 0).is_err() {
@@ -301,14 +430,17 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
-            // SAFETY: copied out before removal.
-            if let Some(c) = unsafe { CONNECTING.get(&sk).copied() } {
-                let _ = CONNECTING.remove(&sk);
-                let ns = now.saturating_sub(c.ts_ns);
-                if let Some(s) = stats(c.target) {
+            // SAFETY: a live map value; one socket's state changes are serialised.
+            if let Some(o) = SOCK_OWNER.get_ptr_mut(&sk).map(|p| unsafe { &mut *p })
+                && o.connect_ts_ns != 0
+            {
+                let ns = now.get().saturating_sub(o.connect_ts_ns);
+                o.connect_ts_ns = 0;
+                let target = o.target;
+                if let Some(s) = stats(target) {
                     record(&mut s.connect, ns);
                 }
-                if let Some(p) = peer(&state_peer(&rec, c.target)?) {
+                if let Some(p) = peer(&state_peer(&rec, target)?) {
                     // SAFETY: p points into a live map value.
                     unsafe { aggregate::record(&mut (*p).connect, ns) };
                 }
@@ -319,7 +451,14 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
             // SAFETY: copied out.
             if let Some(l) = unsafe { LISTENERS.get(&key).copied() } {
-                own(sk, l.target, 0, l.tgid);
+                let owner = SockOwner {
+                    target: l.target,
+                    flags: 0,
+                    tgid: l.tgid,
+                    _pad: 0,
+                    connect_ts_ns: 0,
+                };
+                own(sk, &owner);
             }
         }
         _ => {}
@@ -327,11 +466,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if new == TCP_CLOSE {
         if old == TCP_SYN_SENT {
             // SAFETY: copied out before removal.
-            if let Some(c) = unsafe { CONNECTING.get(&sk).copied() } {
-                let _ = CONNECTING.remove(&sk);
-                if let Some(s) = stats(c.target) {
-                    s.connect_failures += 1;
-                }
+            if let Some(o) = unsafe { SOCK_OWNER.get(&sk).copied() }
+                && o.connect_ts_ns != 0
+                && let Some(s) = stats(o.target)
+            {
+                s.connect_failures += 1;
             }
         }
         if old == TCP_LISTEN {
@@ -341,7 +480,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 let _ = LISTENERS.remove(&key);
             }
         }
-        let _ = SOCK_OWNER.remove(&sk);
+        // Removed after the lookups above: a memo taken from now on is of another socket.
+        if SOCK_OWNER.remove(&sk).is_ok() {
+            bump_sock_gen();
+        }
     }
     Ok(())
 }
@@ -351,18 +493,38 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// in the milliseconds between its exec and its match).
 #[tracepoint(category = "tcp", name = "tcp_rcv_space_adjust")]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
+    let Some(Ok(sk)) =
+        RcvSpaceRecord::of(&ctx, &TCP_RCV_WORDS).map(|r| r.field::<u64>(&TCP_RCV_SKADDR))
+    else {
+        return 0;
+    };
+    // A socket this CPU saw owned, as every read of a request/response loop finds it: nothing
+    // to claim, and no lookup of the reader's target.
+    let mut memo = Memo::here();
+    if memo.recall(sk).is_some() {
+        return 0;
+    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let Some(target) = target_of(tgid) else {
         return 0;
     };
-    let Ok(sk) = RcvSpaceRecord::of(&ctx, &TCP_RCV_WORDS).field::<u64>(&TCP_RCV_SKADDR) else {
-        return 0;
+    // SAFETY: copied out.
+    let owner = match unsafe { SOCK_OWNER.get(&sk).copied() } {
+        Some(o) => o,
+        None => {
+            // Who connected is unknown here: the peer is recorded without its port.
+            let o = SockOwner {
+                target,
+                flags: 0,
+                tgid,
+                _pad: 0,
+                connect_ts_ns: 0,
+            };
+            own(sk, &o);
+            o
+        }
     };
-    // SAFETY: presence check only.
-    if unsafe { SOCK_OWNER.get(&sk) }.is_none() {
-        // Who connected is unknown here: the peer is recorded without its port.
-        own(sk, target, 0, tgid);
-    }
+    memo.remember(sk, &owner);
     0
 }
 
@@ -374,10 +536,9 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
-    let rec = ProbeRecord::of(ctx, &TCP_PROBE_WORDS);
+    let rec = ProbeRecord::of(ctx, &TCP_PROBE_WORDS).ok_or(-1)?;
     let sk: u64 = rec.field(&TCP_PROBE_SKADDR)?;
-    // SAFETY: copied out.
-    let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+    let Some(owner) = Memo::here().owner_of(sk) else {
         return Ok(());
     };
     // srtt in microseconds (the kernel's srtt_us >> 3).
@@ -425,10 +586,9 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 }
 
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
-    let rec = RetransmitRecord::of(ctx, &TCP_RETRANS_WORDS);
+    let rec = RetransmitRecord::of(ctx, &TCP_RETRANS_WORDS).ok_or(-1)?;
     let sk: u64 = rec.field(&TCP_RETRANS_SKADDR)?;
-    // SAFETY: copied out.
-    let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+    let Some(owner) = Memo::here().owner_of(sk) else {
         return Ok(());
     };
     // Every attempt counts, as in the kernel's total_retrans (ss, nstat TcpRetransSegs); one
