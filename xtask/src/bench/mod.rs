@@ -251,7 +251,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let mut rows = Vec::new();
         for s in overhead::scenarios()
             .into_iter()
-            .filter(|s| ["syscall", "ctxswitch"].contains(&s.key))
+            .filter(|s| ["syscall", "ctxswitch", "tcp"].contains(&s.key))
         {
             for v in s.variants.iter().filter(|v| !matches!(v, Variant::None)) {
                 for c in progcost::measure(&s, v, opts.secs, &dir)? {
