@@ -96,9 +96,10 @@ pub struct Listener {
 #[derive(Copy, Clone, Debug, Default)]
 pub struct SockMemo {
     pub sk: u64,
-    /// `SOCK_GEN` when it was looked up: the entry holds while no owner was removed or replaced
-    /// since (a socket's address is reused after it closes).
-    pub generation: u64,
+    /// The socket's cookie (`sock_cookie` of the tracepoint record), which no other socket ever
+    /// has: a closed socket's address may be a new socket's, its cookie not. An entry holds
+    /// while the socket lives, since a live socket's owner is not replaced.
+    pub cookie: u64,
     pub target: u32,
     pub flags: u32,
     pub tgid: u32,
@@ -110,7 +111,8 @@ pub const SOCK_MEMO_ENTRIES: usize = 4;
 
 /// The sockets each CPU's TCP programs looked up last (per-CPU map value). A `tcp_probe` per
 /// segment and a `tcp_rcv_space_adjust` per recvmsg() on the same few sockets then find their
-/// owner without a hash lookup. Classic tracepoint programs never nest on a CPU (the kernel
+/// owner without a hash lookup (both records carry the socket's cookie; `tcp_retransmit_skb`'s
+/// does not, and it looks up). Classic tracepoint programs never nest on a CPU (the kernel
 /// skips a program that fires while another runs there), so no two of them share it at once.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
@@ -125,11 +127,11 @@ pub struct SockMemos {
 /// plain loads and reads its fields from. It copies no more than the record holds on the running
 /// kernel (the kernel refuses to attach a program that may read past it): the loader sets how
 /// many 8-byte words (`globals::*_WORDS`) and checks that every field read ends within them.
-/// Linux 6.18's records are 72, 136, 80 and 64 bytes.
+/// Linux 6.18's records are 72, 136, 80 and 72 bytes.
 pub const SET_STATE_RECORD_BYTES: u32 = 96;
 pub const PROBE_RECORD_BYTES: u32 = 160;
 pub const RETRANSMIT_RECORD_BYTES: u32 = 48;
-pub const RCV_SPACE_RECORD_BYTES: u32 = 32;
+pub const RCV_SPACE_RECORD_BYTES: u32 = 72;
 
 /// Globals holding tracepoint field offsets, read from tracefs format files at load time
 /// (layouts differ across kernel versions).
@@ -151,6 +153,10 @@ pub mod globals {
     pub const PROBE_FAMILY: &str = "TCP_PROBE_FAMILY";
     /// Offset of the `daddr` sockaddr (sockaddr_in or sockaddr_in6) in tcp_probe.
     pub const PROBE_DADDR: &str = "TCP_PROBE_DADDR";
+    /// Offsets of `sock_cookie` in tcp_probe and tcp_rcv_space_adjust, or `ABSENT` (the owner
+    /// memo is then off).
+    pub const PROBE_COOKIE: &str = "TCP_PROBE_COOKIE";
+    pub const RCV_COOKIE: &str = "TCP_RCV_COOKIE";
     /// `offsetof(struct sock, __sk_common.skc_net)`, from BTF, or `ABSENT`.
     pub const SK_NET: &str = "TCP_SK_NET";
     /// `offsetof(struct net, ns.inum)`, from BTF, or `ABSENT`.

@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 
@@ -57,6 +57,10 @@ static TCP_RETRANS_SKADDR: u32 = 16;
 static TCP_RETRANS_SKBADDR: u32 = 8;
 #[unsafe(no_mangle)]
 static TCP_RCV_SKADDR: u32 = 8;
+#[unsafe(no_mangle)]
+static TCP_PROBE_COOKIE: u32 = ABSENT;
+#[unsafe(no_mangle)]
+static TCP_RCV_COOKIE: u32 = ABSENT;
 // Words of each record its program copies (`agent_common::tcp::SET_STATE_RECORD_BYTES`).
 #[unsafe(no_mangle)]
 static TCP_STATE_WORDS: u32 = 9;
@@ -65,7 +69,7 @@ static TCP_PROBE_WORDS: u32 = 17;
 #[unsafe(no_mangle)]
 static TCP_RETRANS_WORDS: u32 = 6;
 #[unsafe(no_mangle)]
-static TCP_RCV_WORDS: u32 = 4;
+static TCP_RCV_WORDS: u32 = 9;
 #[unsafe(no_mangle)]
 static TCP_SKB_GSO_SEGS: u32 = ABSENT;
 #[unsafe(no_mangle)]
@@ -83,11 +87,6 @@ static SOCK_OWNER: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_M
 /// inherit its target.
 #[map]
 static LISTENERS: HashMap<ListenerKey, Listener> = HashMap::with_max_entries(LISTENERS_MAX, 0);
-
-/// Counts removals and replacements of `SOCK_OWNER` entries: a memo of an owner taken before
-/// the last one lapses (a closed socket's address may be a new socket's).
-#[map]
-static SOCK_GEN: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static SOCK_MEMO: PerCpuArray<SockMemos> = PerCpuArray::with_max_entries(1, 0);
@@ -213,45 +212,27 @@ fn record(hist: &mut Log2Hist, ns: u64) {
     hist.sum_ns += ns;
 }
 
-fn sock_gen() -> u64 {
-    // SAFETY: an array value lives as long as the map.
-    SOCK_GEN
-        .get_ptr(0)
-        .map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
-}
-
-fn bump_sock_gen() {
-    if let Some(p) = SOCK_GEN.get_ptr_mut(0) {
-        // SAFETY: an array value lives as long as the map; the add is atomic.
-        unsafe { aggregate::atomic_add(p, 1) };
-    }
-}
-
-/// This CPU's memo of socket owners, and `SOCK_GEN` read before any `SOCK_OWNER` lookup that
-/// may be remembered: an owner removed after that read has bumped it past the memo's.
-struct Memo {
-    memos: Option<&'static mut SockMemos>,
-    generation: u64,
-}
+/// This CPU's memo of socket owners (`SockMemos`), by socket address and cookie.
+struct Memo(Option<&'static mut SockMemos>);
 
 impl Memo {
     #[inline(always)]
     fn here() -> Self {
-        Self {
-            // SAFETY: this CPU's value; classic tracepoint programs do not nest on a CPU.
-            memos: SOCK_MEMO.get_ptr_mut(0).map(|p| unsafe { &mut *p }),
-            generation: sock_gen(),
-        }
+        // SAFETY: this CPU's value; classic tracepoint programs do not nest on a CPU.
+        Self(SOCK_MEMO.get_ptr_mut(0).map(|p| unsafe { &mut *p }))
     }
 
-    /// The owner of `sk` if this CPU looked it up since the last removal.
+    /// The owner of socket `sk` with cookie `cookie` (0: none known) if this CPU looked it up.
     #[inline(always)]
-    fn recall(&self, sk: u64) -> Option<SockOwner> {
-        let memos = self.memos.as_ref()?;
+    fn recall(&self, sk: u64, cookie: u64) -> Option<SockOwner> {
+        if cookie == 0 {
+            return None;
+        }
+        let memos = self.0.as_ref()?;
         memos
             .entries
             .iter()
-            .find(|e| e.sk == sk && e.generation == self.generation)
+            .find(|e| e.sk == sk && e.cookie == cookie)
             .map(|e| SockOwner {
                 target: e.target,
                 flags: e.flags,
@@ -261,25 +242,18 @@ impl Memo {
             })
     }
 
-    /// Remembers `owner` for `sk`: in the entry `sk` already had (lapsed), else in the next one.
+    /// Remembers `owner` for the socket, in the next entry (round robin).
     #[inline(always)]
-    fn remember(&mut self, sk: u64, owner: &SockOwner) {
-        let generation = self.generation;
-        let Some(memos) = self.memos.as_mut() else {
+    fn remember(&mut self, sk: u64, cookie: u64, owner: &SockOwner) {
+        let Some(memos) = self.0.as_mut().filter(|_| cookie != 0) else {
             return;
         };
-        let i = match memos.entries.iter().position(|e| e.sk == sk) {
-            Some(i) => i,
-            None => {
-                let i = memos.next as usize % memos.entries.len();
-                memos.next = memos.next.wrapping_add(1);
-                i
-            }
-        };
+        let i = memos.next as usize % memos.entries.len();
+        memos.next = memos.next.wrapping_add(1);
         if let Some(e) = memos.entries.get_mut(i) {
             *e = SockMemo {
                 sk,
-                generation,
+                cookie,
                 target: owner.target,
                 flags: owner.flags,
                 tgid: owner.tgid,
@@ -287,34 +261,12 @@ impl Memo {
             };
         }
     }
-
-    /// The owner of `sk`: remembered, else looked up (and remembered).
-    #[inline(always)]
-    fn owner_of(&mut self, sk: u64) -> Option<SockOwner> {
-        if let Some(o) = self.recall(sk) {
-            return Some(o);
-        }
-        // SAFETY: copied out.
-        let o = unsafe { SOCK_OWNER.get(&sk).copied() }?;
-        self.remember(sk, &o);
-        Some(o)
-    }
 }
-
-/// errno's EEXIST, what a `BPF_NOEXIST` insert of a present key fails with.
-const EEXIST: i32 = 17;
 
 #[inline(always)]
 fn own(sk: u64, owner: &SockOwner) {
-    match SOCK_OWNER.insert(&sk, owner, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
-        // An owner this socket's address still had (its close was not seen): replaced, and
-        // every CPU's memo of it lapses.
-        Err(e) if e == -EEXIST => {
-            let _ = SOCK_OWNER.insert(&sk, owner, 0);
-            bump_sock_gen();
-        }
-        Err(_) => count_lost(lost::TCP_SOCKETS_FULL),
+    if SOCK_OWNER.insert(&sk, owner, 0).is_err() {
+        count_lost(lost::TCP_SOCKETS_FULL);
     }
 }
 
@@ -480,10 +432,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 let _ = LISTENERS.remove(&key);
             }
         }
-        // Removed after the lookups above: a memo taken from now on is of another socket.
-        if SOCK_OWNER.remove(&sk).is_ok() {
-            bump_sock_gen();
-        }
+        let _ = SOCK_OWNER.remove(&sk);
     }
     Ok(())
 }
@@ -493,15 +442,17 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// in the milliseconds between its exec and its match).
 #[tracepoint(category = "tcp", name = "tcp_rcv_space_adjust")]
 pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
-    let Some(Ok(sk)) =
-        RcvSpaceRecord::of(&ctx, &TCP_RCV_WORDS).map(|r| r.field::<u64>(&TCP_RCV_SKADDR))
-    else {
+    let Some(rec) = RcvSpaceRecord::of(&ctx, &TCP_RCV_WORDS) else {
+        return 0;
+    };
+    let Ok(sk) = rec.field::<u64>(&TCP_RCV_SKADDR) else {
         return 0;
     };
     // A socket this CPU saw owned, as every read of a request/response loop finds it: nothing
     // to claim, and no lookup of the reader's target.
+    let cookie = rec.field::<u64>(&TCP_RCV_COOKIE).unwrap_or(0);
     let mut memo = Memo::here();
-    if memo.recall(sk).is_some() {
+    if memo.recall(sk, cookie).is_some() {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -524,7 +475,7 @@ pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
             o
         }
     };
-    memo.remember(sk, &owner);
+    memo.remember(sk, cookie, &owner);
     0
 }
 
@@ -538,8 +489,18 @@ pub fn tcp_probe(ctx: TracePointContext) -> u32 {
 fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
     let rec = ProbeRecord::of(ctx, &TCP_PROBE_WORDS).ok_or(-1)?;
     let sk: u64 = rec.field(&TCP_PROBE_SKADDR)?;
-    let Some(owner) = Memo::here().owner_of(sk) else {
-        return Ok(());
+    let cookie = rec.field::<u64>(&TCP_PROBE_COOKIE).unwrap_or(0);
+    let mut memo = Memo::here();
+    let owner = match memo.recall(sk, cookie) {
+        Some(o) => o,
+        None => {
+            // SAFETY: copied out.
+            let Some(o) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+                return Ok(());
+            };
+            memo.remember(sk, cookie, &o);
+            o
+        }
     };
     // srtt in microseconds (the kernel's srtt_us >> 3).
     let srtt_us: u32 = rec.field(&TCP_PROBE_SRTT)?;
@@ -588,7 +549,8 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let rec = RetransmitRecord::of(ctx, &TCP_RETRANS_WORDS).ok_or(-1)?;
     let sk: u64 = rec.field(&TCP_RETRANS_SKADDR)?;
-    let Some(owner) = Memo::here().owner_of(sk) else {
+    // SAFETY: copied out.
+    let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
         return Ok(());
     };
     // Every attempt counts, as in the kernel's total_retrans (ss, nstat TcpRetransSegs); one

@@ -108,6 +108,7 @@ pub fn state_globals(btf: &KernelBtf) -> Globals {
     out.extend([
         (globals::RCV_WORDS, f.copied_words()),
         (globals::RCV_SKADDR, f.offset("skaddr")?),
+        (globals::RCV_COOKIE, cookie_offset(&f)),
     ]);
     let gso_segs = btf
         .member_offset("sk_buff", &["cb"])
@@ -144,7 +145,17 @@ pub fn probe_globals() -> Globals {
         (globals::PROBE_SRTT, f.offset("srtt")?),
         (globals::PROBE_FAMILY, f.offset("family")?),
         (globals::PROBE_DADDR, f.offset("daddr")?),
+        (globals::PROBE_COOKIE, cookie_offset(&f)),
     ])
+}
+
+/// Where the record carries the socket's cookie, or `ABSENT`: the programs' memo of socket
+/// owners (agent_common::tcp::SockMemos) needs it, and stays off without it.
+fn cookie_offset(f: &Format) -> u32 {
+    f.offset("sock_cookie").unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "no socket cookie: every event looks its socket's owner up");
+        globals::ABSENT
+    })
 }
 
 pub struct TcpLatency {
