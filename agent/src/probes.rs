@@ -114,15 +114,93 @@ pub enum ProbeError {
 }
 
 impl ProbeError {
-    /// One line for tables and labels; the verifier log stays in the debug log.
+    /// One line for tables and logs; the whole verifier log stays in the debug log.
     pub fn short(&self) -> String {
-        let full = self.to_string();
-        let first = full.lines().next().unwrap_or_default();
-        if first.len() > 300 {
-            format!("{}...", &first[..300])
-        } else {
-            first.to_owned()
-        }
+        one_line(&self.to_string())
+    }
+}
+
+/// Text after which aya's load error gives the verifier's log.
+const VERIFIER_OUTPUT: &str = "Verifier output:";
+
+/// The first line of an error, with a refused program's reason in place of the verifier's log:
+/// the verifier says why at the end of its log, after every instruction it walked, and the
+/// log's first line is only the first of those (`0: R1=ctx() R10=fp0`).
+fn one_line(full: &str) -> String {
+    let first = full.lines().next().unwrap_or_default();
+    let line = match (first.split_once(VERIFIER_OUTPUT), verifier_reason(full)) {
+        (Some((head, _)), Some(why)) => format!("{head}The verifier says: {why}"),
+        _ => first.to_owned(),
+    };
+    const MAX: usize = 300;
+    match line.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line,
+    }
+}
+
+/// The verifier's reason for refusing a program: the last line of its log that is neither an
+/// instruction (`18: (79) r2 = ...`), a source line (`; ...`) nor a closing statistic.
+fn verifier_reason(full: &str) -> Option<&str> {
+    let log = full.split_once(VERIFIER_OUTPUT)?.1;
+    let statistic = |l: &str| {
+        [
+            "verification time",
+            "stack depth",
+            "processed ",
+            "max_states_per_insn",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+    };
+    let instruction = |l: &str| {
+        l.split_once(':')
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    log.lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| !l.is_empty() && !l.starts_with(';') && !statistic(l) && !instruction(l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// aya's text for a program the verifier refused (tcp_rcv_space_adjust reading its record
+    /// through a moving pointer, as an early build of 2026-12-04 did).
+    const REFUSED: &str =
+        "failed to load tcp_rcv_space_adjust for tracepoint/tcp/tcp_rcv_space_adjust \
+(needs tracepoints (tracefs)): the BPF_PROG_LOAD syscall returned Permission denied (os error 13). \
+Verifier output: 0: R1=ctx() R10=fp0
+; let len = global(len) as usize; @ tcp.rs:130
+9: (67) r7 <<= 32                     ; R7=0x400000000
+12: (2d) if r2 > r7 goto pc+13        ; R2=2 R7=4
+18: (79) r2 = *(u64 *)(r6 +0)
+dereference of modified ctx ptr R6 off=8 disallowed
+verification time 669 usec
+stack depth 40+0
+processed 181 insns (limit 1000000) max_states_per_insn 2 total_states 5 peak_states 5 mark_read 0
+";
+
+    #[test]
+    fn a_refused_program_is_summed_up_by_the_verifier_s_reason() {
+        let line = one_line(REFUSED);
+        assert_eq!(
+            line,
+            "failed to load tcp_rcv_space_adjust for tracepoint/tcp/tcp_rcv_space_adjust \
+(needs tracepoints (tracefs)): the BPF_PROG_LOAD syscall returned Permission denied (os error 13). \
+The verifier says: dereference of modified ctx ptr R6 off=8 disallowed"
+        );
+    }
+
+    #[test]
+    fn other_errors_keep_their_first_line_cut_on_a_character() {
+        assert_eq!(one_line("no tracefs\nmore"), "no tracefs");
+        let long = "é".repeat(400);
+        let line = one_line(&long);
+        assert_eq!(line.chars().count(), 303);
+        assert!(line.ends_with("..."));
     }
 }
 
