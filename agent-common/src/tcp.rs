@@ -39,6 +39,19 @@ pub struct SockOwner {
     pub connect_ts_ns: u64,
 }
 
+impl SockOwner {
+    /// An owner with no connect in flight.
+    pub const fn new(target: u32, flags: u32, tgid: u32) -> Self {
+        Self {
+            target,
+            flags,
+            tgid,
+            _pad: 0,
+            connect_ts_ns: 0,
+        }
+    }
+}
+
 pub const OWNER_CLIENT: u32 = 1;
 
 /// Processes with per-process retransmit counts (an LRU map: the least recently counted go

@@ -233,13 +233,7 @@ impl Memo {
             .entries
             .iter()
             .find(|e| e.sk == sk && e.cookie == cookie)
-            .map(|e| SockOwner {
-                target: e.target,
-                flags: e.flags,
-                tgid: e.tgid,
-                _pad: 0,
-                connect_ts_ns: 0,
-            })
+            .map(|e| SockOwner::new(e.target, e.flags, e.tgid))
     }
 
     /// Remembers `owner` for the socket, in the next entry (round robin).
@@ -354,11 +348,8 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             if let Some(target) = target_of(tgid) {
                 let owner = SockOwner {
-                    target,
-                    flags: OWNER_CLIENT,
-                    tgid,
-                    _pad: 0,
                     connect_ts_ns: now.get(),
+                    ..SockOwner::new(target, OWNER_CLIENT, tgid)
                 };
                 own(sk, &owner);
             }
@@ -366,14 +357,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         (TCP_CLOSE, TCP_LISTEN) => {
             let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             if let Some(target) = target_of(tgid) {
-                let owner = SockOwner {
-                    target,
-                    flags: 0,
-                    tgid,
-                    _pad: 0,
-                    connect_ts_ns: 0,
-                };
-                own(sk, &owner);
+                own(sk, &SockOwner::new(target, 0, tgid));
                 let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
                 let l = Listener { sk, target, tgid };
                 if LISTENERS.insert(&key, &l, 0).is_err() {
@@ -403,14 +387,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
             // SAFETY: copied out.
             if let Some(l) = unsafe { LISTENERS.get(&key).copied() } {
-                let owner = SockOwner {
-                    target: l.target,
-                    flags: 0,
-                    tgid: l.tgid,
-                    _pad: 0,
-                    connect_ts_ns: 0,
-                };
-                own(sk, &owner);
+                own(sk, &SockOwner::new(l.target, 0, l.tgid));
             }
         }
         _ => {}
@@ -464,13 +441,7 @@ pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
         Some(o) => o,
         None => {
             // Who connected is unknown here: the peer is recorded without its port.
-            let o = SockOwner {
-                target,
-                flags: 0,
-                tgid,
-                _pad: 0,
-                connect_ts_ns: 0,
-            };
+            let o = SockOwner::new(target, 0, tgid);
             own(sk, &o);
             o
         }
