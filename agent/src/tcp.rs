@@ -371,6 +371,28 @@ mod tests {
 
     use super::*;
 
+    /// The owner memo needs the record's socket cookie: where a kernel's record lacks it, or
+    /// holds it past what the program copies, the offset is `ABSENT` (memo off), not an error.
+    #[test]
+    fn the_socket_cookie_is_found_or_absent() {
+        let format = |cookie: &str| {
+            format!(
+                "format:\n\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n{cookie}\n"
+            )
+        };
+        let with = format("\tfield:__u64 sock_cookie;\toffset:64;\tsize:8;\tsigned:0;");
+        assert_eq!(cookie_offset(&Format::parse("x".into(), &with, 72)), 64);
+        assert_eq!(
+            cookie_offset(&Format::parse("x".into(), &with, 64)),
+            globals::ABSENT
+        );
+        let without = format("");
+        assert_eq!(
+            cookie_offset(&Format::parse("x".into(), &without, 72)),
+            globals::ABSENT
+        );
+    }
+
     #[test]
     fn peer_names() {
         let mut k = PeerKey {

@@ -133,7 +133,7 @@ impl Format {
     }
 
     /// Parses `field:TYPE NAME[N];\toffset:O;\tsize:S;...` lines.
-    fn parse(event: String, text: &str, max_copied: u32) -> Self {
+    pub(crate) fn parse(event: String, text: &str, max_copied: u32) -> Self {
         let fields: std::collections::HashMap<String, Field> = text
             .lines()
             .filter_map(|l| {
