@@ -40,7 +40,8 @@ pub struct SyscallSlot {
 
 /// The syscalls of the thread that entered one last on a CPU (`SYSCALL_ON_CPU`, per CPU), kept
 /// there while it stays on that CPU: its task storage, two helper calls away, is written only
-/// when it leaves the CPU (`syscall_switch`). A thread is on one CPU at a time, so its state is
+/// when it leaves the CPU (`syscall_switch`, or the scheduler probe's `sched_switch` where that
+/// probe runs). A thread is on one CPU at a time, so its state is
 /// in one place at a time: here until it switches out, in its `ThreadState` after.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]

@@ -11,7 +11,10 @@
 //! the part before it to `run_delay` and restarts `last_queued`), which is what runqlat counts.
 //! Its storage is the only helper call a tracked switch pays (`cargo xtask bench`: a wakeup
 //! program with a task-storage call and a switch program with two cost about 1.9x empty
-//! programs on the same hooks).
+//! programs on the same hooks). The same look-up moves the syscalls probe's per-CPU slot of the
+//! leaving thread into its storage, so that probe needs no program of its own on this hook when
+//! this one runs (`syscall_switch` is then not loaded): one program run and one storage call a
+//! switch instead of two.
 //!
 //! The thread's storage then holds its totals up to its last switch-out; while it runs, this
 //! CPU's `SCHED_ON_CPU` says since when and what its wait was, so a span ending while its thread
@@ -25,6 +28,7 @@ use agent_common::{
     hist::{Log2Hist, slot_for_ns},
     lost,
     sched::SchedOnCpu,
+    syscalls::SyscallOnCpu,
     targets::TargetMemos,
     task::{TASK_DEAD, TASK_RUNNING},
 };
@@ -37,6 +41,7 @@ use aya_ebpf::{
 use crate::{
     clock::SchedNow,
     lost::count as count_lost,
+    syscalls,
     targets::{Generation, bump_generation, generation, target_of, target_via_memo},
     task, thread,
 };
@@ -91,10 +96,22 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
     } else {
         target_of_task(prev, generation)
     };
+    // What the syscalls probe kept for prev on this CPU, which its task storage must now hold:
+    // moved there with the look-up below, one storage call for both probes.
+    let syscalls_held = syscalls::take_slot(prev);
     if prev_target != NO_TARGET && task::pid(prev) != 0 {
         // An involuntary preemption leaves prev on the run queue whatever its state says.
         let runnable = preempt & 0xff != 0 || prev_state == TASK_RUNNING;
-        switch_out(prev, prev_target, runnable, now.get());
+        switch_out(
+            prev,
+            prev_target,
+            runnable,
+            now.get(),
+            syscalls_held.as_ref(),
+        );
+    } else if let Some(held) = syscalls_held {
+        // No longer a target (the list was reloaded), with syscalls counted while it was one.
+        syscalls::hand_over(thread::state(prev), &held);
     }
 
     let Some(on_cpu) = SCHED_ON_CPU.get_ptr_mut(0) else {
@@ -124,13 +141,25 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
 }
 
 /// `prev`, tracked, leaves its CPU at `now`: its slice on CPU and the wait before it go into its
-/// storage and the wait into its target's histogram.
+/// storage and the wait into its target's histogram, and so does what the syscalls probe held.
 #[inline(always)]
-fn switch_out(prev: *const u8, target: u32, runnable: bool, now: u64) {
+fn switch_out(
+    prev: *const u8,
+    target: u32,
+    runnable: bool,
+    now: u64,
+    syscalls_held: Option<&SyscallOnCpu>,
+) {
     let Some(t) = thread::state(prev) else {
         count_lost(lost::RUNQ_PENDING_FULL);
+        if let Some(held) = syscalls_held {
+            syscalls::hand_over(None, held);
+        }
         return;
     };
+    if let Some(held) = syscalls_held {
+        syscalls::hand_over(Some(&mut *t), held);
+    }
     let s = &mut t.sched;
     // Not yet accounted: this switch-out (the kernel does it after the tracepoint).
     let run_delay = task::run_delay(prev);

@@ -7,13 +7,15 @@
 //!
 //! The syscall in flight and the thread's running totals stay in a per-CPU slot
 //! (`SyscallOnCpu`) while the thread stays on the CPU, and move to its task storage when it
-//! leaves (`syscall_switch`): a syscall that neither blocks nor is preempted, the common case,
+//! leaves (`syscall_switch`, or the scheduler probe's `sched_switch`, which looks the storage up
+//! anyway, where that probe runs): a syscall that neither blocks nor is preempted, the common case,
 //! costs no task-storage lookup (two helper calls a syscall; the probe went from 1.44-1.60x the
 //! floor's cost to 1.30-1.38x without them in `cargo xtask bench`). A syscall that blocks is
 //! found in the task storage at its exit, wherever the thread then runs. No per-thread hash entry to look up, to run
 //! out of, or to clean up after a thread exits inside exit().
 use agent_common::{
     MAX_TARGETS, NO_TARGET, lost,
+    spans::ThreadState,
     syscalls::{
         MAX_NR, SLOT_INDEX_MAX, STATS_MAX, SYSCALLS_PER_TARGET, SyscallOnCpu, SyscallSlot,
         SyscallStart, SyscallStats,
@@ -186,18 +188,27 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
 /// Moves what this CPU's slot holds for `prev` into its task storage as it leaves the CPU: its
 /// syscall in flight, if it blocks or is preempted inside one, and its totals since it last
 /// left. Attached before sys_enter and sys_exit, so that no slot is written before its thread's
-/// switch-out is seen.
+/// switch-out is seen; not attached where the scheduler probe's `sched_switch` is, which does
+/// the same (`take_slot`, `hand_over`) with the task-storage lookup it makes anyway.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn syscall_switch(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...).
     let prev: *const u8 = ctx.arg(1);
-    let Some(cpu) = SYSCALL_ON_CPU.get_ptr_mut(0) else {
-        return 0;
-    };
+    if let Some(held) = take_slot(prev) {
+        hand_over(thread::state(prev), &held);
+    }
+    0
+}
+
+/// Empties this CPU's slot if it is `prev`'s, as `prev` leaves the CPU; what it held that its
+/// task storage must keep, if anything.
+#[inline(always)]
+pub fn take_slot(prev: *const u8) -> Option<SyscallOnCpu> {
+    let cpu = SYSCALL_ON_CPU.get_ptr_mut(0)?;
     // SAFETY: as in sys_enter.
     let cpu = unsafe { &mut *cpu };
     if cpu.task != prev as u64 {
-        return 0;
+        return None;
     }
     let held = *cpu;
     // The slot is a thread's only while it runs: the next thread here may have the same saved
@@ -205,18 +216,24 @@ pub fn syscall_switch(ctx: BtfTracePointContext) -> i32 {
     *cpu = SyscallOnCpu::default();
     // An exiting thread's last switch: nobody reads its totals any more.
     if (held.start.ts_ns == 0 && held.syscalls == 0) || task::state(prev) == TASK_DEAD {
-        return 0;
+        return None;
     }
-    let Some(t) = thread::state(prev) else {
+    Some(held)
+}
+
+/// Adds what `take_slot` returned to the thread's task storage (None: it has none, memory ran
+/// out).
+#[inline(always)]
+pub fn hand_over(t: Option<&mut ThreadState>, held: &SyscallOnCpu) {
+    let Some(t) = t else {
         count_lost(lost::SYSCALL_PENDING_FULL);
-        return 0;
+        return;
     };
     if held.start.ts_ns != 0 {
         t.syscall = held.start;
     }
     t.totals.syscall_ns += held.syscall_ns;
     t.totals.syscalls += held.syscalls;
-    0
 }
 
 /// The stats of `nr` for `target`, its slot claimed on first use; None once the target's block

@@ -63,6 +63,10 @@ pub struct ProgramSpec {
     /// Function name of the program in the eBPF object.
     pub program: &'static str,
     pub hook: Hook,
+    /// A family, attached before this one, whose program on the same hook does this program's
+    /// work as well: this one is then not loaded, which saves a program run (and whatever both
+    /// would look up) per event.
+    pub done_by: Option<&'static str>,
 }
 
 #[derive(Debug)]
@@ -167,6 +171,38 @@ fn verifier_reason(full: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// A program left out for another family's must find that family attached already, on the
+    /// same hook: otherwise its events would go unseen until that family came up, or for good.
+    #[test]
+    fn a_program_done_by_another_family_names_an_earlier_one_on_its_hook() {
+        let mut done_by = 0;
+        for (i, family) in FAMILIES.iter().enumerate() {
+            for spec in family.programs {
+                let Some(other) = spec.done_by else { continue };
+                done_by += 1;
+                let earlier = FAMILIES[..i]
+                    .iter()
+                    .find(|f| f.name == other)
+                    .unwrap_or_else(|| {
+                        panic!("{}: {other} is not attached before it", spec.program)
+                    });
+                assert!(
+                    earlier
+                        .programs
+                        .iter()
+                        .any(|p| p.done_by.is_none() && p.hook.to_string() == spec.hook.to_string()),
+                    "{}: {other} has no program of its own on {}",
+                    spec.program,
+                    spec.hook
+                );
+            }
+        }
+        assert_eq!(
+            done_by, 1,
+            "syscall_switch is the one program done by another's"
+        );
+    }
+
     /// aya's text for a program the verifier refused (tcp_rcv_space_adjust reading its record
     /// through a moving pointer, as an early build of 2026-12-04 did).
     const REFUSED: &str =
@@ -212,9 +248,23 @@ pub struct ProbeStatus {
 }
 
 impl Family {
-    /// Loads and attaches every program of the family, or none of them.
-    pub fn attach(&self, bpf: &mut Ebpf, btf: &Btf) -> Result<(), ProbeError> {
+    /// Loads and attaches every program of the family, or none of them; a program whose work a
+    /// family in `attached` does is left out.
+    pub fn attach(
+        &self,
+        bpf: &mut Ebpf,
+        btf: &Btf,
+        attached: impl Fn(&str) -> bool,
+    ) -> Result<(), ProbeError> {
         for (i, spec) in self.programs.iter().enumerate() {
+            if spec.done_by.is_some_and(&attached) {
+                tracing::debug!(
+                    probe = self.name,
+                    program = spec.program,
+                    "not loaded: another probe's program does its work"
+                );
+                continue;
+            }
             if let Err(e) = attach_one(bpf, btf, spec, self.requires) {
                 // Its attached programs too: a half-attached family would report wrong numbers.
                 for done in &self.programs[..=i] {
@@ -269,7 +319,7 @@ fn attach_one(
     spec: &ProgramSpec,
     requires: &'static str,
 ) -> Result<(), ProbeError> {
-    let ProgramSpec { program, hook } = *spec;
+    let ProgramSpec { program, hook, .. } = *spec;
     let prog = bpf
         .program_mut(program)
         .ok_or(ProbeError::Missing { program })?;
@@ -330,7 +380,7 @@ pub fn attach_all(
         } else if let Some(need) = family.needs.filter(|n| !attached(n)) {
             Err(ProbeError::Needs(need))
         } else {
-            family.attach(bpf, btf)
+            family.attach(bpf, btf, attached)
         };
         match &result {
             Ok(()) => tracing::info!(probe = family.name, "probe attached"),

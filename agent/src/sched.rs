@@ -24,6 +24,7 @@ pub const FAMILY: Family = Family {
     programs: &[ProgramSpec {
         program: "sched_switch",
         hook: Hook::BtfTracepoint("sched_switch"),
+        done_by: None,
     }],
 };
 

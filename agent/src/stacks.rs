@@ -61,18 +61,22 @@ pub const FAMILY: Family = Family {
         ProgramSpec {
             program: CPU_PROGRAM,
             hook: Hook::PerfEvent,
+            done_by: None,
         },
         ProgramSpec {
             program: OFFCPU_PROGRAM,
             hook: Hook::BtfTracepointOnDemand("sched_switch"),
+            done_by: None,
         },
         ProgramSpec {
             program: SYSCALL_ENTER_PROGRAM,
             hook: Hook::BtfTracepointOnDemand("sys_enter"),
+            done_by: None,
         },
         ProgramSpec {
             program: SYSCALL_EXIT_PROGRAM,
             hook: Hook::BtfTracepointOnDemand("sys_exit"),
+            done_by: None,
         },
     ],
 };

@@ -50,14 +50,17 @@ pub const FAMILY: Family = Family {
         ProgramSpec {
             program: "syscall_switch",
             hook: Hook::BtfTracepoint("sched_switch"),
+            done_by: Some("sched"),
         },
         ProgramSpec {
             program: "sys_enter",
             hook: Hook::BtfTracepoint("sys_enter"),
+            done_by: None,
         },
         ProgramSpec {
             program: "sys_exit",
             hook: Hook::BtfTracepoint("sys_exit"),
+            done_by: None,
         },
     ],
 };

@@ -42,6 +42,7 @@ pub const FAMILY: Family = Family {
                 category: "tcp",
                 name: "tcp_rcv_space_adjust",
             },
+            done_by: None,
         },
         ProgramSpec {
             program: "inet_sock_set_state",
@@ -49,6 +50,7 @@ pub const FAMILY: Family = Family {
                 category: "sock",
                 name: "inet_sock_set_state",
             },
+            done_by: None,
         },
         ProgramSpec {
             program: "tcp_retransmit_skb",
@@ -56,6 +58,7 @@ pub const FAMILY: Family = Family {
                 category: "tcp",
                 name: "tcp_retransmit_skb",
             },
+            done_by: None,
         },
     ],
 };
@@ -71,6 +74,7 @@ pub const RTT_FAMILY: Family = Family {
             category: "tcp",
             name: "tcp_probe",
         },
+        done_by: None,
     }],
 };
 

@@ -45,14 +45,17 @@ pub const FAMILY: Family = Family {
         ProgramSpec {
             program: "sched_process_exec",
             hook: Hook::BtfTracepoint("sched_process_exec"),
+            done_by: None,
         },
         ProgramSpec {
             program: "sched_process_fork",
             hook: Hook::BtfTracepoint("sched_process_fork"),
+            done_by: None,
         },
         ProgramSpec {
             program: "sched_process_exit",
             hook: Hook::BtfTracepoint("sched_process_exit"),
+            done_by: None,
         },
     ],
 };

@@ -19,8 +19,26 @@ fn syscall_series<'a>(
     })
 }
 
+/// Each sleep leaves the CPU inside the syscall, so its start must move to the thread's task
+/// storage at the switch-out and be found there at its exit, wherever the thread then runs.
+/// With the scheduler probe on, its `sched_switch` moves it; without, `syscall_switch` does.
 #[test]
 fn clock_nanosleep_of_5ms_lands_in_the_5ms_bucket() {
+    nanosleeps_of_5ms_land_in_the_5ms_bucket(&[]);
+}
+
+#[test]
+fn clock_nanosleep_of_5ms_lands_in_the_5ms_bucket_without_the_scheduler_probe() {
+    let config = pipeprobe_tests::config_file("[probes]\ndisable = [\"sched\"]\n");
+    let agent =
+        nanosleeps_of_5ms_land_in_the_5ms_bucket(&["--config", config.path().to_str().unwrap()]);
+    assert_eq!(
+        agent.value("pipeprobe_probe_attached", "probe", "sched"),
+        Some(0.0)
+    );
+}
+
+fn nanosleeps_of_5ms_land_in_the_5ms_bucket(args: &[&str]) -> Agent {
     // Starts sleeping after the agent has matched it; 100 sleeps of 5 ms.
     let sleeper = Proc::workload(&[
         "nanosleep",
@@ -31,7 +49,10 @@ fn clock_nanosleep_of_5ms_lands_in_the_5ms_bucket() {
         "--delay-ms",
         "1500",
     ]);
-    let agent = Agent::start(&["--target", &format!("sleeper=pid:{}", sleeper.pid())]);
+    let target = format!("sleeper=pid:{}", sleeper.pid());
+    let mut all = vec!["--target", &target];
+    all.extend_from_slice(args);
+    let agent = Agent::start(&all);
     let pid = sleeper.pid();
     let mut sleeper = sleeper;
     sleeper.0.wait().expect("sleeper exits");
@@ -64,6 +85,7 @@ fn clock_nanosleep_of_5ms_lands_in_the_5ms_bucket() {
         (0.005..0.008).contains(&mean),
         "mean clock_nanosleep {mean}s for 5 ms sleeps"
     );
+    agent
 }
 
 #[test]
