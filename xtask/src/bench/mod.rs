@@ -336,7 +336,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let s = footprint::scrape(&dir, 500)?;
         let _ = writeln!(
             md,
-            "## /metrics latency\n\n50 targets, each a process that made 40 distinct syscalls \
+            "## /metrics latency\n\n50 targets, each a process making the same 40 distinct syscalls every half second \
              (`workload syscall-mix`), `syscalls = \"all\"`: {} syscall series, {:.0} kB per scrape. \
              Back-to-back scrapes for 11 s while the agent profiles itself at 999 Hz.\n\n\
              | p50 | p99 |\n| --- | --- |\n| {:.2} ms | {:.2} ms |\n\n\

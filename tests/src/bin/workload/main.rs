@@ -228,7 +228,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
-    /// 40 distinct syscalls once each, then sleeps SECS (series for the scrape benchmark).
+    /// 40 distinct syscalls every half second for SECS (series for the scrape benchmark).
     SyscallMix {
         #[arg(long, default_value_t = 60.0)]
         secs: f64,
