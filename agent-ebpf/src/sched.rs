@@ -98,7 +98,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) {
     };
     // What the syscalls probe kept for prev on this CPU, which its task storage must now hold:
     // moved there with the look-up below, one storage call for both probes.
-    let syscalls_held = syscalls::take_slot(prev);
+    let syscalls_held = syscalls::take_slot(prev, || prev_state == TASK_DEAD);
     if prev_target != NO_TARGET && task::pid(prev) != 0 {
         // An involuntary preemption leaves prev on the run queue whatever its state says.
         let runnable = preempt & 0xff != 0 || prev_state == TASK_RUNNING;

@@ -194,16 +194,17 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
 pub fn syscall_switch(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...).
     let prev: *const u8 = ctx.arg(1);
-    if let Some(held) = take_slot(prev) {
+    if let Some(held) = take_slot(prev, || task::state(prev) == TASK_DEAD) {
         hand_over(thread::state(prev), &held);
     }
     0
 }
 
 /// Empties this CPU's slot if it is `prev`'s, as `prev` leaves the CPU; what it held that its
-/// task storage must keep, if anything.
+/// task storage must keep, if anything. `dead` says whether `prev` is exiting (asked only when
+/// the slot is its: the scheduler probe has read its state already).
 #[inline(always)]
-pub fn take_slot(prev: *const u8) -> Option<SyscallOnCpu> {
+pub fn take_slot(prev: *const u8, dead: impl FnOnce() -> bool) -> Option<SyscallOnCpu> {
     let cpu = SYSCALL_ON_CPU.get_ptr_mut(0)?;
     // SAFETY: as in sys_enter.
     let cpu = unsafe { &mut *cpu };
@@ -215,7 +216,7 @@ pub fn take_slot(prev: *const u8) -> Option<SyscallOnCpu> {
     // registers' address (a dead thread's kernel stack, reused), and must take it over.
     *cpu = SyscallOnCpu::default();
     // An exiting thread's last switch: nobody reads its totals any more.
-    if (held.start.ts_ns == 0 && held.syscalls == 0) || task::state(prev) == TASK_DEAD {
+    if (held.start.ts_ns == 0 && held.syscalls == 0) || dead() {
         return None;
     }
     Some(held)

@@ -336,8 +336,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         let s = footprint::scrape(&dir, 500)?;
         let _ = writeln!(
             md,
-            "## /metrics latency\n\n50 targets, each a process making the same 40 distinct syscalls every half second \
-             (`workload syscall-mix`), `syscalls = \"all\"`: {} syscall series, {:.0} kB per scrape. \
+            "## /metrics latency\n\n50 targets, each a process making the same 40 distinct \
+             syscalls every half second (`workload syscall-mix`), `syscalls = \"all\"`: {} \
+             syscall series, {:.0} kB per scrape. \
              Back-to-back scrapes for 11 s while the agent profiles itself at 999 Hz.\n\n\
              | p50 | p99 |\n| --- | --- |\n| {:.2} ms | {:.2} ms |\n\n\
              The agent's own hottest leaf frames meanwhile (`pipeprobe flamegraph --pid AGENT`):\n",
