@@ -120,7 +120,8 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
         tcp_per_peer: config.tcp_per_peer,
         tcp_max_peers: config.tcp_max_peers,
     };
-    let mut kernel = match ebpf::load(opts) {
+    // The BTF is dropped with this function: every program is loaded by its end.
+    let (mut kernel, btf) = match ebpf::load(opts) {
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "eBPF unavailable: no probe can run; serving what remains");
@@ -141,7 +142,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     kernel.spawn_logger();
     let statuses = probes::attach_all(
         &mut kernel.bpf,
-        &kernel.btf,
+        &btf,
         &config.disabled_probes,
         &kernel.unavailable,
     );
@@ -226,7 +227,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
     let span_sampler =
         (config.spans.enabled && config.spans.sample_hz > 0 && on(stacks::FAMILY.name))
             .then(
-                || match stacks::start_span_sampler(&mut kernel, config.spans.sample_hz) {
+                || match stacks::start_span_sampler(&mut kernel, &btf, config.spans.sample_hz) {
                     Ok(s) => Some(s),
                     Err(e) => {
                         tracing::warn!("{e}; span flamegraphs are off, everything else runs");
@@ -290,6 +291,7 @@ async fn serve(config: Config, source: ReloadSource) -> Result<(), AgentError> {
         collectors,
         statuses,
     } = start_probes(&config, &targets);
+    crate::heap::release_free();
     let on_profile = statuses
         .iter()
         .any(|s| s.name == stacks::FAMILY.name && s.result.is_ok());

@@ -136,10 +136,10 @@ pub fn rows(nvml: &std::path::Path) -> Vec<Row> {
         });
     }
     match ebpf::load(ebpf::LoadOptions::default()) {
-        Ok(mut kernel) => {
+        Ok((mut kernel, btf)) => {
             rows.push(row("eBPF object", Status::Ok, "maps created"));
             rows.push(sched_clock(&mut kernel));
-            for s in probes::attach_all(&mut kernel.bpf, &kernel.btf, &[], &kernel.unavailable) {
+            for s in probes::attach_all(&mut kernel.bpf, &btf, &[], &kernel.unavailable) {
                 rows.push(match s.result {
                     Ok(()) => row(
                         format!("probe {}", s.name),

@@ -245,6 +245,7 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
         Ok(r) => r,
         Err(e) => return send(&mut stream, &Response::Error(e)).await,
     };
+    let capture = matches!(request, Request::Flamegraph(_));
     let response = match request {
         Request::Flamegraph(req) => flamegraph(&mut stream, req, captures).await?,
         Request::Flamegraphs => match &captures.store {
@@ -265,7 +266,13 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
             Err(e) => Response::Error(e.to_string()),
         },
     };
-    send(&mut stream, &response).await
+    let sent = send(&mut stream, &response).await;
+    if capture {
+        // The capture's stacks, symbols and folded text are freed by now.
+        drop(response);
+        crate::heap::release_free();
+    }
+    sent
 }
 
 /// For `crate::fuzzing`: a request line through the parser and the capture checks.

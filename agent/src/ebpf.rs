@@ -115,7 +115,6 @@ pub unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
 /// The loaded object, before any program is attached.
 pub struct Kernel {
     pub bpf: Ebpf,
-    pub btf: Btf,
     pub offsets: TaskOffsets,
     /// Families that cannot run on this kernel, with the reason (found while preparing globals).
     pub unavailable: Vec<(&'static str, String)>,
@@ -143,7 +142,10 @@ impl Default for LoadOptions {
     }
 }
 
-pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
+/// Loads the object, and returns it with the kernel's BTF, which loading a tp_btf program
+/// needs. Keep the BTF only until the last program is loaded: parsed, it takes about 13 MB of
+/// the agent's memory (`cargo xtask bench --only footprint`).
+pub fn load(opts: LoadOptions) -> Result<(Kernel, Btf), LoadError> {
     let kernel_btf = KernelBtf::load(VMLINUX)?;
     let offsets = TaskOffsets::from_btf(&kernel_btf)?;
     let btf = Btf::from_sys_fs()?;
@@ -206,12 +208,14 @@ pub fn load(opts: LoadOptions) -> Result<Kernel, LoadError> {
         loader.override_global(name, value, true);
     }
     let bpf = loader.load(OBJECT)?;
-    Ok(Kernel {
-        bpf,
+    Ok((
+        Kernel {
+            bpf,
+            offsets,
+            unavailable,
+        },
         btf,
-        offsets,
-        unavailable,
-    })
+    ))
 }
 
 impl Kernel {

@@ -14,6 +14,7 @@ pub mod flamegraph;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gpu;
+pub mod heap;
 pub mod http;
 pub mod instances;
 pub mod kube;

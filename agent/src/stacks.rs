@@ -113,7 +113,11 @@ pub struct SpanSampler {
 
 /// Loads `span_sample` and attaches it to every CPU's cpu-clock at `hz` for the agent's
 /// lifetime (the links live with the program, inside `kernel`).
-pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, String> {
+pub fn start_span_sampler(
+    kernel: &mut Kernel,
+    btf: &aya::Btf,
+    hz: u64,
+) -> Result<SpanSampler, String> {
     let prog: &mut PerfEvent = kernel
         .bpf
         .program_mut(SPAN_PROGRAM)
@@ -139,7 +143,7 @@ pub fn start_span_sampler(kernel: &mut Kernel, hz: u64) -> Result<SpanSampler, S
         .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
         .ok_or_else(|| "span_offcpu is missing from the eBPF object".to_owned())
         .and_then(|p| {
-            p.load("sched_switch", &kernel.btf)
+            p.load("sched_switch", btf)
                 .map_err(|e| format!("cannot load span_offcpu: {e}"))?;
             crate::ebpf::DeferredTracepoint::new(SPAN_OFFCPU_PROGRAM, p).map_err(|e| e.to_string())
         });

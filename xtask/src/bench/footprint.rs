@@ -80,9 +80,10 @@ pub fn footprint(dir: &Path, n: usize, secs: f64) -> anyhow::Result<Footprint> {
 }
 
 /// The agent's peak RSS (VmHWM) after a 10 s capture, at 99 Hz, of `n` Python processes running
-/// the hot loop: what naming their frames and holding their stacks costs. Returns (before,
-/// peak) in bytes and the samples captured.
-pub fn python_targets(dir: &Path, python: &Path, n: usize) -> anyhow::Result<(u64, u64, u64)> {
+/// the hot loop: what naming their frames and holding their stacks costs, and what the agent
+/// still holds once the flamegraph is written. Returns the RSS in bytes before, at the peak and
+/// after, and the samples captured.
+pub fn python_targets(dir: &Path, python: &Path, n: usize) -> anyhow::Result<(u64, u64, u64, u64)> {
     let mut procs = Vec::new();
     for _ in 0..n {
         procs.push(
@@ -121,11 +122,12 @@ pub fn python_targets(dir: &Path, python: &Path, n: usize) -> anyhow::Result<(u6
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("VmHWM")?;
+    let (after, _) = usage(agent.pid())?;
     let samples = std::fs::read_to_string(&out)?
         .lines()
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
         .sum();
-    Ok((before, hwm_kb * 1024, samples))
+    Ok((before, hwm_kb * 1024, after, samples))
 }
 
 pub struct Scrape {

@@ -311,18 +311,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             }
         }
         if let Some(py) = overhead::python() {
-            let (before, peak, samples) = footprint::python_targets(&dir, &py, 20)?;
+            let (before, peak, after, samples) = footprint::python_targets(&dir, &py, 20)?;
             let _ = writeln!(
                 md,
                 "\nWith 20 Python 3.12 targets (`work.py hot`) and a 10 s capture of all of them at \
                  99 Hz ({samples} samples, Python frames walked and named): RSS {:.1} MB before, \
-                 peak {:.1} MB.",
+                 peak {:.1} MB, {:.1} MB once the flamegraph is written.",
                 before as f64 / 1e6,
-                peak as f64 / 1e6
+                peak as f64 / 1e6,
+                after as f64 / 1e6
             );
             rows.push(
                 serde_json::json!({"python_targets": 20, "rss_before_bytes": before,
-                "rss_peak_bytes": peak, "samples": samples}),
+                "rss_peak_bytes": peak, "rss_after_bytes": after, "samples": samples}),
             );
         }
         let _ = writeln!(
