@@ -147,18 +147,19 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_sched_process_fork(ctx: &BtfTracePointContext) {
+    let child: *const u8 = ctx.arg(1);
+    let child_tgid = task::tgid(child);
+    // A new thread shares its process's tgid, tracked or not. Told first, by two loads from the
+    // tracepoint's task pointer: most forks are threads (thread pools), and the parent's look-up
+    // below is a helper call and a hash look-up.
+    if task::pid(child) != child_tgid {
+        return;
+    }
     // The tracepoint fires in the parent's context.
     let parent_tgid = current_tgid();
     let Some(target) = target_of(parent_tgid) else {
         return;
     };
-    let child: *const u8 = ctx.arg(1);
-    let child_pid = task::pid(child);
-    let child_tgid = task::tgid(child);
-    if child_pid != child_tgid {
-        // A new thread: it shares the tracked tgid already.
-        return;
-    }
     if TRACKED.insert(&child_tgid, &target, 0).is_err() {
         count_lost(lost::TRACKED_MAP_FULL);
         warn!(
@@ -178,11 +179,11 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     bump_generation();
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(target) = target_of(tgid) else {
+    // Only the thread group leader's exit ends the process; other threads' exits need no look-up.
+    if pid != tgid {
         return 0;
-    };
-    // Only the thread group leader's exit ends the process (threads exit through here too).
-    if pid == tgid {
+    }
+    if let Some(target) = target_of(tgid) {
         let _ = TRACKED.remove(&tgid);
         emit(EVENT_EXIT, tgid, 0, target);
     }
