@@ -81,7 +81,7 @@ pub fn footprint(dir: &Path, n: usize, secs: f64) -> anyhow::Result<Footprint> {
 
 /// The agent's peak RSS (VmHWM) after a 10 s capture, at 99 Hz, of `n` Python processes running
 /// the hot loop: what naming their frames and holding their stacks costs, and what the agent
-/// still holds once the flamegraph is written. Returns the RSS in bytes before, at the peak and
+/// still holds a second after the flamegraph is written. Returns the RSS in bytes before, at the peak and
 /// after, and the samples captured.
 pub fn python_targets(dir: &Path, python: &Path, n: usize) -> anyhow::Result<(u64, u64, u64, u64)> {
     let mut procs = Vec::new();
@@ -122,6 +122,9 @@ pub fn python_targets(dir: &Path, python: &Path, n: usize) -> anyhow::Result<(u6
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("VmHWM")?;
+    // The agent gives the capture's memory back after sending the flamegraph
+    // (`heap::release_free`): the client can see its answer first.
+    std::thread::sleep(Duration::from_secs(1));
     let (after, _) = usage(agent.pid())?;
     let samples = std::fs::read_to_string(&out)?
         .lines()

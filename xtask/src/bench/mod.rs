@@ -316,7 +316,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 md,
                 "\nWith 20 Python 3.12 targets (`work.py hot`) and a 10 s capture of all of them at \
                  99 Hz ({samples} samples, Python frames walked and named): RSS {:.1} MB before, \
-                 peak {:.1} MB, {:.1} MB once the flamegraph is written.",
+                 peak {:.1} MB, {:.1} MB a second after the flamegraph is written.",
                 before as f64 / 1e6,
                 peak as f64 / 1e6,
                 after as f64 / 1e6
