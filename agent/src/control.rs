@@ -245,7 +245,6 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
         Ok(r) => r,
         Err(e) => return send(&mut stream, &Response::Error(e)).await,
     };
-    let capture = matches!(request, Request::Flamegraph(_));
     let response = match request {
         Request::Flamegraph(req) => flamegraph(&mut stream, req, captures).await?,
         Request::Flamegraphs => match &captures.store {
@@ -267,8 +266,8 @@ async fn handle(mut stream: UnixStream, allowed: bool, captures: &Captures) -> s
         },
     };
     let sent = send(&mut stream, &response).await;
-    if capture {
-        // The capture's stacks, symbols and folded text are freed by now.
+    if matches!(response, Response::Done { .. }) {
+        // A capture ran: its stacks, symbols and folded text are freed once this is.
         drop(response);
         crate::heap::release_free();
     }

@@ -144,7 +144,7 @@ impl Default for LoadOptions {
 
 /// Loads the object, and returns it with the kernel's BTF, which loading a tp_btf program
 /// needs. Keep the BTF only until the last program is loaded: parsed, it takes about 13 MB of
-/// the agent's memory (`cargo xtask bench --only footprint`).
+/// the agent's memory (its RSS after start-up, with and without it).
 pub fn load(opts: LoadOptions) -> Result<(Kernel, Btf), LoadError> {
     let kernel_btf = KernelBtf::load(VMLINUX)?;
     let offsets = TaskOffsets::from_btf(&kernel_btf)?;
