@@ -34,19 +34,15 @@ fn runqueue_delay_agrees_with_runqlat_and_quiet_process_stays_sub_ms() {
     ]);
     std::thread::sleep(Duration::from_secs(1));
 
-    let before = agent.scrape();
     // A second runqlat watches the quiet process over the same seconds: on a busy CI host its
-    // CPU is shared with whatever else runs, and the reference says what that cost it.
-    let quiet_ref = Command::new("runqlat")
-        .args(["-p", &quiet.pid().to_string(), "6", "1"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("runqlat runs");
-    let out = Command::new("runqlat")
-        .args(["-p", &busy.pid().to_string(), "6", "1"])
-        .output()
-        .expect("runqlat runs");
-    let quiet_ref = quiet_ref.wait_with_output().expect("runqlat runs");
+    // CPU is shared with whatever else runs, and the reference says what that cost it. The
+    // agent's window starts once both have attached: loading them delays the quiet process
+    // too, which only the agent would see (a CI run's p99 was 2 ms against runqlat's 256 us,
+    // over 17 wakeups more than runqlat's).
+    let quiet_ref = Runqlat::attach(quiet.pid());
+    let busy_ref = Runqlat::attach(busy.pid());
+    let before = agent.scrape();
+    let (out, quiet_ref) = (busy_ref.finish(), quiet_ref.finish());
     let after = agent.scrape();
     let runqlat = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -120,6 +116,40 @@ fn runqueue_delay_agrees_with_runqlat_and_quiet_process_stays_sub_ms() {
         p99 <= 1.024e-3 || agrees,
         "quiet process p99 bucket le={p99}s is not sub-millisecond, and runqlat's p99 row ends at {ref_p99_le_us}us"
     );
+}
+
+/// `runqlat -p PID 6 1`, line-buffered (stdbuf) so that its first line, printed once its
+/// programs are attached, can be waited for.
+struct Runqlat {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Runqlat {
+    fn attach(pid: u32) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "runqlat", "-p", &pid.to_string(), "6", "1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("stdbuf runqlat runs");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("runqlat's first line");
+        assert!(line.starts_with("Tracing"), "runqlat said {line:?}");
+        Self { child, out }
+    }
+
+    /// The rest of its output, once it has ended.
+    fn finish(mut self) -> std::process::Output {
+        use std::io::Read as _;
+        let mut stdout = Vec::new();
+        self.out.read_to_end(&mut stdout).expect("runqlat's output");
+        let mut o = self.child.wait_with_output().expect("runqlat ends");
+        o.stdout = stdout;
+        o
+    }
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
