@@ -163,6 +163,9 @@ pub fn scenarios() -> Vec<Scenario> {
                     "tcp/tcp_retransmit_skb",
                 ]),
                 Agent(&["tcp", "tcp_rtt"]),
+                // Every other connection of the node: its state changes, segments and reads
+                // run the same programs, which find no owner.
+                Untracked(&["tcp", "tcp_rtt"]),
                 Agent(&[]),
                 Reference("tcpstates", &[]),
             ],
