@@ -89,10 +89,13 @@ pub const AF_INET6: u16 = 10;
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
-    /// Inode number of the socket's network namespace (as in /proc/PID/ns/net), 0 if unknown.
-    pub netns: u32,
+    /// The socket's network namespace (its `struct net`), 0 if unknown: one pointer read, where
+    /// the namespace's inode number takes two, at every accepted connection of the node. A
+    /// socket holds a reference on its namespace, so no other namespace gets that address while
+    /// the listener lives, and its entry goes when it closes.
+    pub net: u64,
     pub port: u16,
-    pub _pad: u16,
+    pub _pad: [u16; 3],
 }
 
 #[repr(C)]
@@ -172,8 +175,6 @@ pub mod globals {
     pub const RCV_COOKIE: &str = "TCP_RCV_COOKIE";
     /// `offsetof(struct sock, __sk_common.skc_net)`, from BTF, or `ABSENT`.
     pub const SK_NET: &str = "TCP_SK_NET";
-    /// `offsetof(struct net, ns.inum)`, from BTF, or `ABSENT`.
-    pub const NET_INUM: &str = "TCP_NET_INUM";
     /// 1 when the per-peer breakdown is on.
     pub const PER_PEER: &str = "TCP_PER_PEER";
     /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs)` from BTF, or

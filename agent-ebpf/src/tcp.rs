@@ -76,8 +76,6 @@ static TCP_SKB_GSO_SEGS: u32 = ABSENT;
 static TCP_PER_PEER: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_SK_NET: u32 = ABSENT;
-#[unsafe(no_mangle)]
-static TCP_NET_INUM: u32 = ABSENT;
 
 /// Socket address -> owner of the socket.
 #[map]
@@ -283,27 +281,21 @@ fn peer(key: &PeerKey) -> Option<*mut PeerStats> {
     p
 }
 
-/// The listener key of socket `sk` for local port `port`: its network namespace's inode.
+/// The listener key of socket `sk` for local port `port`: its network namespace.
 fn listener_key(sk: u64, port: u16) -> ListenerKey {
-    let (net_off, inum_off) = (global(&TCP_SK_NET), global(&TCP_NET_INUM));
-    let mut netns = 0;
-    if net_off != ABSENT && inum_off != ABSENT {
+    let net_off = global(&TCP_SK_NET);
+    let mut net = 0;
+    if net_off != ABSENT {
         // SAFETY: bpf_probe_read_kernel tolerates any address; a failed read leaves 0.
-        unsafe {
-            if let Ok(net) = bpf_probe_read_kernel(
-                (sk as *const u8).wrapping_add(net_off as usize) as *const u64
-            ) {
-                netns = bpf_probe_read_kernel(
-                    (net as *const u8).wrapping_add(inum_off as usize) as *const u32
-                )
-                .unwrap_or(0);
-            }
+        net = unsafe {
+            bpf_probe_read_kernel((sk as *const u8).wrapping_add(net_off as usize) as *const u64)
         }
+        .unwrap_or(0);
     }
     ListenerKey {
-        netns,
+        net,
         port,
-        _pad: 0,
+        _pad: [0; 3],
     }
 }
 
@@ -393,21 +385,24 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         _ => {}
     }
     if new == TCP_CLOSE {
-        if old == TCP_SYN_SENT {
-            // SAFETY: copied out before removal.
-            if let Some(o) = unsafe { SOCK_OWNER.get(&sk).copied() }
-                && o.connect_ts_ns != 0
-                && let Some(s) = stats(o.target)
-            {
-                s.connect_failures += 1;
-            }
-        }
         if old == TCP_LISTEN {
             let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
             // SAFETY: copied out.
             if unsafe { LISTENERS.get(&key) }.is_some_and(|l| l.sk == sk) {
                 let _ = LISTENERS.remove(&key);
             }
+        }
+        // Most sockets that close on a node have no owner here. The verifier inlines a hash
+        // look-up; a delete is a helper call that takes the bucket's lock, found or not.
+        // SAFETY: copied out before removal.
+        let Some(o) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+            return Ok(());
+        };
+        if old == TCP_SYN_SENT
+            && o.connect_ts_ns != 0
+            && let Some(s) = stats(o.target)
+        {
+            s.connect_failures += 1;
         }
         let _ = SOCK_OWNER.remove(&sk);
     }

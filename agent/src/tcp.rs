@@ -122,16 +122,8 @@ pub fn state_globals(btf: &KernelBtf) -> Globals {
         Err(e) => tracing::warn!(error = %e, "retransmits will count skbs, not segments"),
     }
     // struct sock starts with its sock_common; possible_net_t holds the net pointer first.
-    let netns = btf
-        .member_offset("sock_common", &["skc_net"])
-        .and_then(|net| {
-            Ok((
-                net,
-                btf.member_offset("net", &["ns"])? + btf.member_offset("ns_common", &["inum"])?,
-            ))
-        });
-    match netns {
-        Ok((net, inum)) => out.extend([(globals::SK_NET, net), (globals::NET_INUM, inum)]),
+    match btf.member_offset("sock_common", &["skc_net"]) {
+        Ok(net) => out.push((globals::SK_NET, net)),
         Err(e) => tracing::warn!(
             error = %e,
             "listeners are matched by port alone: pods listening on the same port may be confused"
