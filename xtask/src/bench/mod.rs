@@ -152,8 +152,24 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 ),
                 ok: x <= 1.5,
             };
-            if let (Variant::Untracked(_), Some(x)) = (v, vs_floor) {
-                checks.push(against_floor(x));
+            // A floor not told apart from nothing bounds the probe instead of dividing it.
+            let within_bound = |floor_name: &str, bound: f64| Check {
+                what: format!(
+                    "{}: {floor_name} is not told apart from nothing (at most {}); {} costs \
+                     {}, at most 1.5x that bound",
+                    s.title,
+                    pct(bound),
+                    v.name(),
+                    pct(over)
+                ),
+                ok: over <= 1.5 * bound,
+            };
+            if matches!(v, Variant::Untracked(_)) {
+                if let Some(x) = vs_floor {
+                    checks.push(against_floor(x));
+                } else if let Some(bound) = floor_bound {
+                    checks.push(within_bound("the floor's cost", bound));
+                }
             }
             if single {
                 if let Some(j) = (i + 1..s.variants.len())
@@ -181,18 +197,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                         ok: over <= reference || tied,
                     });
                 }
-                // A floor not told apart from nothing bounds the probe instead of dividing it.
-                let within_bound = |floor_name: &str, bound: f64| Check {
-                    what: format!(
-                        "{}: {floor_name} is not told apart from nothing (at most {}); {} costs \
-                         {}, at most 1.5x that bound",
-                        s.title,
-                        pct(bound),
-                        v.name(),
-                        pct(over)
-                    ),
-                    ok: over <= 1.5 * bound,
-                };
                 if let Some(x) = vs_floor {
                     checks.push(against_floor(x));
                 } else if let Some(bound) = floor_bound {
