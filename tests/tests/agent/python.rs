@@ -451,8 +451,9 @@ fn rss_anon_kb(pid: u32) -> u64 {
 /// Start-up (the kernel's BTF parsed twice) and a capture of Python processes (stacks unwound,
 /// frames named and folded) free nearly all they allocate; the agent gives it back to the
 /// kernel (`heap::release_free`) and keeps no parsed BTF. Without either, its anonymous memory
-/// stays at their high-water marks: about 20 MB after start-up, and the 27 MB the discovery of
-/// these interpreters left before the capture (a debug build, 2026-12-04), against 3 and 6 MB.
+/// stays at their high-water marks: about 20 MB after start-up, and 34-41 MB after the capture
+/// (a debug build, 2026-12-05), against 3 MB and 5-20 MB: what stays live after a capture (the
+/// interpreters' caches among it) varies from run to run.
 #[test]
 fn start_up_and_captures_give_their_memory_back() {
     let (_, python) = interpreters().pop().unwrap();
@@ -481,9 +482,14 @@ fn start_up_and_captures_give_their_memory_back() {
         total(&std::fs::read_to_string(&out).unwrap()) > 100,
         "too few samples"
     );
-    // The agent gives the memory back after it has sent the flamegraph.
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let after_capture = rss_anon_kb(agent.pid());
+    // The agent gives the memory back after it has sent the flamegraph: the lowest reading
+    // within five seconds.
+    let limit_kb = 25 * 1024;
+    let mut after_capture = u64::MAX;
+    let _ = pipeprobe_tests::wait_until(std::time::Duration::from_secs(5), || {
+        after_capture = after_capture.min(rss_anon_kb(agent.pid()));
+        after_capture < limit_kb
+    });
     drop(procs);
     eprintln!(
         "agent RssAnon: {after_start} kB after start-up, {after_capture} kB after the capture"
@@ -493,7 +499,7 @@ fn start_up_and_captures_give_their_memory_back() {
         "{after_start} kB of anonymous memory after start-up"
     );
     assert!(
-        after_capture < 16 * 1024,
+        after_capture < limit_kb,
         "{after_capture} kB of anonymous memory after a capture"
     );
 }
