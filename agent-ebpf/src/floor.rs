@@ -1,8 +1,10 @@
 //! Empty programs on every hook the probes use, never attached by the agent: `cargo xtask
 //! bench` attaches them alone (the `floor` tool of the tests crate) to measure what merely
 //! running a BPF program at those hooks costs, the floor each probe's cost is compared with.
+use agent_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT};
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, btf_tracepoint, map, perf_event, tracepoint},
     maps::StackTrace,
     programs::{
@@ -115,4 +117,78 @@ pub fn floor_stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
         let _ = ctx.get_stackid(&FLOOR_STACKS, u64::from(BPF_F_USER_STACK));
     }
     0
+}
+
+// The TCP hooks as BTF tracepoints, where a program gets the socket as a typed pointer: what
+// running an empty program there costs, and the floor of an owner kept in socket-local storage
+// (one storage call per state change, created at connect and accept) against the owner hash map
+// of the tcp probe. `floor inet_sock_set_state+raw` and `inet_sock_set_state+owner` attach them.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_raw_inet_sock_set_state(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_map]
+static FLOOR_OWNERS: SkLocal<u64> = SkLocal::new();
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_owner_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate).
+    let sk: *const u8 = ctx.arg(0);
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    let create = matches!(
+        (old as i32, new as i32),
+        (TCP_CLOSE, TCP_SYN_SENT) | (TCP_SYN_RECV, TCP_ESTABLISHED)
+    );
+    if let Some(n) = FLOOR_OWNERS.get(sk, create) {
+        // SAFETY: the socket's own value; one socket's state changes are serialised.
+        unsafe { *n += 1 };
+    }
+    0
+}
+
+/// Socket-local storage on a BTF-typed socket pointer (aya-ebpf's `SkStorage` takes a sock_addr
+/// program's context only).
+#[repr(C)]
+pub struct SkLocal<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: the fields only describe the map to the loader in BTF; nothing reads them.
+unsafe impl<T> Sync for SkLocal<T> {}
+
+impl<T> SkLocal<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, sk: *const u8, create: bool) -> Option<*mut T> {
+        let flags = if create {
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks the rest.
+        let p = unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                sk.cast_mut().cast(),
+                core::ptr::null_mut(),
+                flags,
+            )
+        };
+        (!p.is_null()).then_some(p.cast())
+    }
 }

@@ -7,6 +7,7 @@
 //!     floor sys_enter+clock             # a program that only reads the clock
 //!     floor sched_switch+state          # ... that only gets the thread's task storage
 //!     floor sched_switch+stack          # ... that only takes the user stack where it blocks
+//!     floor inet_sock_set_state+owner   # ... that only gets the socket's local storage
 use anyhow::{Context as _, bail};
 use aya::{
     Btf, EbpfLoader,

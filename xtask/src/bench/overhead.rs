@@ -52,6 +52,8 @@ impl Variant {
                         "clock" => "timing: a clock read alone",
                         "state" => "state: a task-storage call alone",
                         "stack" => "stack: a user stack at each blocking switch alone",
+                        "raw" => "BTF tracepoint: an empty program",
+                        "owner" => "owner: a socket-storage call alone, as a BTF tracepoint",
                         other => other,
                     },
                     hooks
@@ -162,6 +164,10 @@ pub fn scenarios() -> Vec<Scenario> {
                     "tcp/tcp_rcv_space_adjust",
                     "tcp/tcp_retransmit_skb",
                 ]),
+                // The same hook as a BTF tracepoint, and what keeping each socket's owner in
+                // socket-local storage costs there instead of in a hash map.
+                Floor(&["inet_sock_set_state+raw"]),
+                Floor(&["inet_sock_set_state+owner"]),
                 Agent(&["tcp", "tcp_rtt"]),
                 // Every other connection of the node: its state changes, segments and reads
                 // run the same programs, which find no owner.
