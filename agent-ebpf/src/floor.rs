@@ -3,8 +3,7 @@
 //! running a BPF program at those hooks costs, the floor each probe's cost is compared with.
 use agent_common::tcp::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_RECV, TCP_SYN_SENT};
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
-    helpers::generated::bpf_sk_storage_get,
+    bindings::BPF_F_USER_STACK,
     macros::{btf_map, btf_tracepoint, map, perf_event, tracepoint},
     maps::StackTrace,
     programs::{
@@ -12,7 +11,7 @@ use aya_ebpf::{
     },
 };
 
-use crate::task_storage::TaskStorage;
+use crate::task_storage::{SkStorage, TaskStorage};
 
 #[btf_tracepoint(function = "sys_enter")]
 pub fn floor_sys_enter(_ctx: BtfTracePointContext) -> i32 {
@@ -129,7 +128,7 @@ pub fn floor_raw_inet_sock_set_state(_ctx: BtfTracePointContext) -> i32 {
 }
 
 #[btf_map]
-static FLOOR_OWNERS: SkLocal<u64> = SkLocal::new();
+static FLOOR_OWNERS: SkStorage<u64> = SkStorage::new();
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn floor_owner_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
@@ -141,54 +140,14 @@ pub fn floor_owner_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         (old as i32, new as i32),
         (TCP_CLOSE, TCP_SYN_SENT) | (TCP_SYN_RECV, TCP_ESTABLISHED)
     );
-    if let Some(n) = FLOOR_OWNERS.get(sk, create) {
+    let owner = if create {
+        FLOOR_OWNERS.get_or_create(sk)
+    } else {
+        FLOOR_OWNERS.get(sk)
+    };
+    if let Some(n) = owner {
         // SAFETY: the socket's own value; one socket's state changes are serialised.
         unsafe { *n += 1 };
     }
     0
-}
-
-/// Socket-local storage on a BTF-typed socket pointer (aya-ebpf's `SkStorage` takes a sock_addr
-/// program's context only).
-#[repr(C)]
-pub struct SkLocal<T> {
-    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const T,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
-}
-
-// SAFETY: the fields only describe the map to the loader in BTF; nothing reads them.
-unsafe impl<T> Sync for SkLocal<T> {}
-
-impl<T> SkLocal<T> {
-    pub const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-            map_flags: core::ptr::null(),
-        }
-    }
-
-    #[inline(always)]
-    fn get(&self, sk: *const u8, create: bool) -> Option<*mut T> {
-        let flags = if create {
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
-        } else {
-            0
-        };
-        // SAFETY: `sk` is the tracepoint's BTF-typed socket; the helper checks the rest.
-        let p = unsafe {
-            bpf_sk_storage_get(
-                core::ptr::from_ref(self).cast_mut().cast(),
-                sk.cast_mut().cast(),
-                core::ptr::null_mut(),
-                flags,
-            )
-        };
-        (!p.is_null()).then_some(p.cast())
-    }
 }
