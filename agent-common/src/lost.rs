@@ -13,7 +13,8 @@ pub const RUNQ_PENDING_FULL: u32 = 2;
 pub const SYSCALL_PENDING_FULL: u32 = 3;
 /// A new (target, syscall) pair could not be added: the syscall statistics map is full.
 pub const SYSCALL_STATS_FULL: u32 = 4;
-/// A socket of a tracked process could not be recorded: the socket-owner map is full.
+/// A socket of a tracked process could not be recorded: the socket owner table is full
+/// (`[tcp] max_sockets`).
 pub const TCP_SOCKETS_FULL: u32 = 5;
 /// A listening socket could not be recorded: the listener map is full. (A connect in flight is
 /// kept with its socket's owner, `TCP_SOCKETS_FULL`.)

@@ -1,13 +1,56 @@
 //! TCP probe types.
 //!
 //! TCP tracepoints fire in softirq context, where the current task is not the socket's owner,
-//! so every event is attributed through `SOCK_OWNER` (socket address -> target), filled where the
+//! so every event is attributed through the socket owner table (socket address -> target), filled where the
 //! owner is current: connect() for client sockets, listen() for listeners, whose accepted
 //! children are matched by local port, and every recvmsg() (tcp_rcv_space_adjust), which
 //! claims sockets opened before their process was tracked.
 
-/// Sockets of tracked processes.
-pub const SOCKETS_MAX: u32 = 65_536;
+/// The socket owner table (`SOCK_OWNERS`, an array indexed by a hash of the socket's address):
+/// buckets of `SOCK_WAYS` slots, so that a look-up is a few loads and a claim or a release one
+/// compare-and-swap, where a hash map takes a bucket lock and a free list at each insert and
+/// delete (about 200-300 ns apiece on the machines of docs/benchmarks.md). Sockets whose bucket
+/// is full go to a hash map (`SOCK_SPILL`).
+pub const SOCK_WAYS: usize = 2;
+/// Sockets of tracked processes followed at once by default (`[tcp] max_sockets`).
+pub const SOCKETS_DEFAULT: u32 = 65_536;
+/// The range `[tcp] max_sockets` may take.
+pub const SOCKETS_MIN: u32 = 4;
+pub const SOCKETS_MAX: u32 = 1 << 20;
+
+/// The sizes of the owner table for `max_sockets` sockets.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SockTable {
+    /// log2 of the bucket count (at least 1).
+    pub bucket_bits: u32,
+    /// Entries of the spill map: a quarter of `max_sockets`, at least 16.
+    pub spill: u32,
+}
+
+impl SockTable {
+    /// Slots for `max_sockets` (clamped to `SOCKETS_MIN..=SOCKETS_MAX`) rounded up to a power of
+    /// two: with a few thousand live sockets few buckets ever fill.
+    pub const fn for_sockets(max_sockets: u32) -> Self {
+        let n = if max_sockets < SOCKETS_MIN {
+            SOCKETS_MIN
+        } else if max_sockets > SOCKETS_MAX {
+            SOCKETS_MAX
+        } else {
+            max_sockets
+        };
+        let buckets = n.div_ceil(SOCK_WAYS as u32).next_power_of_two();
+        let spill = n / 4;
+        Self {
+            bucket_bits: buckets.trailing_zeros(),
+            spill: if spill < 16 { 16 } else { spill },
+        }
+    }
+
+    pub const fn buckets(&self) -> u32 {
+        1 << self.bucket_bits
+    }
+}
+
 /// Listening ports of tracked processes.
 pub const LISTENERS_MAX: u32 = 4096;
 
@@ -24,7 +67,7 @@ pub struct TcpStats {
     pub retransmits: u64,
 }
 
-/// Owner of a socket, the value of `SOCK_OWNER`.
+/// Owner of a socket.
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct SockOwner {
@@ -53,6 +96,30 @@ impl SockOwner {
 }
 
 pub const OWNER_CLIENT: u32 = 1;
+
+/// One socket's place in the owner table: `sk` 0 is free. A slot is claimed by a
+/// compare-and-swap of `sk` from 0 and released by one back to 0, by the socket's own state
+/// changes, which the kernel serialises under the socket's lock; so only the socket that holds a
+/// slot writes its owner, and any reader that finds its own address there reads its own owner.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct SockSlot {
+    pub sk: u64,
+    pub owner: SockOwner,
+}
+
+/// A bucket of the owner table: one cache line.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct SockBucket {
+    pub slots: [SockSlot; SOCK_WAYS],
+}
+
+/// The bucket of socket address `sk` in a table of `1 << bits` buckets (`bits` in 1..=63): the
+/// top bits of a multiplicative hash, since slab addresses share their low bits.
+pub const fn sock_bucket(sk: u64, bits: u32) -> u32 {
+    (sk.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as u32
+}
 
 /// Processes with per-process retransmit counts (an LRU map: the least recently counted go
 /// first, and only when this many processes have retransmitted).
@@ -107,7 +174,7 @@ pub struct Listener {
     pub tgid: u32,
 }
 
-/// A socket a TCP program on this CPU found in `SOCK_OWNER` lately, and its owner then.
+/// A socket a TCP program on this CPU found in the owner table lately, and its owner then.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default)]
 pub struct SockMemo {
@@ -177,6 +244,8 @@ pub mod globals {
     pub const SK_NET: &str = "TCP_SK_NET";
     /// 1 when the per-peer breakdown is on.
     pub const PER_PEER: &str = "TCP_PER_PEER";
+    /// `SockTable::bucket_bits` of the owner table the loader sized.
+    pub const SOCK_BUCKET_BITS: &str = "TCP_SOCK_BUCKET_BITS";
     /// `offsetof(struct sk_buff, cb) + offsetof(struct tcp_skb_cb, tcp_gso_segs)` from BTF, or
     /// `ABSENT`: the segments in a retransmitted skb, as the kernel's `total_retrans` counts.
     pub const SKB_GSO_SEGS: &str = "TCP_SKB_GSO_SEGS";
@@ -195,3 +264,55 @@ pub const TCP_SYN_RECV: i32 = 3;
 pub const TCP_CLOSE: i32 = 7;
 pub const TCP_LISTEN: i32 = 10;
 pub const IPPROTO_TCP: u16 = 6;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_is_one_cache_line() {
+        assert_eq!(core::mem::size_of::<SockBucket>(), 64);
+    }
+
+    #[test]
+    fn the_table_holds_what_it_is_sized_for() {
+        let d = SockTable::for_sockets(SOCKETS_DEFAULT);
+        assert_eq!((d.buckets(), d.spill), (32_768, 16_384));
+        let small = SockTable::for_sockets(SOCKETS_MIN);
+        assert_eq!((small.buckets(), small.spill), (2, 16));
+        // Rounded up, clamped.
+        assert_eq!(SockTable::for_sockets(5).buckets(), 4);
+        assert_eq!(SockTable::for_sockets(0), small);
+        assert_eq!(
+            SockTable::for_sockets(u32::MAX).buckets() as usize * SOCK_WAYS,
+            SOCKETS_MAX as usize
+        );
+        for bits in 1..=21 {
+            assert!(sock_bucket(u64::MAX, bits) < 1 << bits);
+        }
+    }
+
+    /// Sockets are slab objects: a few thousand of them, a dozen to each 32 KiB slab, must spread
+    /// over the buckets so that almost none spill into the hash map.
+    #[test]
+    fn slab_laid_sockets_rarely_spill() {
+        let table = SockTable::for_sockets(SOCKETS_DEFAULT);
+        let mut load = [0u8; 32_768];
+        let (mut sockets, mut spilled) = (0, 0);
+        // Slabs scattered over the direct map, as a busy node's are.
+        for slab in 0..400u64 {
+            let base = 0xffff_8881_0000_0000 + slab.wrapping_mul(0x9_a000) % (1 << 32);
+            for i in 0..13 {
+                let n = &mut load[sock_bucket(base + i * 2432, table.bucket_bits) as usize];
+                *n += 1;
+                sockets += 1;
+                if *n as usize > SOCK_WAYS {
+                    spilled += 1;
+                }
+            }
+        }
+        assert_eq!(sockets, 5200);
+        // Uniform hashing spills about 5 of 5,200 into 32,768 two-way buckets.
+        assert!(spilled <= 20, "{spilled} of {sockets} sockets spilled");
+    }
+}

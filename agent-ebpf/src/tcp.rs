@@ -8,9 +8,9 @@ use agent_common::{
     tcp::{
         AF_INET, AF_INET6, IPPROTO_TCP, LISTENERS_MAX, Listener, ListenerKey, OWNER_CLIENT,
         PEERS_DEFAULT, PROBE_RECORD_BYTES, PROC_RETRANS_MAX, PeerKey, PeerStats,
-        RCV_SPACE_RECORD_BYTES, RETRANSMIT_RECORD_BYTES, SET_STATE_RECORD_BYTES, SOCKETS_MAX,
-        SockMemo, SockMemos, SockOwner, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV,
-        TCP_SYN_SENT, TcpStats, globals::ABSENT,
+        RCV_SPACE_RECORD_BYTES, RETRANSMIT_RECORD_BYTES, SET_STATE_RECORD_BYTES, SockMemo,
+        SockMemos, SockOwner, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
+        TcpStats, globals::ABSENT,
     },
 };
 use aya_ebpf::{
@@ -21,6 +21,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
+
+mod owners;
 
 use crate::{aggregate, clock::Now, lost::count as count_lost, targets::target_of};
 
@@ -76,10 +78,6 @@ static TCP_SKB_GSO_SEGS: u32 = ABSENT;
 static TCP_PER_PEER: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_SK_NET: u32 = ABSENT;
-
-/// Socket address -> owner of the socket.
-#[map]
-static SOCK_OWNER: HashMap<u64, SockOwner> = HashMap::with_max_entries(SOCKETS_MAX, 0);
 
 /// (network namespace, local port) -> listening socket of a tracked process; accepted sockets
 /// inherit its target.
@@ -255,13 +253,6 @@ impl Memo {
     }
 }
 
-#[inline(always)]
-fn own(sk: u64, owner: &SockOwner) {
-    if SOCK_OWNER.insert(&sk, owner, 0).is_err() {
-        count_lost(lost::TCP_SOCKETS_FULL);
-    }
-}
-
 /// The per-peer entry for `key`, created on first use; `None` when the breakdown is off or the
 /// map is full (counted).
 #[inline(always)]
@@ -343,13 +334,13 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                     connect_ts_ns: now.get(),
                     ..SockOwner::new(target, OWNER_CLIENT, tgid)
                 };
-                own(sk, &owner);
+                owners::set(sk, &owner);
             }
         }
         (TCP_CLOSE, TCP_LISTEN) => {
             let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
             if let Some(target) = target_of(tgid) {
-                own(sk, &SockOwner::new(target, 0, tgid));
+                owners::set(sk, &SockOwner::new(target, 0, tgid));
                 let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
                 let l = Listener { sk, target, tgid };
                 if LISTENERS.insert(&key, &l, 0).is_err() {
@@ -359,7 +350,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
             // SAFETY: a live map value; one socket's state changes are serialised.
-            if let Some(o) = SOCK_OWNER.get_ptr_mut(&sk).map(|p| unsafe { &mut *p })
+            if let Some(o) = owners::get_ptr_mut(sk).map(|p| unsafe { &mut *p })
                 && o.connect_ts_ns != 0
             {
                 let ns = now.get().saturating_sub(o.connect_ts_ns);
@@ -379,7 +370,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             let key = listener_key(sk, rec.field(&TCP_STATE_SPORT)?);
             // SAFETY: copied out.
             if let Some(l) = unsafe { LISTENERS.get(&key).copied() } {
-                own(sk, &SockOwner::new(l.target, 0, l.tgid));
+                owners::set(sk, &SockOwner::new(l.target, 0, l.tgid));
             }
         }
         _ => {}
@@ -392,10 +383,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 let _ = LISTENERS.remove(&key);
             }
         }
-        // Most sockets that close on a node have no owner here. The verifier inlines a hash
-        // look-up; a delete is a helper call that takes the bucket's lock, found or not.
-        // SAFETY: copied out before removal.
-        let Some(o) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+        let Some(o) = owners::take(sk) else {
             return Ok(());
         };
         if old == TCP_SYN_SENT
@@ -404,7 +392,6 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         {
             s.connect_failures += 1;
         }
-        let _ = SOCK_OWNER.remove(&sk);
     }
     Ok(())
 }
@@ -431,13 +418,12 @@ pub fn tcp_rcv_space_adjust(ctx: TracePointContext) -> u32 {
     let Some(target) = target_of(tgid) else {
         return 0;
     };
-    // SAFETY: copied out.
-    let owner = match unsafe { SOCK_OWNER.get(&sk).copied() } {
+    let owner = match owners::get(sk) {
         Some(o) => o,
         None => {
             // Who connected is unknown here: the peer is recorded without its port.
             let o = SockOwner::new(target, 0, tgid);
-            own(sk, &o);
+            owners::set(sk, &o);
             o
         }
     };
@@ -460,8 +446,7 @@ fn try_tcp_probe(ctx: &TracePointContext) -> Result<(), i32> {
     let owner = match memo.recall(sk, cookie) {
         Some(o) => o,
         None => {
-            // SAFETY: copied out.
-            let Some(o) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+            let Some(o) = owners::get(sk) else {
                 return Ok(());
             };
             memo.remember(sk, cookie, &o);
@@ -515,8 +500,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let rec = RetransmitRecord::of(ctx, &TCP_RETRANS_WORDS).ok_or(-1)?;
     let sk: u64 = rec.field(&TCP_RETRANS_SKADDR)?;
-    // SAFETY: copied out.
-    let Some(owner) = (unsafe { SOCK_OWNER.get(&sk).copied() }) else {
+    let Some(owner) = owners::get(sk) else {
         return Ok(());
     };
     // Every attempt counts, as in the kernel's total_retrans (ss, nstat TcpRetransSegs); one

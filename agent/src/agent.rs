@@ -119,6 +119,7 @@ fn start_probes(config: &Config, targets: &Arc<TargetSet>) -> Started {
         all_syscalls: config.syscalls == Selection::All,
         tcp_per_peer: config.tcp_per_peer,
         tcp_max_peers: config.tcp_max_peers,
+        tcp_max_sockets: config.tcp_max_sockets,
     };
     // The BTF is dropped with this function: every program is loaded by its end.
     let (mut kernel, btf) = match ebpf::load(opts) {

@@ -262,6 +262,7 @@ struct FileTcp {
     #[serde(default)]
     per_peer: bool,
     max_peers: Option<u32>,
+    max_sockets: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -306,6 +307,8 @@ pub struct Config {
     pub tcp_per_peer: bool,
     /// Most (target, peer) series; further peers are counted as lost.
     pub tcp_max_peers: u32,
+    /// Sockets of tracked processes followed at once; further ones are counted as lost.
+    pub tcp_max_sockets: u32,
     /// GPU sampling through NVML (on by default; without a driver it reports gpu_up 0).
     pub gpu_enabled: bool,
     pub nvml_library: PathBuf,
@@ -520,6 +523,17 @@ impl Config {
             .max_peers
             .unwrap_or(agent_common::tcp::PEERS_DEFAULT);
         in_range(&where_, "tcp.max_peers", max_peers, 1, 65_536)?;
+        let max_sockets = file
+            .tcp
+            .max_sockets
+            .unwrap_or(agent_common::tcp::SOCKETS_DEFAULT);
+        in_range(
+            &where_,
+            "tcp.max_sockets",
+            max_sockets,
+            agent_common::tcp::SOCKETS_MIN,
+            agent_common::tcp::SOCKETS_MAX,
+        )?;
 
         let gpu_interval = file.gpu.interval_secs.unwrap_or(1.0);
         in_range(&where_, "gpu.interval_secs", gpu_interval, 0.05, 3600.0)?;
@@ -630,6 +644,7 @@ impl Config {
             max_syscall_series_per_target: max_series,
             tcp_per_peer: file.tcp.per_peer,
             tcp_max_peers: max_peers,
+            tcp_max_sockets: max_sockets,
             gpu_enabled: file.gpu.enabled.unwrap_or(true),
             nvml_library: file
                 .gpu
@@ -831,6 +846,13 @@ cgroup = "/system.slice"
         );
         assert!(err("[tcp]\nper_peers = true\n[targets.a]\npid = 1\n", &[]).contains("per_peers"));
         assert!(err("[tcp]\nmax_peers = 0\n[targets.a]\npid = 1\n", &[]).contains("tcp.max_peers"));
+        assert_eq!(c.tcp_max_sockets, agent_common::tcp::SOCKETS_DEFAULT);
+        let f = file("[tcp]\nmax_sockets = 1000\n[targets.a]\npid = 1\n");
+        let c = Config::load(Some(f.path()), &[], None).unwrap();
+        assert_eq!(c.tcp_max_sockets, 1000);
+        assert!(
+            err("[tcp]\nmax_sockets = 2\n[targets.a]\npid = 1\n", &[]).contains("tcp.max_sockets")
+        );
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct LoadOptions {
     /// TCP per-peer breakdown, and its series cap (the map's size).
     pub tcp_per_peer: bool,
     pub tcp_max_peers: u32,
+    /// Sockets of tracked processes followed at once (the owner table's size).
+    pub tcp_max_sockets: u32,
 }
 
 impl Default for LoadOptions {
@@ -138,6 +140,7 @@ impl Default for LoadOptions {
             all_syscalls: true,
             tcp_per_peer: false,
             tcp_max_peers: agent_common::tcp::PEERS_DEFAULT,
+            tcp_max_sockets: agent_common::tcp::SOCKETS_DEFAULT,
         }
     }
 }
@@ -171,6 +174,7 @@ pub fn load(opts: LoadOptions) -> Result<(Kernel, Btf), LoadError> {
     });
     let all_syscalls = u32::from(opts.all_syscalls);
     let per_peer = u32::from(opts.tcp_per_peer);
+    let sockets = agent_common::tcp::SockTable::for_sockets(opts.tcp_max_sockets);
     let mut loader = EbpfLoader::new();
     loader
         .btf(Some(&btf))
@@ -202,8 +206,15 @@ pub fn load(opts: LoadOptions) -> Result<(Kernel, Btf), LoadError> {
             true,
         )
         .override_global(agent_common::tcp::globals::PER_PEER, &per_peer, true)
+        .override_global(
+            agent_common::tcp::globals::SOCK_BUCKET_BITS,
+            &sockets.bucket_bits,
+            true,
+        )
         .map_max_entries("TRACKED", opts.tracked_processes)
-        .map_max_entries(tcp::PEERS_MAP, opts.tcp_max_peers);
+        .map_max_entries(tcp::PEERS_MAP, opts.tcp_max_peers)
+        .map_max_entries(tcp::OWNERS_MAP, sockets.buckets())
+        .map_max_entries(tcp::SPILL_MAP, sockets.spill);
     for (name, value) in &tcp_globals {
         loader.override_global(name, value, true);
     }

@@ -80,6 +80,9 @@ pub const RTT_FAMILY: Family = Family {
 
 pub const STATS_MAP: &str = "TCP_STATS";
 pub const PEERS_MAP: &str = "TCP_PEERS";
+/// The socket owner table and its spill map, sized by `[tcp] max_sockets` (`SockTable`).
+pub const OWNERS_MAP: &str = "SOCK_OWNERS";
+pub const SPILL_MAP: &str = "SOCK_SPILL";
 /// Owning process -> retransmitted segments, sampled into the span history.
 pub const PROC_RETRANS_MAP: &str = "PROC_RETRANS";
 

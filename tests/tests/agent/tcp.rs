@@ -487,3 +487,74 @@ fn same_port_listeners_in_two_network_namespaces_stay_apart() {
         "pod b: {b} samples for 60 exchanges (a has {a})"
     );
 }
+
+/// Sockets connected to `port` on loopback that are not yet in TIME-WAIT.
+fn client_sockets_to(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-Htn", "state", "big", "dst", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("running ss");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_full_socket_table_spills_then_counts_each_socket_it_cannot_hold() {
+    // An untracked server, which closes each connection after its client: only the clients'
+    // sockets have an owner, and each goes through CLOSE to TIME-WAIT.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = std::io::Read::read_to_end(&mut conn, &mut Vec::new());
+            });
+        }
+    });
+    // Two buckets of two slots, and a spill map of 16: room for 20 sockets.
+    let config = pipeprobe_tests::config_file(&format!(
+        "[tcp]\nmax_sockets = 4\n[targets.c]\ncmdline = \"connector --addr {addr} \"\n"
+    ));
+    let agent = Agent::start(&["--config", config.path().to_str().unwrap()]);
+    let connect = |count: u32| {
+        let mut c = Proc::workload_piped(
+            None,
+            &[
+                "connector",
+                "--addr",
+                &addr.to_string(),
+                "--count",
+                &count.to_string(),
+                "--delay-ms",
+                "1000",
+            ],
+        );
+        c.0.wait().unwrap();
+        // Its sockets close when it exits: wait for their last state change.
+        assert!(
+            wait_until(Duration::from_secs(5), || client_sockets_to(addr.port())
+                == 0)
+            .is_some(),
+            "client sockets still open"
+        );
+    };
+    let lost = |agent: &Agent| {
+        find(
+            &agent.scrape(),
+            "pipeprobe_events_lost_total",
+            "reason",
+            "tcp_sockets_full",
+        )
+        .unwrap_or(0.0)
+    };
+
+    // 30 sockets open at once: 4 in the table, 16 spilled, 10 lost.
+    connect(30);
+    assert_eq!(hist(&agent.scrape(), CONNECT, "c").count, 20.0);
+    assert_eq!(lost(&agent), 10.0);
+
+    // Their closes freed every slot and spill entry: 16 more fit, whichever buckets they hash to.
+    connect(16);
+    assert_eq!(hist(&agent.scrape(), CONNECT, "c").count, 36.0);
+    assert_eq!(lost(&agent), 10.0);
+}
