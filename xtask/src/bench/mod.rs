@@ -164,14 +164,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 ),
                 ok: over <= 1.5 * bound,
             };
+            // Against the first floor: its ratio, or its bound where it is not resolved.
+            let vs_first_floor = vs_floor
+                .map(against_floor)
+                .or_else(|| floor_bound.map(|b| within_bound("the floor's cost", b)));
             if matches!(v, Variant::Untracked(_)) {
-                if let Some(x) = vs_floor {
-                    checks.push(against_floor(x));
-                } else if let Some(bound) = floor_bound {
-                    checks.push(within_bound("the floor's cost", bound));
-                }
-            }
-            if single {
+                checks.extend(vs_first_floor);
+            } else if single {
                 if let Some(j) = (i + 1..s.variants.len())
                     .find(|j| matches!(s.variants[*j], Variant::Reference(..)))
                 {
@@ -197,11 +196,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                         ok: over <= reference || tied,
                     });
                 }
-                if let Some(x) = vs_floor {
-                    checks.push(against_floor(x));
-                } else if let Some(bound) = floor_bound {
-                    checks.push(within_bound("the floor's cost", bound));
-                }
+                checks.extend(vs_first_floor);
                 // Further floors of empty programs (a probe on fewer hooks than the first
                 // floor's), each checked the same way, resolved or not.
                 for f in (0..s.variants.len())
