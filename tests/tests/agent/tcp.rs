@@ -501,16 +501,8 @@ fn client_sockets_to(port: u16) -> usize {
 fn a_full_socket_table_spills_then_counts_each_socket_it_cannot_hold() {
     // An untracked server, which closes each connection after its client: only the clients'
     // sockets have an owner, and each goes through CLOSE to TIME-WAIT.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let _ = std::io::Read::read_to_end(&mut conn, &mut Vec::new());
-            });
-        }
-    });
+    let mut server = Proc::workload_piped(None, &["bulk-server"]);
+    let addr: std::net::SocketAddr = server.read_line_starting("LISTEN ").parse().unwrap();
     // Two buckets of two slots, and a spill map of 16: room for 20 sockets.
     let config = pipeprobe_tests::config_file(&format!(
         "[tcp]\nmax_sockets = 4\n[targets.c]\ncmdline = \"connector --addr {addr} \"\n"
@@ -538,23 +530,20 @@ fn a_full_socket_table_spills_then_counts_each_socket_it_cannot_hold() {
             "client sockets still open"
         );
     };
-    let lost = |agent: &Agent| {
-        find(
-            &agent.scrape(),
-            "pipeprobe_events_lost_total",
-            "reason",
-            "tcp_sockets_full",
-        )
-        .unwrap_or(0.0)
+    let lost = || {
+        agent
+            .value("pipeprobe_events_lost_total", "reason", "tcp_sockets_full")
+            .unwrap_or(0.0)
     };
 
     // 30 sockets open at once: 4 in the table, 16 spilled, 10 lost.
     connect(30);
     assert_eq!(hist(&agent.scrape(), CONNECT, "c").count, 20.0);
-    assert_eq!(lost(&agent), 10.0);
+    assert_eq!(lost(), 10.0);
 
     // Their closes freed every slot and spill entry: 16 more fit, whichever buckets they hash to.
     connect(16);
     assert_eq!(hist(&agent.scrape(), CONNECT, "c").count, 36.0);
-    assert_eq!(lost(&agent), 10.0);
+    assert_eq!(lost(), 10.0);
+    server.0.kill().ok();
 }

@@ -165,7 +165,7 @@ pub fn scenarios() -> Vec<Scenario> {
                     "tcp/tcp_retransmit_skb",
                 ]),
                 // The same hook as a BTF tracepoint, and what keeping each socket's owner in
-                // socket-local storage costs there instead of in a hash map.
+                // socket-local storage costs there instead of in the probe's owner table.
                 Floor(&["inet_sock_set_state+raw"]),
                 Floor(&["inet_sock_set_state+owner"]),
                 Agent(&["tcp", "tcp_rtt"]),
