@@ -162,7 +162,9 @@ pub struct ListenerKey {
     /// the listener lives, and its entry goes when it closes.
     pub net: u64,
     pub port: u16,
-    pub _pad: [u16; 3],
+    /// Scalars, not an array: the BPF side zeroes an array with a `memset` call, a byte loop.
+    pub _pad0: u16,
+    pub _pad1: u32,
 }
 
 #[repr(C)]

@@ -23,6 +23,8 @@ use agent_common::{
     targets::TargetMemos,
     task::TASK_DEAD,
 };
+use core::ptr::write_volatile;
+
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
@@ -115,12 +117,29 @@ fn take_over(cpu: &mut SyscallOnCpu, regs: u64) {
         count_lost(lost::SYSCALL_PENDING_FULL);
     }
     let task = thread::current();
-    *cpu = SyscallOnCpu {
-        regs,
-        task: task as u64,
-        tid: task::pid(task),
-        ..SyscallOnCpu::default()
-    };
+    clear(cpu);
+    // SAFETY: writes to fields of a live value.
+    unsafe {
+        write_volatile(&raw mut cpu.regs, regs);
+        write_volatile(&raw mut cpu.task, task as u64);
+        write_volatile(&raw mut cpu.tid, task::pid(task));
+    }
+}
+
+/// Empties `cpu`: what marks it free (`regs`, `task`) and what it held, field by field. A
+/// whole-value store of zeros (`*cpu = SyscallOnCpu::default()`) becomes a call to `memset`,
+/// which bpf-linker leaves to compiler_builtins' loop of byte stores (56 stores and their loop
+/// at every switch-out of a thread with syscalls); volatile stores are not merged into one.
+#[inline(always)]
+fn clear(cpu: &mut SyscallOnCpu) {
+    // SAFETY: writes to fields of a live value.
+    unsafe {
+        write_volatile(&raw mut cpu.regs, 0);
+        write_volatile(&raw mut cpu.task, 0);
+        write_volatile(&raw mut cpu.start.ts_ns, 0);
+        write_volatile(&raw mut cpu.syscall_ns, 0);
+        write_volatile(&raw mut cpu.syscalls, 0);
+    }
 }
 
 #[btf_tracepoint(function = "sys_exit")]
@@ -214,7 +233,7 @@ pub fn take_slot(prev: *const u8, dead: impl FnOnce() -> bool) -> Option<Syscall
     let held = *cpu;
     // The slot is a thread's only while it runs: the next thread here may have the same saved
     // registers' address (a dead thread's kernel stack, reused), and must take it over.
-    *cpu = SyscallOnCpu::default();
+    clear(cpu);
     // An exiting thread's last switch: nobody reads its totals any more.
     if (held.start.ts_ns == 0 && held.syscalls == 0) || dead() {
         return None;

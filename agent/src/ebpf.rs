@@ -304,8 +304,70 @@ pub fn ring_record<T: aya::Pod>(item: &[u8]) -> Option<T> {
 #[cfg(test)]
 mod tests {
     use agent_common::targets::ProcEvent;
+    use std::collections::HashMap;
 
-    use super::ring_record;
+    use object::{
+        Object, ObjectSection, ObjectSymbol, RelocationTarget, SectionIndex, SectionKind,
+    };
+
+    use super::{OBJECT, ring_record};
+
+    /// In this object LLVM zeroes a struct stored whole, an array literal of zeros, or 16 zero
+    /// bytes written side by side with a call of `memset`, and the call goes to
+    /// compiler_builtins' loop of byte stores: a BPF-to-BPF call and a store and a branch per
+    /// byte at every run (a 56-byte one was a third of `sched_switch` with every probe on).
+    /// The object defines those functions whether or not anything calls them, so this looks
+    /// for the calls.
+    #[test]
+    fn no_program_calls_a_byte_loop_builtin() {
+        const BUILTINS: [&str; 5] = ["memset", "memcpy", "memmove", "memcmp", "bcmp"];
+        let file = object::File::parse(OBJECT).expect("the embedded eBPF object is an ELF file");
+        let builtin_at = |section: Option<SectionIndex>, address: u64| {
+            file.symbols().find_map(|s| {
+                let name = s.name().ok()?;
+                (BUILTINS.contains(&name) && s.section_index() == section && s.address() == address)
+                    .then_some(name)
+            })
+        };
+        let mut calls = Vec::new();
+        let mut checked = 0;
+        for section in file.sections().filter(|s| s.kind() == SectionKind::Text) {
+            let code = section.data().expect("a code section's bytes");
+            let relocations: HashMap<u64, _> = section.relocations().collect();
+            for (i, insn) in code.chunks_exact(8).enumerate() {
+                // BPF_JMP | BPF_CALL with src_reg BPF_PSEUDO_CALL: a call of another function
+                // of the object, imm + 1 instructions on from this one or from a symbol.
+                if insn[0] != 0x85 || insn[1] >> 4 != 1 {
+                    continue;
+                }
+                checked += 1;
+                let offset = (i * 8) as u64;
+                let on = (i64::from(i32::from_le_bytes(insn[4..8].try_into().unwrap())) + 1) * 8;
+                let (target_section, base) = match relocations.get(&offset).map(|r| r.target()) {
+                    Some(RelocationTarget::Symbol(sym)) => {
+                        let sym = file.symbol_by_index(sym).expect("a relocation's symbol");
+                        (sym.section_index(), sym.address())
+                    }
+                    _ => (Some(section.index()), offset),
+                };
+                if let Some(name) = builtin_at(target_section, base.wrapping_add_signed(on)) {
+                    calls.push(format!(
+                        "{} +{offset}: {name}",
+                        section.name().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        assert!(
+            checked > 0,
+            "found no BPF-to-BPF calls at all: the decoding is wrong"
+        );
+        assert!(
+            calls.is_empty(),
+            "programs call byte-loop builtins: {calls:?}. Write such values field by field \
+             (`bpftool prog dump xlated` shows where the call comes from)"
+        );
+    }
 
     #[test]
     fn ring_records_shorter_than_their_type_are_refused() {
