@@ -205,20 +205,26 @@ fn bulk_transfer(
     let before = agent.scrape();
     let start = Instant::now();
     let mut samples = Vec::new();
-    while start.elapsed() < Duration::from_millis(4500) {
+    loop {
         if let Some(s) = ss_sample(&ns, &port) {
             samples.push(s);
         }
+        if start.elapsed() >= Duration::from_millis(4500) {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Right after ss's last sample, while the client still sends: the retransmit counts of both
+    // cover the same time. Read after the transfer, the agent's also had the retransmissions of
+    // its last half second and of the send buffer draining after the client exits, which no ss
+    // sample saw (once 561 against ss's 456, on a loaded machine).
     let after = agent.scrape();
     let _ = client.0.wait();
     let _ = server.0.kill();
     let rtt = hist(&after, RTT, "bulk").since(&hist(&before, RTT, "bulk"));
-    let end = agent.scrape();
-    let retrans = find(&end, "pipeprobe_tcp_retransmits_total", "target", "bulk").unwrap_or(0.0);
+    let retrans = find(&after, "pipeprobe_tcp_retransmits_total", "target", "bulk").unwrap_or(0.0);
     let missed = find(
-        &end,
+        &after,
         "pipeprobe_bpf_recursion_misses_total",
         "program",
         "tcp_retransmit_skb",
@@ -264,7 +270,7 @@ fn retransmitted_segments_match_ss() {
         ss_total > 0,
         "the transfer saw no retransmission: {samples:?}"
     );
-    // ss's last sample can precede the transfer's last retransmissions by up to 100 ms. A run
+    // The agent is read a scrape's time after ss's last sample, mid-transfer. A run
     // the kernel skips (the program already running on that CPU) is counted, not silently lost.
     // Equal in most recorded runs; some fell short with no recursion miss: 4 of 455 (0.9 %),
     // 22 of 1,070 (2.1 %). Not yet explained; the suspect is the kernel adding to total_retrans
@@ -274,8 +280,9 @@ fn retransmitted_segments_match_ss() {
         ours + missed >= ss_total as f64 * 0.95,
         "agent {ours} + {missed} missed < ss {ss_total}"
     );
+    // Above: what the transfer retransmits in a scrape's time, a few segments.
     assert!(
-        ours <= ss_total as f64 * 1.1 + 10.0,
+        ours <= ss_total as f64 * 1.02 + 10.0,
         "agent {ours} well above ss {ss_total}"
     );
 }
