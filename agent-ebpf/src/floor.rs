@@ -121,7 +121,8 @@ pub fn floor_stack_sched_switch(ctx: BtfTracePointContext) -> i32 {
 // The TCP hooks as BTF tracepoints, where a program gets the socket as a typed pointer: what
 // running an empty program there costs, and the floor of an owner kept in socket-local storage
 // (one storage call per state change, created at connect and accept), the alternative to the
-// tcp probe's owner table. `floor inet_sock_set_state+raw` and `inet_sock_set_state+owner` attach them.
+// tcp probe's owner table. `floor inet_sock_set_state+raw` and `inet_sock_set_state+owner`
+// attach them.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn floor_raw_inet_sock_set_state(_ctx: BtfTracePointContext) -> i32 {
     0

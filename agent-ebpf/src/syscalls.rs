@@ -13,6 +13,8 @@
 //! floor's cost to 1.30-1.38x without them in `cargo xtask bench`). A syscall that blocks is
 //! found in the task storage at its exit, wherever the thread then runs. No per-thread hash entry to look up, to run
 //! out of, or to clean up after a thread exits inside exit().
+use core::ptr::write_volatile;
+
 use agent_common::{
     MAX_TARGETS, NO_TARGET, lost,
     spans::ThreadState,
@@ -23,8 +25,6 @@ use agent_common::{
     targets::TargetMemos,
     task::TASK_DEAD,
 };
-use core::ptr::write_volatile;
-
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
@@ -117,25 +117,22 @@ fn take_over(cpu: &mut SyscallOnCpu, regs: u64) {
         count_lost(lost::SYSCALL_PENDING_FULL);
     }
     let task = thread::current();
-    clear(cpu);
+    reset(cpu, regs, task as u64);
+    // SAFETY: a write to a field of a live value.
+    unsafe { write_volatile(&raw mut cpu.tid, task::pid(task)) };
+}
+
+/// Makes `cpu` the slot of the thread known by `regs` and `task` (0 and 0: nobody's), holding
+/// nothing, field by field. A whole-value store (`*cpu = SyscallOnCpu::default()`) becomes a
+/// call to `memset`, which bpf-linker leaves to compiler_builtins' loop of byte stores (56
+/// stores and their loop at every switch-out of a thread with syscalls); volatile stores are
+/// not merged into one.
+#[inline(always)]
+fn reset(cpu: &mut SyscallOnCpu, regs: u64, task: u64) {
     // SAFETY: writes to fields of a live value.
     unsafe {
         write_volatile(&raw mut cpu.regs, regs);
-        write_volatile(&raw mut cpu.task, task as u64);
-        write_volatile(&raw mut cpu.tid, task::pid(task));
-    }
-}
-
-/// Empties `cpu`: what marks it free (`regs`, `task`) and what it held, field by field. A
-/// whole-value store of zeros (`*cpu = SyscallOnCpu::default()`) becomes a call to `memset`,
-/// which bpf-linker leaves to compiler_builtins' loop of byte stores (56 stores and their loop
-/// at every switch-out of a thread with syscalls); volatile stores are not merged into one.
-#[inline(always)]
-fn clear(cpu: &mut SyscallOnCpu) {
-    // SAFETY: writes to fields of a live value.
-    unsafe {
-        write_volatile(&raw mut cpu.regs, 0);
-        write_volatile(&raw mut cpu.task, 0);
+        write_volatile(&raw mut cpu.task, task);
         write_volatile(&raw mut cpu.start.ts_ns, 0);
         write_volatile(&raw mut cpu.syscall_ns, 0);
         write_volatile(&raw mut cpu.syscalls, 0);
@@ -233,7 +230,7 @@ pub fn take_slot(prev: *const u8, dead: impl FnOnce() -> bool) -> Option<Syscall
     let held = *cpu;
     // The slot is a thread's only while it runs: the next thread here may have the same saved
     // registers' address (a dead thread's kernel stack, reused), and must take it over.
-    clear(cpu);
+    reset(cpu, 0, 0);
     // An exiting thread's last switch: nobody reads its totals any more.
     if (held.start.ts_ns == 0 && held.syscalls == 0) || dead() {
         return None;

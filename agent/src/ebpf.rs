@@ -322,13 +322,13 @@ mod tests {
     fn no_program_calls_a_byte_loop_builtin() {
         const BUILTINS: [&str; 5] = ["memset", "memcpy", "memmove", "memcmp", "bcmp"];
         let file = object::File::parse(OBJECT).expect("the embedded eBPF object is an ELF file");
-        let builtin_at = |section: Option<SectionIndex>, address: u64| {
-            file.symbols().find_map(|s| {
-                let name = s.name().ok()?;
-                (BUILTINS.contains(&name) && s.section_index() == section && s.address() == address)
-                    .then_some(name)
+        let builtins: HashMap<(Option<SectionIndex>, u64), &str> = file
+            .symbols()
+            .filter_map(|s| {
+                let name = s.name().ok().filter(|n| BUILTINS.contains(n))?;
+                Some(((s.section_index(), s.address()), name))
             })
-        };
+            .collect();
         let mut calls = Vec::new();
         let mut checked = 0;
         for section in file.sections().filter(|s| s.kind() == SectionKind::Text) {
@@ -350,7 +350,7 @@ mod tests {
                     }
                     _ => (Some(section.index()), offset),
                 };
-                if let Some(name) = builtin_at(target_section, base.wrapping_add_signed(on)) {
+                if let Some(name) = builtins.get(&(target_section, base.wrapping_add_signed(on))) {
                     calls.push(format!(
                         "{} +{offset}: {name}",
                         section.name().unwrap_or("?")
